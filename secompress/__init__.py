@@ -1,0 +1,20 @@
+"""secompress: Super-Expert-aware compression of Mixture-of-Experts language models."""
+from __future__ import annotations
+
+import logging
+
+from .adapters import ADAPTERS, MoEAdapter, get_adapter
+from .errors import (CalibrationError, MissingExtraError, OutputExistsError, SecompressError,
+                     UnsupportedModelError)
+from .profile import ProfileConfig, ProfileResult, profile
+from .report import load_profile, save_profile
+from .stats import SERule, find_super_experts
+
+__version__ = "0.1.0"
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "ADAPTERS", "CalibrationError", "MissingExtraError", "MoEAdapter", "OutputExistsError", "ProfileConfig",
+    "ProfileResult", "SERule", "SecompressError", "UnsupportedModelError", "find_super_experts", "get_adapter",
+    "load_profile", "profile", "save_profile",
+]

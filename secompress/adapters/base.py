@@ -1,0 +1,75 @@
+"""What secompress needs to know about one MoE architecture, as data.
+
+An adapter names attributes; it holds no per-model logic. The generic accessors
+below use those names, so a new architecture is one small file in this package
+plus one line in the registry (``adapters/__init__.py``).
+
+Layout assumed (transformers >= 5): ``model.model.layers[i].<moe_block>`` holds a
+router ``<router>`` (``weight [E, H]``) and fused experts ``<experts>`` with
+``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` (transposed for GPT-OSS),
+optionally a dense shared expert ``<shared_expert>`` (an MLP with ``down_proj``).
+Legend: E routed experts, H hidden size, I expert FFN size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MoEAdapter:
+    model_type: str  # config.model_type
+    num_experts_key: str  # config attribute holding the routed-expert count
+    top_k_key: str = "num_experts_per_tok"
+    moe_block: str = "mlp"  # attribute of a decoder layer
+    router: str = "gate"  # attribute of the MoE block: weight [E, H]
+    experts: str = "experts"  # attribute of the MoE block: fused 3D parameters
+    shared_expert: str | None = None  # attribute of the MoE block: dense MLP with down_proj
+    shared_expert_gate: str | None = None  # Qwen2-MoE: sigmoid gate on the shared expert
+    router_per_expert: tuple[str, ...] = ()  # router tensors indexed by expert besides weight rows
+    group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped routing
+    # config keys a transformers-4 stack reads for the same value: {attribute: original json key}
+    legacy_config_keys: tuple[tuple[str, str], ...] = ()
+    # how checkpoints on disk name per-expert weights: <ckpt_block>.experts.<e>.<gate|up|down>.weight
+    ckpt_block: str = "mlp"
+    ckpt_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    ckpt_router: str | None = None  # router name on disk if it differs from `router`
+    layers_path: str = "model.layers"
+
+    def __post_init__(self):
+        if not self.model_type or not self.num_experts_key:
+            raise ValueError("an adapter needs model_type and num_experts_key")
+        if (self.shared_expert_gate is not None) and self.shared_expert is None:
+            raise ValueError(f"{self.model_type}: shared_expert_gate without shared_expert")
+
+    # ---- config ---------------------------------------------------------------
+    def num_experts(self, config) -> int:
+        return int(getattr(config, self.num_experts_key))
+
+    def top_k(self, config) -> int:
+        return int(getattr(config, self.top_k_key))
+
+    # ---- modules ---------------------------------------------------------------
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers_path)
+
+    def block_of(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's MoE block, or None for a dense layer (e.g. DeepSeek's first_k_dense_replace)."""
+        block = getattr(layer, self.moe_block, None)
+        return block if block is not None and hasattr(block, self.experts) else None
+
+    def moe_layer_indices(self, model: nn.Module) -> list[int]:
+        return [i for i, layer in enumerate(self.layers(model)) if self.block_of(layer) is not None]
+
+    def experts_of(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.experts)
+
+    def router_of(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router)
+
+    def shared_of(self, block: nn.Module) -> nn.Module | None:
+        return getattr(block, self.shared_expert) if self.shared_expert else None
+
+    def block_path(self, layer_idx: int) -> str:
+        return f"{self.layers_path}.{layer_idx}.{self.moe_block}"

@@ -1,0 +1,11 @@
+"""DeepSeek-V3 / R1: shared experts, dense first layers, grouped routing, score-correction bias."""
+from .base import MoEAdapter
+
+ADAPTER = MoEAdapter(
+    model_type="deepseek_v3",
+    num_experts_key="n_routed_experts",
+    shared_expert="shared_experts",
+    router_per_expert=("e_score_correction_bias",),
+    group_keys=("n_group", "topk_group"),
+    legacy_config_keys=(("n_routed_experts", "n_routed_experts"),),
+)

@@ -1,0 +1,8 @@
+"""OLMoE (OLMoE-1B-7B): routed experts only."""
+from .base import MoEAdapter
+
+ADAPTER = MoEAdapter(
+    model_type="olmoe",
+    num_experts_key="num_experts",
+    legacy_config_keys=(("num_experts", "num_experts"),),
+)

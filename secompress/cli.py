@@ -1,0 +1,71 @@
+"""The ``secompress`` command line.
+
+    secompress profile MODEL --out DIR [--data builtin|FILE|hf:NAME:SPLIT] [--streaming]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import SecompressError
+
+
+def _add_profile(sub) -> None:
+    p = sub.add_parser("profile", help="find the Super Experts of an MoE checkpoint")
+    p.add_argument("model", help="checkpoint folder or hub id")
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--data", default="builtin", help="builtin, a .txt/.jsonl file, or hf:NAME[:CONFIG]:SPLIT")
+    p.add_argument("--samples", type=int, default=32, help="calibration windows")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--streaming", action="store_true", help="materialise one decoder layer at a time")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--layer-fraction", type=float, default=0.75, help="rule looks at this leading share of layers")
+    p.add_argument("--percentile", type=float, default=99.5)
+    p.add_argument("--max-ratio", type=float, default=0.1, help="an SE must exceed this fraction of the max")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-plots", action="store_true")
+
+
+def _profile(args) -> int:
+    from .io import check_output_dir
+    from .profile import ProfileConfig, profile
+    from .report import save_profile, summary_table
+    from .stats import SERule
+
+    check_output_dir(args.out, args.overwrite)  # fail before any compute
+    cfg = ProfileConfig(
+        rule=SERule(args.layer_fraction, args.percentile, args.max_ratio), num_samples=args.samples,
+        seq_len=args.seq_len, batch_size=args.batch_size, streaming=args.streaming, dtype=args.dtype)
+    result = profile(args.model, data=args.data, config=cfg, revision=args.revision,
+                     trust_remote_code=args.trust_remote_code)
+    save_profile(result, args.out, overwrite=args.overwrite, plots=not args.no_plots)
+    print(summary_table(result))
+    print(f"wrote {args.out}/super_experts.json, expert_stats.csv" +
+          ("" if args.no_plots else ", se_heatmap.png, layers.png"))
+    return 0
+
+
+COMMANDS = {"profile": (_add_profile, _profile)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="secompress", description="Super-Expert-aware MoE compression")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add, _ in COMMANDS.values():
+        add(sub)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command][1](args)
+    except (SecompressError, ValueError) as e:
+        print(f"secompress: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Errors a user can act on. Each message says what was wrong and what to do."""
+from __future__ import annotations
+
+
+class SecompressError(Exception):
+    """Base class: every error secompress raises on purpose."""
+
+
+class UnsupportedModelError(SecompressError):
+    """The checkpoint's architecture has no adapter, or it has no MoE layer."""
+
+
+class CalibrationError(SecompressError):
+    """Calibration data is missing, empty, or produced non-finite activations."""
+
+
+class OutputExistsError(SecompressError):
+    """The output directory exists and ``overwrite`` was not asked for."""
+
+
+class MissingExtraError(SecompressError, ImportError):
+    """An optional dependency is not installed; the message names the pip extra."""
+
+    def __init__(self, package: str, extra: str, what: str):
+        super().__init__(
+            f"{what} needs the optional package '{package}', which is not installed. "
+            f"Install it with: pip install 'secompress[{extra}]'"
+        )
+
+
+def require(module: str, extra: str, what: str):
+    """Import an optional module or raise :class:`MissingExtraError` naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # only the missing package itself, not errors inside it
+        if e.name and e.name.split(".")[0] == module.split(".")[0]:
+            raise MissingExtraError(module, extra, what) from None
+        raise

@@ -1,0 +1,225 @@
+"""Per-expert activation capture for fused (3D) and per-expert expert layouts.
+
+transformers 5 runs all experts of a layer inside one module whose weights are 3D
+tensors, so hooks on ``nn.Linear`` see nothing. :func:`instrument` swaps each
+experts module's ``forward`` for one that computes the same result expert by
+expert (using the module's own ``_apply_gate``, bias and transpose flags) and
+hands each expert's down_proj input/output to a :class:`Recorder`. Leaving the
+context restores every module.
+
+Shape legend: T tokens (batch x sequence, flattened), K top-k, E experts,
+H hidden size, I expert FFN size, S sequence length.
+"""
+from __future__ import annotations
+
+import math
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .adapters import MoEAdapter
+from .errors import CalibrationError
+from .layout import PerExpertExperts
+
+
+
+MEDIAN_SAMPLE = 1 << 16  # values sampled per batch for the median |hidden|
+
+
+@dataclass
+class ExpertStats:
+    """Running statistics of one MoE layer's experts (E routed + 1 shared slot at index E)."""
+
+    n: int  # E + 1
+    out_max: torch.Tensor = None  # [n] max |down_proj output|
+    out_channel: torch.Tensor = None  # [n] hidden channel of that max
+    out_pos: torch.Tensor = None  # [n] sequence position of that max
+    in_max: torch.Tensor = None  # [n] max |down_proj input|
+    tokens: torch.Tensor = None  # [n] tokens routed (shared: all tokens)
+    gate_sum: torch.Tensor = None  # [n] sum of routing weights
+    norm_sum: torch.Tensor = None  # [n] sum of ||expert output||_2
+    gated_norm_sum: torch.Tensor = None  # [n] sum of routing weight * ||expert output||_2
+
+    def __post_init__(self):
+        for name in ("out_max", "in_max", "gate_sum", "norm_sum", "gated_norm_sum"):
+            setattr(self, name, torch.zeros(self.n, dtype=torch.float64))
+        for name in ("out_channel", "out_pos", "tokens"):
+            setattr(self, name, torch.zeros(self.n, dtype=torch.long))
+
+
+@dataclass
+class Recorder:
+    """Collects expert, hidden-state and attention statistics during forward passes."""
+
+    seq_len: int = 0  # set by the driver before each batch
+    experts: dict[int, ExpertStats] = field(default_factory=dict)
+    hidden_max: dict[int, float] = field(default_factory=dict)  # layer -> max |h| (any token)
+    hidden_first_max: dict[int, float] = field(default_factory=dict)  # layer -> max |h| at position 0
+    hidden_median: dict[int, list[float]] = field(default_factory=dict)  # layer -> per-batch median |h|
+    sink_mass: dict[int, list[float]] = field(default_factory=dict)  # layer -> per-batch attention to pos 0
+
+    def stats(self, layer: int, num_experts: int) -> ExpertStats:
+        if layer not in self.experts:
+            self.experts[layer] = ExpertStats(num_experts + 1)
+        return self.experts[layer]
+
+    @torch.no_grad()
+    def observe_experts(self, layer: int, num_experts: int, col: torch.Tensor, token_idx: torch.Tensor,
+                        act: torch.Tensor, out: torch.Tensor, weights: torch.Tensor | None) -> None:
+        """col [S] expert column of each row (``num_experts`` for a shared expert), token_idx [S]
+        flat token index, act [S, I] down_proj input, out [S, H] down_proj output, weights [S]."""
+        self.observe_rows(layer, num_experts, col, token_idx, *row_stats(act, out), weights)
+
+    @torch.no_grad()
+    def observe_rows(self, layer: int, num_experts: int, col: torch.Tensor, token_idx: torch.Tensor,
+                     row_max: torch.Tensor, row_ch: torch.Tensor, row_in: torch.Tensor, row_norm: torch.Tensor,
+                     weights: torch.Tensor | None) -> None:
+        """Vectorised update from per-row reductions ([S] each, see :func:`row_stats`)."""
+        if col.numel() == 0:
+            return
+        st = self.stats(layer, num_experts)
+        n = st.n
+        row_max = row_max.double()
+        seg_max = torch.zeros(n, dtype=torch.float64).scatter_reduce(0, col, row_max, "amax")  # [n]
+        in_max = torch.zeros(n, dtype=torch.float64).scatter_reduce(0, col, row_in.double(), "amax")
+        if not (torch.isfinite(seg_max).all() and torch.isfinite(in_max).all()):
+            bad = sorted(set(col[~torch.isfinite(row_max)].tolist()) or {-1})
+            raise CalibrationError(f"non-finite expert activation in layer {layer} (expert column {bad}): "
+                                   "check the model's weights and dtype and the calibration data")
+        # the first row reaching each column's max gives its channel and position
+        rows = torch.arange(len(col))
+        hit = row_max == seg_max[col]
+        first = torch.full((n,), len(col), dtype=torch.long).scatter_reduce(0, col[hit], rows[hit], "amin")
+        improved = (seg_max > st.out_max) & (first < len(col))
+        idx = first[improved]
+        st.out_max[improved] = seg_max[improved]
+        st.out_channel[improved] = row_ch[idx]
+        st.out_pos[improved] = token_idx[idx] % max(1, self.seq_len)
+        st.in_max = torch.maximum(st.in_max, in_max)
+        norms = row_norm.double()
+        w = weights.detach().double() if weights is not None else torch.ones_like(norms)
+        st.tokens += torch.bincount(col, minlength=n)
+        st.norm_sum.index_add_(0, col, norms)
+        st.gate_sum.index_add_(0, col, w)
+        st.gated_norm_sum.index_add_(0, col, w * norms)
+
+    @torch.no_grad()
+    def observe_hidden(self, layer: int, h: torch.Tensor) -> None:
+        """h [B, S, H]: the residual stream after a decoder layer."""
+        a = h.detach().abs()  # [B, S, H]
+        top = float(a.amax())  # NaN propagates through amax
+        if not math.isfinite(top):
+            raise CalibrationError(f"non-finite hidden state after layer {layer}")
+        self.hidden_max[layer] = max(self.hidden_max.get(layer, 0.0), top)
+        self.hidden_first_max[layer] = max(self.hidden_first_max.get(layer, 0.0), float(a[:, 0].amax()))
+        flat = a.reshape(-1)
+        step = max(1, flat.numel() // MEDIAN_SAMPLE)  # a strided sample: exact median costs a full sort
+        self.hidden_median.setdefault(layer, []).append(float(flat[::step].float().median()))
+
+    @torch.no_grad()
+    def observe_attention(self, layer: int, probs: torch.Tensor) -> None:
+        """probs [B, heads, S, S]: mean attention that queries 1.. put on key 0."""
+        if probs is None or probs.shape[-2] < 2:
+            return
+        self.sink_mass.setdefault(layer, []).append(float(probs[:, :, 1:, 0].float().mean()))
+
+
+@torch.no_grad()
+def row_stats(act: torch.Tensor, out: torch.Tensor):
+    """Per-row reductions of one expert's down_proj: act [c, I], out [c, H] ->
+    max |out| [c], its channel [c], max |act| [c], ||out||_2 [c]."""
+    row_max, row_ch = out.detach().abs().max(dim=-1)
+    return row_max, row_ch, act.detach().abs().amax(dim=-1), torch.linalg.vector_norm(out.detach(), dim=-1)
+
+
+def _fused_forward(rec: Recorder, layer: int):
+    """A forward for a fused experts module that records each expert's down_proj in/out."""
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, K], [T, K]
+        E, K = self.num_experts, top_k_index.shape[-1]
+        out = torch.zeros_like(hidden_states)  # [T, H]
+        flat = top_k_index.reshape(-1)  # [T*K]
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()  # ids >= E are EP sentinels
+        transposed = getattr(self, "is_transposed", False)
+        has_bias = getattr(self, "has_bias", False)
+        start, cols, toks, stats, ws = 0, [], [], [], []
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            sel = order[start : start + c]
+            start += c
+            tok, slot = sel // K, sel % K  # [c]
+            x = hidden_states[tok]  # [c, H]
+            w_gu = self.gate_up_proj[e]
+            gu = x @ w_gu if transposed else x @ w_gu.T  # [c, 2I]
+            if has_bias:
+                gu = gu + self.gate_up_proj_bias[e]
+            act = self._apply_gate(gu)  # [c, I]
+            w_d = self.down_proj[e]
+            y = act @ w_d if transposed else act @ w_d.T  # [c, H]
+            if has_bias:
+                y = y + self.down_proj_bias[e]
+            weight = top_k_weights[tok, slot]  # [c]
+            out.index_add_(0, tok, (y * weight[:, None]).to(out.dtype))
+            cols.append(torch.full_like(tok, e)), toks.append(tok), ws.append(weight)
+            stats.append(row_stats(act, y))  # small [c] vectors: the big tensors are freed now
+        if cols:
+            rec.observe_rows(layer, E, torch.cat(cols), torch.cat(toks),
+                             *(torch.cat(z) for z in zip(*stats)), torch.cat(ws))
+        return out
+
+    return forward
+
+
+def _per_expert_hooks(rec: Recorder, layer: int, experts: nn.Module, E: int):
+    """Forward hooks on each ``per_expert[e].down_proj`` (an ``nn.Linear``) of a defused layer."""
+    def make(e):
+        def hook(mod, inp, out):
+            tok = experts.current_tokens
+            rec.observe_experts(layer, E, torch.full_like(tok, e), tok, inp[0], out, experts.current_weights)
+        return hook
+    return [experts.per_expert[e].down_proj.register_forward_hook(make(e)) for e in range(E)]
+
+
+def _shared_hook(rec: Recorder, layer: int, E: int):
+    def hook(mod, inp, out):
+        y = out.reshape(-1, out.shape[-1])  # [T, H]
+        tok = torch.arange(y.shape[0])
+        rec.observe_experts(layer, E, torch.full_like(tok, E), tok, inp[0].reshape(-1, inp[0].shape[-1]), y, None)
+    return hook
+
+
+@contextmanager
+def instrument(model: nn.Module, adapter: MoEAdapter, rec: Recorder, attention: bool = True):
+    """Record expert, hidden-state and attention statistics; restore the model on exit."""
+    handles, swapped = [], []
+    try:
+        for i, layer in enumerate(adapter.layers(model)):
+            handles.append(layer.register_forward_hook(
+                lambda m, a, o, i=i: rec.observe_hidden(i, o[0] if isinstance(o, tuple) else o)))
+            if attention and hasattr(layer, "self_attn"):
+                handles.append(layer.self_attn.register_forward_hook(
+                    lambda m, a, o, i=i: rec.observe_attention(i, o[1] if isinstance(o, tuple) else None)))
+            block = adapter.block_of(layer)
+            if block is None:
+                continue
+            experts = adapter.experts_of(block)
+            E = adapter.num_experts(model.config)
+            if isinstance(experts, PerExpertExperts):
+                handles += _per_expert_hooks(rec, i, experts, E)
+            else:
+                experts.forward = types.MethodType(_fused_forward(rec, i), experts)
+                swapped.append(experts)
+            shared = adapter.shared_of(block)
+            if shared is not None:
+                handles.append(shared.down_proj.register_forward_hook(_shared_hook(rec, i, E)))
+        yield rec
+    finally:
+        for h in handles:
+            h.remove()
+        for m in swapped:
+            del m.forward  # falls back to the class's forward

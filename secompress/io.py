@@ -1,0 +1,107 @@
+"""Loading checkpoints (safetensors only) and writing outputs atomically."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from .adapters import MoEAdapter, get_adapter
+from .errors import OutputExistsError, SecompressError, UnsupportedModelError
+
+log = logging.getLogger(__name__)
+
+
+def load_config(model: str | Path, revision: str | None = None, trust_remote_code: bool = False):
+    """The checkpoint's config; checks that it is a supported MoE before any weight is read."""
+    from transformers import AutoConfig
+
+    local = Path(model)
+    if local.exists() and not (local / "config.json").is_file():
+        raise SecompressError(f"'{model}' has no config.json: is it a transformers checkpoint folder?")
+    if not local.exists() and (str(model).startswith((".", "/")) or str(model).count("/") != 1):
+        raise SecompressError(f"model path '{model}' does not exist (and is not a hub id 'org/name')")
+    try:
+        config = AutoConfig.from_pretrained(str(model), revision=revision, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise SecompressError(f"could not read the config of '{model}': {e}") from e
+    get_adapter(config)  # raises UnsupportedModelError naming the supported types
+    return config
+
+
+def _check_safetensors(model: str | Path) -> None:
+    local = Path(model)
+    if local.is_dir() and not any(local.glob("*.safetensors")):
+        raise SecompressError(f"'{model}' holds no .safetensors weights; secompress loads only safetensors "
+                              "(pickle-based .bin files can run code when loaded)")
+
+
+def load_model(model: str | Path, dtype: torch.dtype | str = torch.float32, revision: str | None = None,
+               trust_remote_code: bool = False, device: str | None = None):
+    """Load a supported MoE checkpoint (local folder or hub id) with eager attention.
+
+    Eager attention returns attention probabilities, which the sink measurement needs.
+    """
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model, revision, trust_remote_code)
+    _check_safetensors(model)
+    m = AutoModelForCausalLM.from_pretrained(
+        str(model), config=config, dtype=dtype, revision=revision, use_safetensors=True,
+        trust_remote_code=trust_remote_code, attn_implementation="eager",
+        **({"device_map": device} if device else {}),
+    )
+    return m.eval()
+
+
+def load_tokenizer(model: str | Path, revision: str | None = None, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model), revision=revision, trust_remote_code=trust_remote_code)
+    if len(tok) < 2:
+        raise SecompressError(f"'{model}' has no usable tokenizer (transformers built a {len(tok)}-token "
+                              "default): save a real tokenizer next to the weights")
+    return tok
+
+
+def check_model(model) -> MoEAdapter:
+    """The adapter of an in-memory model; an error if it has no MoE layer."""
+    adapter = get_adapter(model.config)
+    if not adapter.moe_layer_indices(model):
+        raise UnsupportedModelError(f"{type(model).__name__} has no MoE layer (a dense model?)")
+    return adapter
+
+
+def check_output_dir(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output directory '{out}' exists; pass overwrite=True (--overwrite) to replace it")
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | Path, overwrite: bool = False):
+    """Yield a temporary directory beside ``out``; it becomes ``out`` only if the block succeeds.
+
+    On any error the temporary directory is removed and an existing ``out`` is untouched.
+    """
+    out = check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info("wrote %s", out)

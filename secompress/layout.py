@@ -1,0 +1,123 @@
+"""Convert fused 3D experts into per-expert ``nn.Linear`` modules, and back.
+
+Fused (transformers 5):   gate_up_proj [E, 2I, H], down_proj [E, H, I]
+                          (GPT-OSS: transposed, [E, H, 2I] and [E, I, H], interleaved gate/up, biases)
+Per-expert (this module): per_expert[e].gate_proj / up_proj [I, H], down_proj [H, I]
+
+GPTQ and other per-``nn.Linear`` tools need the per-expert layout. The per-expert
+module computes exactly what the fused one does: it reuses the original module's
+``_apply_gate`` (activation, clamping, interleaving) on the re-joined gate/up output.
+Legend: T tokens, K top-k, E experts, H hidden, I expert FFN size.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .adapters import MoEAdapter
+
+
+class ExpertMLP(nn.Module):
+    def __init__(self, H: int, I: int, bias: bool, dtype, device):
+        super().__init__()
+        kw = dict(bias=bias, dtype=dtype, device=device)
+        self.gate_proj = nn.Linear(H, I, **kw)
+        self.up_proj = nn.Linear(H, I, **kw)
+        self.down_proj = nn.Linear(I, H, **kw)
+
+
+class PerExpertExperts(nn.Module):
+    """Drop-in replacement for a fused experts module: same forward signature and result."""
+
+    def __init__(self, fused: nn.Module):
+        super().__init__()
+        self.num_experts = fused.num_experts
+        self.is_concatenated = getattr(fused, "is_concatenated", True)
+        self._apply_gate = fused._apply_gate  # bound method of the fused module (activation only)
+        t = getattr(fused, "is_transposed", False)
+        gu, dn = fused.gate_up_proj, fused.down_proj
+        H = gu.shape[1] if t else gu.shape[2]
+        I2 = gu.shape[2] if t else gu.shape[1]
+        bias = getattr(fused, "has_bias", False)
+        self.per_expert = nn.ModuleList(
+            ExpertMLP(H, I2 // 2, bias, gu.dtype, gu.device) for _ in range(self.num_experts))
+        with torch.no_grad():
+            for e, m in enumerate(self.per_expert):
+                w = gu[e].T if t else gu[e]  # [2I, H]
+                g, u = (w[0::2], w[1::2]) if not self.is_concatenated else w.chunk(2, dim=0)
+                m.gate_proj.weight.copy_(g)
+                m.up_proj.weight.copy_(u)
+                m.down_proj.weight.copy_(dn[e].T if t else dn[e])
+                if bias:
+                    b = fused.gate_up_proj_bias[e]
+                    bg, bu = (b[0::2], b[1::2]) if not self.is_concatenated else b.chunk(2)
+                    m.gate_proj.bias.copy_(bg)
+                    m.up_proj.bias.copy_(bu)
+                    m.down_proj.bias.copy_(fused.down_proj_bias[e])
+        self.current_tokens: torch.Tensor | None = None  # [c] token ids of the expert running now
+        self.current_weights: torch.Tensor | None = None  # [c] their routing weights
+
+    def _join(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if self.is_concatenated:
+            return torch.cat([g, u], dim=-1)
+        return torch.stack([g, u], dim=-1).flatten(-2)  # interleaved g0,u0,g1,u1,...
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, K], [T, K]
+        out = torch.zeros_like(hidden_states)
+        for e, m in enumerate(self.per_expert):
+            tok, slot = torch.where(top_k_index == e)  # [c], [c]
+            if tok.numel() == 0:
+                continue
+            x = hidden_states[tok]
+            self.current_tokens, self.current_weights = tok, top_k_weights[tok, slot]
+            act = self._apply_gate(self._join(m.gate_proj(x), m.up_proj(x)))
+            y = m.down_proj(act)  # [c, H]
+            out.index_add_(0, tok, (y * self.current_weights[:, None]).to(out.dtype))
+        self.current_tokens = self.current_weights = None
+        return out
+
+
+def defuse_model(model: nn.Module, adapter: MoEAdapter) -> nn.Module:
+    """Replace every fused experts module by a :class:`PerExpertExperts` (in place)."""
+    for layer in adapter.layers(model):
+        block = adapter.block_of(layer)
+        if block is not None and not isinstance(adapter.experts_of(block), PerExpertExperts):
+            setattr(block, adapter.experts, PerExpertExperts(adapter.experts_of(block)))
+    return model
+
+
+@contextmanager
+def defused(model: nn.Module, adapter: MoEAdapter):
+    """Per-expert layout inside the block; the original fused modules come back on exit.
+
+    Weight changes made inside the block are written back into the fused tensors.
+    """
+    originals = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        block = adapter.block_of(layer)
+        if block is not None and not isinstance(adapter.experts_of(block), PerExpertExperts):
+            originals[i] = adapter.experts_of(block)
+    defuse_model(model, adapter)
+    try:
+        yield model
+    finally:
+        for i, fused in originals.items():
+            block = adapter.block_of(adapter.layers(model)[i])
+            per = adapter.experts_of(block)
+            refuse_into(per, fused)
+            setattr(block, adapter.experts, fused)
+
+
+@torch.no_grad()
+def refuse_into(per: PerExpertExperts, fused: nn.Module) -> None:
+    """Write per-expert weights back into the fused 3D tensors."""
+    t = getattr(fused, "is_transposed", False)
+    for e, m in enumerate(per.per_expert):
+        w = per._join(m.gate_proj.weight.T, m.up_proj.weight.T).T  # [2I, H]
+        fused.gate_up_proj[e].copy_(w.T if t else w)
+        fused.down_proj[e].copy_(m.down_proj.weight.T if t else m.down_proj.weight)
+        if getattr(fused, "has_bias", False):
+            fused.gate_up_proj_bias[e].copy_(per._join(m.gate_proj.bias, m.up_proj.bias))
+            fused.down_proj_bias[e].copy_(m.down_proj.bias)

@@ -1,0 +1,194 @@
+"""The profiling stage: find the Super Experts of an MoE checkpoint.
+
+    result = profile("path/or/hub-id", data="builtin")           # in memory
+    result = profile("path", config=ProfileConfig(streaming=True))  # one layer at a time
+    save_profile(result, "out/")                                  # JSON, CSV, plots
+
+Super Experts follow Su et al. 2025, "Unveiling Super Experts in Mixture-of-Experts
+Large Language Models" (arXiv 2507.23279): see :class:`secompress.stats.SERule`.
+Legend: L decoder layers, C = E routed experts + 1 shared-expert column.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import MoEAdapter
+from .data import CalibrationData, load_calibration
+from .errors import CalibrationError, SecompressError
+from .instrument import Recorder, instrument
+from .io import check_model, load_config, load_model, load_tokenizer
+from .stats import SERule, find_super_experts, massive_ratio
+
+log = logging.getLogger(__name__)
+SCHEMA_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    rule: SERule = SERule()
+    num_samples: int = 32
+    seq_len: int = 512
+    batch_size: int = 8
+    streaming: bool = False
+    dtype: str = "float32"
+    attention: bool = True  # measure attention-sink mass (needs eager attention)
+
+    def __post_init__(self):
+        if self.num_samples < 1 or self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError("num_samples and batch_size must be >= 1, seq_len >= 2")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{self.dtype}'")
+
+
+@dataclass
+class ProfileResult:
+    model: str
+    model_type: str
+    num_experts: int
+    moe_layers: list[int]
+    has_shared: bool
+    rule: SERule
+    data_source: str
+    data_sha256: str
+    num_tokens: int
+    arrays: dict[str, np.ndarray]  # name -> [L, C] (expert stats) or [L] (layer stats)
+    super_experts: list[tuple[int, int]] = field(default_factory=list)  # (layer, column), absolute rule
+    super_experts_normalised: list[tuple[int, int]] = field(default_factory=list)
+    timestamp: str = ""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.arrays["hidden_max"])
+
+    def expert_label(self, col: int) -> int | str:
+        return "shared" if col == self.num_experts else int(col)
+
+    def se_ids(self, normalised: bool = False) -> list[tuple[int, int | str]]:
+        """[(layer, expert id or 'shared')] of the Super Experts."""
+        ses = self.super_experts_normalised if normalised else self.super_experts
+        return [(l, self.expert_label(c)) for l, c in ses]
+
+    def massive_ratios(self) -> np.ndarray:  # [L]
+        return np.array([massive_ratio(f, m) for f, m in
+                         zip(self.arrays["hidden_first_max"], self.arrays["hidden_median"])])
+
+
+def _arrays(rec: Recorder, num_layers: int, E: int, moe_layers: list[int], has_shared: bool) -> dict:
+    C = E + 1
+    out = {k: np.full((num_layers, C), np.nan) for k in
+           ("out_max", "in_max", "gate_sum", "norm_sum", "gated_norm_sum")}
+    out.update({k: np.full((num_layers, C), -1, dtype=np.int64) for k in ("out_channel", "out_pos", "tokens")})
+    for l in moe_layers:
+        st = rec.experts.get(l)
+        cols = C if has_shared else E
+        for k in out:
+            out[k][l, :cols] = 0
+            if st is not None:
+                out[k][l, :cols] = getattr(st, k)[:cols].numpy()
+        never = out["tokens"][l, :cols] == 0  # experts no token reached: no maxima to report
+        for k in ("out_max", "in_max"):
+            out[k][l, :cols][never] = 0.0
+    for name, d in (("hidden_max", rec.hidden_max), ("hidden_first_max", rec.hidden_first_max)):
+        out[name] = np.array([d.get(l, np.nan) for l in range(num_layers)])
+    out["hidden_median"] = np.array([np.mean(rec.hidden_median[l]) if l in rec.hidden_median else np.nan
+                                     for l in range(num_layers)])
+    out["sink_mass"] = np.array([np.mean(rec.sink_mass[l]) if rec.sink_mass.get(l) else np.nan
+                                 for l in range(num_layers)])
+    return out
+
+
+def _chunks(data: CalibrationData, batch_size: int) -> list[torch.Tensor]:
+    return list(data.input_ids.split(batch_size))
+
+
+@torch.no_grad()
+def _run_in_memory(model, adapter: MoEAdapter, chunks, rec: Recorder, attention: bool, show: bool) -> None:
+    base = model.get_submodule(adapter.layers_path.rpartition(".")[0])
+    with instrument(model, adapter, rec, attention=attention):
+        for ids in tqdm(chunks, desc="profile", unit="batch", disable=not show):
+            base(input_ids=ids.to(model.device), use_cache=False)
+
+
+def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin",
+            config: ProfileConfig = ProfileConfig(), revision: str | None = None,
+            trust_remote_code: bool = False, progress: bool = True) -> ProfileResult:
+    """Run calibration text through an MoE and identify its Super Experts.
+
+    ``model`` is a checkpoint folder, a hub id, or an in-memory transformers model.
+    Per (layer, expert), shared experts included, it records the max |down_proj
+    output| with its hidden channel and token position, the max |down_proj input|,
+    routed-token counts and routing-weighted output norms; per layer, the max |hidden|,
+    the max |hidden| at the first token, the median |hidden| and the attention mass on
+    the first token. SEs are then found with the rule of Su et al. 2025 (arXiv
+    2507.23279) and with its layer-normalised variant.
+    """
+    from .streaming import Checkpoint, build_skeleton, run_streaming
+
+    dtype = DTYPES[config.dtype]
+    name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
+    if isinstance(model, (str, Path)):
+        hf_config = load_config(model, revision, trust_remote_code)
+        tokenizer = tokenizer or load_tokenizer(model, revision, trust_remote_code)
+    elif config.streaming:
+        raise SecompressError("streaming mode needs a checkpoint path, not an in-memory model")
+    if tokenizer is None and not isinstance(data, CalibrationData):
+        raise SecompressError("a tokenizer is needed to tokenize calibration text")
+    calib = data if isinstance(data, CalibrationData) else \
+        load_calibration(data, tokenizer, config.num_samples, config.seq_len)
+    chunks = _chunks(calib, config.batch_size)
+    rec = Recorder(seq_len=calib.input_ids.shape[1])
+
+    if isinstance(model, (str, Path)) and config.streaming:
+        if not Path(model).is_dir():
+            raise SecompressError("streaming mode reads local safetensors shards: download the checkpoint first")
+        skeleton = build_skeleton(hf_config)
+        adapter = check_model(skeleton)
+        with instrument(skeleton, adapter, rec, attention=config.attention), \
+                tqdm(total=len(adapter.layers(skeleton)), desc="profile (streaming)", unit="layer",
+                     disable=not progress) as bar:
+            run_streaming(skeleton, adapter, Checkpoint(model), chunks, dtype, progress=bar)
+        live = skeleton
+    else:
+        live = load_model(model, dtype, revision, trust_remote_code) if isinstance(model, (str, Path)) else model
+        adapter = check_model(live)
+        with _eager_attention(live, config.attention):
+            _run_in_memory(live, adapter, chunks, rec, config.attention, progress)
+
+    E = adapter.num_experts(live.config)
+    moe_layers = adapter.moe_layer_indices(live)
+    has_shared = adapter.shared_expert is not None
+    arrays = _arrays(rec, len(adapter.layers(live)), E, moe_layers, has_shared)
+    if not rec.experts:
+        raise CalibrationError("no token reached any expert: is the calibration data empty?")
+    return ProfileResult(
+        model=name, model_type=live.config.model_type, num_experts=E, moe_layers=moe_layers,
+        has_shared=has_shared, rule=config.rule, data_source=calib.source, data_sha256=calib.sha256,
+        num_tokens=calib.num_tokens, arrays=arrays,
+        super_experts=find_super_experts(arrays["out_max"], config.rule),
+        super_experts_normalised=find_super_experts(arrays["out_max"], config.rule, normalise=True),
+        timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+class _eager_attention:
+    """Switch a model to eager attention (which returns probabilities) and back."""
+
+    def __init__(self, model, on: bool):
+        self.model, self.on = model, on
+
+    def __enter__(self):
+        self.prev = getattr(self.model.config, "_attn_implementation", None)
+        if self.on and self.prev != "eager":
+            self.model.set_attn_implementation("eager")
+
+    def __exit__(self, *exc):
+        if self.on and self.prev not in (None, "eager"):
+            self.model.set_attn_implementation(self.prev)

@@ -1,0 +1,265 @@
+"""Layer-by-layer execution for checkpoints larger than memory.
+
+The model skeleton is built with every parameter on the ``meta`` device (buffers such
+as rotary frequencies stay real). One forward of the base model with the decoder
+layers replaced by :class:`_Catcher` modules records what each layer receives
+(hidden states, masks, position embeddings) for every calibration chunk, with no
+layer weights loaded. Then each decoder layer in turn is materialised from the
+safetensors shards, run over all chunks, and released. Peak memory is one layer,
+the embeddings and the chunks' hidden states, whatever the depth.
+
+Checkpoints written by transformers 5 store experts per expert
+(``mlp.experts.<e>.gate_proj.weight``, Mixtral under ``block_sparse_moe...w1``); they
+are fused here into the module's 3D tensors using the names the adapter declares.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapters import MoEAdapter
+from .errors import SecompressError
+
+log = logging.getLogger(__name__)
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class Checkpoint:
+    """Random access to the tensors of a (possibly sharded) safetensors checkpoint.
+
+    Tensors are read with plain file reads straight into their own memory (no memory
+    map), so a tensor costs its bytes once and nothing stays resident after it is freed.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise SecompressError(f"no safetensors weights in '{path}'")
+        self.where: dict[str, tuple[Path, int, dict]] = {}
+        for f in files:
+            with open(f, "rb") as h:
+                n = struct.unpack("<Q", h.read(8))[0]
+                header = json.loads(h.read(n))
+            header.pop("__metadata__", None)
+            self.where.update({k: (f, 8 + n, v) for k, v in header.items()})
+        self._open: dict | None = None
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.where
+
+    @contextmanager
+    def reading(self):
+        """Keep shard files open inside the block only."""
+        self._open = {}
+        try:
+            yield self
+        finally:
+            for h in self._open.values():
+                h.close()
+            self._open = None
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._open is None:
+            raise RuntimeError("Checkpoint.get outside 'with checkpoint.reading()'")
+        f, base, info = self.where[key]
+        if info["dtype"] not in _DTYPES:
+            raise SecompressError(f"'{key}': safetensors dtype {info['dtype']} is not supported")
+        start, end = info["data_offsets"]
+        t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        if end > start:
+            if f not in self._open:
+                self._open[f] = open(f, "rb")
+            h = self._open[f]
+            h.seek(base + start)
+            buf = t.view(-1).view(torch.uint8).numpy() if t.dim() else t.view(1).view(torch.uint8).numpy()
+            if h.readinto(memoryview(buf)) != end - start:
+                raise SecompressError(f"'{f}' is truncated at tensor '{key}'")
+        return t
+
+
+@contextmanager
+def params_on_meta():
+    """Every parameter registered inside the block is created on ``meta``; buffers stay real."""
+    original = nn.Module.register_parameter
+
+    def register(self, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(self, name, param)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_skeleton(config):
+    from transformers import AutoModelForCausalLM
+
+    config._attn_implementation = "eager"
+    with params_on_meta():
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return model.eval()
+
+
+def _expert_tensor(ckpt: Checkpoint, adapter: MoEAdapter, layer_prefix: str, experts: nn.Module,
+                   pname: str, shape: tuple, dtype) -> torch.Tensor | None:
+    """Fill a fused [E, ...] tensor from per-expert checkpoint keys (one copy), or None if absent."""
+    gate_n, up_n, down_n = adapter.ckpt_expert_names
+    base = f"{layer_prefix}{adapter.ckpt_block}.{adapter.experts}"
+    transposed = getattr(experts, "is_transposed", False) and not pname.endswith("_bias")
+    suffix = "bias" if pname.endswith("_bias") else "weight"
+    parts = (gate_n, up_n) if pname.startswith("gate_up_proj") else (down_n,)
+    if f"{base}.0.{parts[0]}.{suffix}" not in ckpt:
+        return None
+    out = torch.empty(shape, dtype=dtype)  # [E, 2I, H] / [E, H, I] (transposed: last two swapped)
+    for e in range(shape[0]):
+        ws = [ckpt.get(f"{base}.{e}.{n}.{suffix}") for n in parts]  # [I, H] each, or [H, I]
+        if len(ws) == 2:
+            w = torch.cat(ws, 0) if getattr(experts, "is_concatenated", True) else torch.stack(ws, 1).flatten(0, 1)
+        else:
+            w = ws[0]
+        out[e].copy_(w.T if transposed else w)
+    return out
+
+
+def _disk_name(adapter: MoEAdapter, rel: str) -> str:
+    """Module-relative name -> name on disk for renamed MoE blocks (e.g. Mixtral's block_sparse_moe)."""
+    head = f"{adapter.moe_block}."
+    if not rel.startswith(head):
+        return rel
+    rest = rel[len(head):]
+    if adapter.ckpt_router and rest.startswith(f"{adapter.router}."):
+        rest = adapter.ckpt_router + rest[len(adapter.router):]
+    return f"{adapter.ckpt_block}.{rest}"
+
+
+@torch.no_grad()
+def materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEAdapter, dtype) -> None:
+    """Load every parameter (and stored buffer) of ``module`` from the checkpoint."""
+    with ckpt.reading():
+        _materialise(module, prefix, ckpt, adapter, dtype)
+
+
+def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEAdapter, dtype) -> None:
+    for mod_name, mod in module.named_modules():
+        rel_mod = f"{mod_name}." if mod_name else ""
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            rel = rel_mod + pname
+            t, owned = None, False
+            if pname in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias") and \
+                    hasattr(mod, "num_experts") and f"{prefix}{rel}" not in ckpt:
+                t, owned = _expert_tensor(ckpt, adapter, prefix, mod, pname, tuple(p.shape), dtype), True
+            else:
+                for key in (f"{prefix}{rel}", f"{prefix}{_disk_name(adapter, rel)}"):
+                    if key in ckpt:
+                        t = ckpt.get(key)
+                        break
+            if t is None:
+                raise SecompressError(f"checkpoint '{ckpt.path}' has no tensor for '{prefix}{rel}'")
+            if tuple(t.shape) != tuple(p.shape):
+                raise SecompressError(f"'{prefix}{rel}': checkpoint shape {tuple(t.shape)} != model {tuple(p.shape)}")
+            if not owned and t.is_floating_point():
+                t = t.to(dtype)
+            mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
+        for bname, b in list(mod._buffers.items()):
+            key = f"{prefix}{rel_mod}{bname}"
+            alt = f"{prefix}{_disk_name(adapter, rel_mod + bname)}"
+            for k in (key, alt):
+                if b is not None and k in ckpt:
+                    mod._buffers[bname] = ckpt.get(k).to(b.dtype)
+                    break
+
+
+def release(module: nn.Module) -> None:
+    """Send the module's parameters back to ``meta``, freeing their memory."""
+    for mod in module.modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[pname] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to give freed heap pages back to the OS. Without it, freed layer weights stay
+    in the process's heap and resident memory creeps up with depth."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    lib = ctypes.CDLL(name) if name else None
+    return lib if lib is not None and hasattr(lib, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer i: records its inputs and passes the hidden states on."""
+
+    def __init__(self, store: list):
+        super().__init__()
+        self.store = store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.store.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_layer_inputs(model, adapter: MoEAdapter, chunks: list[torch.Tensor]):
+    """Per chunk: hidden states entering layer 0 and, per layer, the other arguments it receives."""
+    layers_parent, _, attr = adapter.layers_path.rpartition(".")
+    parent = model.get_submodule(layers_parent)
+    real = getattr(parent, attr)
+    stores = [[] for _ in range(len(real))]
+    setattr(parent, attr, nn.ModuleList(_Catcher(s) for s in stores))
+    try:
+        for ids in chunks:
+            parent(input_ids=ids, use_cache=False)
+    finally:
+        setattr(parent, attr, real)
+    hidden = [stores[0][c][0] for c in range(len(chunks))]  # [B, S, H] per chunk
+    args = [[(stores[i][c][1], stores[i][c][2]) for c in range(len(chunks))] for i in range(len(real))]
+    return hidden, args
+
+
+@torch.no_grad()
+def run_streaming(model, adapter: MoEAdapter, ckpt: Checkpoint, chunks: list[torch.Tensor], dtype,
+                  progress=None) -> None:
+    """Run ``chunks`` through the skeleton ``model`` one materialised decoder layer at a time."""
+    layers_parent = adapter.layers_path.rpartition(".")[0]
+    base = model.get_submodule(layers_parent)
+    for name, child in base.named_children():  # embeddings, final norm, rotary: small, load once
+        if name != adapter.layers_path.rpartition(".")[2]:
+            materialise(child, f"{layers_parent}.{name}.", ckpt, adapter, dtype)
+    hidden, layer_args = capture_layer_inputs(model, adapter, chunks)
+    layers = adapter.layers(model)
+    for i, layer in enumerate(layers):
+        materialise(layer, f"{adapter.layers_path}.{i}.", ckpt, adapter, dtype)
+        for c in range(len(chunks)):
+            a, kw = layer_args[i][c]
+            out = layer(hidden[c], *a, **kw)
+            hidden[c] = out[0] if isinstance(out, tuple) else out
+        release(layer)
+        if progress is not None:
+            progress.update(1)
