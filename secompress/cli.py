@@ -49,7 +49,8 @@ def _profile(args) -> int:
     return 0
 
 
-COMMANDS = {"profile": (_add_profile, _profile)}
+COMMANDS = {"profile": (_add_profile, _profile),
+            "prune": __import__("secompress.prune.cli", fromlist=["COMMAND"]).COMMAND}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ class MoEAdapter:
     shared_expert_gate: str | None = None  # Qwen2-MoE: sigmoid gate on the shared expert
     router_per_expert: tuple[str, ...] = ()  # router tensors indexed by expert besides weight rows
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped routing
+    min_experts_per_group: int = 1  # grouped routing: fewest experts a group may hold (its router's needs)
     # config keys a transformers-4 stack reads for the same value: {attribute: original json key}
     legacy_config_keys: tuple[tuple[str, str], ...] = ()
     # how checkpoints on disk name per-expert weights: <ckpt_block>.experts.<e>.<gate|up|down>.weight

@@ -7,5 +7,6 @@ ADAPTER = MoEAdapter(
     shared_expert="shared_experts",
     router_per_expert=("e_score_correction_bias",),
     group_keys=("n_group", "topk_group"),
+    min_experts_per_group=2,  # the router scores a group by the sum of its top-2 experts
     legacy_config_keys=(("n_routed_experts", "n_routed_experts"),),
 )

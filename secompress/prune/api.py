@@ -1,0 +1,271 @@
+"""The pruning stage: remove a share of every MoE layer's routed experts, sparing Super Experts.
+
+    result = prune(model, tokenizer, PruneConfig(ratio=0.25, method="reap"))
+    save_pruned(model, tokenizer, result, "out/")
+
+Steps: validate the ratio against the router (:class:`~secompress.prune.select.PrunePlan`);
+profile the model unless a profile is given (its statistics feed the scorers, and
+its Super Experts, Su et al. 2025 arXiv 2507.23279, are protected); choose the
+experts per layer by a registered score or by NAEE reconstruction; measure held-out
+perplexity; remove the experts for real; measure again.
+Legend: L decoder layers, E routed experts, N windows, S sequence length.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import CalibrationData, load_calibration
+from ..errors import SecompressError
+from ..evaluate import perplexity
+from ..io import atomic_dir, check_model
+from ..profile import ProfileConfig, ProfileResult, profile as run_profile
+from .reconstruction import DEFAULT_LIMIT, capture_block_inputs, naee_select
+from .scores import SCORERS, score
+from .select import PrunePlan, ProtectionChange, Selection, make_plan, protected_by_layer, select_by_score
+from .structural import RemovalReport, remove_experts
+
+log = logging.getLogger(__name__)
+REPORT_NAME = "prune_report.json"
+RECONSTRUCTION_METHODS = ("naee",)
+REPORT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    ratio: float  # share of each MoE layer's routed experts to remove, in (0, 1)
+    method: str = "reap"  # a SCORERS name or "naee"
+    protect_super_experts: bool = True
+    seed: int = 0  # the random scorer's seed
+    calib_samples: int = 16  # windows for profiling and NAEE
+    eval_samples: int = 8  # held-out windows for perplexity; 0 = no perplexity
+    seq_len: int = 256
+    batch_size: int = 4
+    naee_samples: int = 4  # of the calibration windows, how many NAEE reconstructs (its inputs are kept in memory)
+    naee_limit: int = DEFAULT_LIMIT  # enumerate removal sets up to this many per layer, else greedy
+
+    def __post_init__(self):
+        if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
+            raise ValueError(f"ratio must be in (0, 1) (the share of routed experts to remove), got {self.ratio}")
+        if self.method not in SCORERS and self.method not in RECONSTRUCTION_METHODS:
+            raise ValueError(f"unknown method '{self.method}'; known: "
+                             f"{', '.join(sorted(SCORERS) + list(RECONSTRUCTION_METHODS))}")
+        if self.calib_samples < 1 or self.eval_samples < 0 or self.batch_size < 1 or self.seq_len < 2:
+            raise ValueError("calib_samples and batch_size must be >= 1, eval_samples >= 0, seq_len >= 2")
+        if self.naee_samples < 1 or self.naee_limit < 1:
+            raise ValueError("naee_samples and naee_limit must be >= 1")
+
+
+@dataclass
+class PruneResult:
+    config: PruneConfig
+    model: str
+    model_type: str
+    num_experts_before: int
+    num_experts_after: int
+    moe_layers: list[int]
+    kept: dict[int, list[int]]  # layer -> original ids of the kept experts (new id = position)
+    removed: dict[int, list[int]]
+    super_experts: list[tuple[int, int | str]]  # from the profile (absolute rule)
+    removed_super_experts: list[tuple[int, int]]  # only non-empty with protection off
+    protection_changes: list[ProtectionChange]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    perplexity_before: float | None
+    perplexity_after: float | None
+    data_source: str
+    eval_source: str
+    eval_tokens: int
+    profile_source: str
+    seconds: float
+    extra: dict = field(default_factory=dict)  # method-specific details (NAEE losses)
+
+    @property
+    def params_saved(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def to_json(self) -> dict:
+        return {
+            "report_version": REPORT_VERSION, "model": self.model, "model_type": self.model_type,
+            "config": asdict(self.config),
+            "num_experts_before": self.num_experts_before, "num_experts_after": self.num_experts_after,
+            "layers": [{"layer": l, "kept": self.kept[l], "removed": self.removed[l]} for l in self.moe_layers],
+            "super_experts": [{"layer": l, "expert": e} for l, e in self.super_experts],
+            "removed_super_experts": [{"layer": l, "expert": e} for l, e in self.removed_super_experts],
+            "protection_changes": [c.to_json() for c in self.protection_changes],
+            "parameters": {"before": self.params_before, "after": self.params_after, "saved": self.params_saved},
+            "bytes": {"before": self.bytes_before, "after": self.bytes_after, "saved": self.bytes_saved},
+            "perplexity": {"before": self.perplexity_before, "after": self.perplexity_after,
+                           "eval_source": self.eval_source, "eval_tokens": self.eval_tokens},
+            "calibration": {"data": self.data_source, "profile": self.profile_source},
+            "seconds": round(self.seconds, 2),
+            **({"details": self.extra} if self.extra else {}),
+        }
+
+
+def _split_data(data, eval_data, tokenizer, cfg: PruneConfig) -> tuple[CalibrationData, CalibrationData | None]:
+    """Calibration windows and disjoint held-out windows (the ones after them, or from ``eval_data``)."""
+    if isinstance(data, CalibrationData):
+        calib_all = data
+    else:
+        if tokenizer is None:
+            raise SecompressError("a tokenizer is needed to tokenize calibration text")
+        extra = cfg.eval_samples if eval_data is None else 0
+        calib_all = load_calibration(data, tokenizer, cfg.calib_samples + extra, cfg.seq_len)
+    if cfg.eval_samples == 0:
+        return calib_all, None
+    if eval_data is not None:
+        ev = eval_data if isinstance(eval_data, CalibrationData) else \
+            load_calibration(eval_data, tokenizer, cfg.eval_samples, cfg.seq_len)
+        return calib_all, ev
+    ids = calib_all.input_ids  # [N, S]
+    n = ids.shape[0]
+    if n < 2:
+        raise SecompressError(f"calibration data '{calib_all.source}' gives {n} window of {cfg.seq_len} tokens: "
+                              "too few to hold some out for perplexity; use more text or a shorter seq_len")
+    n_eval = min(cfg.eval_samples, n // 2) if n < cfg.calib_samples + cfg.eval_samples else cfg.eval_samples
+    if n_eval < cfg.eval_samples:
+        log.warning("only %d windows: %d for calibration, %d held out", n, n - n_eval, n_eval)
+    cut = n - n_eval
+    return (CalibrationData(ids[:cut], calib_all.source, calib_all.sha256),
+            CalibrationData(ids[cut:], f"{calib_all.source} (held-out windows {cut}..{n - 1})", calib_all.sha256))
+
+
+def _check_profile(p: ProfileResult, model, adapter) -> None:
+    E = adapter.num_experts(model.config)
+    L = len(adapter.layers(model))
+    if p.model_type != model.config.model_type or p.num_experts != E or p.num_layers != L:
+        raise SecompressError(f"the profile is of a {p.model_type} model with {p.num_layers} layers x "
+                              f"{p.num_experts} experts, this model is {model.config.model_type} with {L} x {E}")
+
+
+def plan_for(model, ratio: float) -> PrunePlan:
+    """The validated plan for pruning ``model`` by ``ratio`` (raises a clear ValueError otherwise)."""
+    adapter = check_model(model)
+    groups = tuple(getattr(model.config, k, None) for k in adapter.group_keys) if adapter.group_keys else None
+    return make_plan(ratio, adapter.num_experts(model.config), adapter.top_k(model.config), groups,
+                     adapter.min_experts_per_group)
+
+
+def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None = None,
+          data: str | Path | CalibrationData = "builtin", eval_data: str | Path | CalibrationData | None = None,
+          progress: bool = False) -> PruneResult:
+    """Remove ``config.ratio`` of the routed experts of every MoE layer of ``model`` in place.
+
+    Raises (before changing anything) when the ratio does not suit the router or when
+    protection cannot be honoured. Held-out perplexity comes from the windows after
+    the calibration windows of ``data``, or from ``eval_data``.
+    """
+    t0 = time.perf_counter()
+    adapter = check_model(model)
+    plan = plan_for(model, config.ratio)
+    if profile is not None:
+        _check_profile(profile, model, adapter)
+    calib, held_out = _split_data(data, eval_data, tokenizer, config)
+    if profile is None:
+        pc = ProfileConfig(num_samples=calib.input_ids.shape[0], seq_len=calib.input_ids.shape[1],
+                           batch_size=config.batch_size)
+        profile = run_profile(model, tokenizer, data=calib, config=pc, progress=progress)
+    E = plan.num_experts
+    moe_layers = adapter.moe_layer_indices(model)
+    ses = profile.se_ids()
+    protect = config.protect_super_experts
+    if not protect and ses:
+        log.warning("Super-Expert protection is off: %d SEs may be removed", len(ses))
+
+    extra: dict = {}
+    if config.method in SCORERS:
+        stats = {k: v[:, :E] for k, v in profile.arrays.items() if np.ndim(v) == 2}  # [L, E]
+        selection = select_by_score(score(config.method, stats, config.seed), plan, moe_layers, ses, protect)
+    else:
+        for layer in moe_layers:  # fail before any compute
+            if protect:
+                plan.check_protection(layer, protected_by_layer(ses).get(layer, ()))
+        selection, choices = _naee(model, adapter, plan, calib, ses, protect, config)
+        extra = {"naee": {str(l): {"loss": c.loss, "exhaustive": c.exhaustive} for l, c in choices.items()}}
+
+    ppl_before = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
+    rep: RemovalReport = remove_experts(model, adapter, selection.removed)
+    ppl_after = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
+    routed_ses = protected_by_layer(ses)
+    removed_ses = sorted((l, e) for l, v in selection.removed.items() for e in v if e in routed_ses.get(l, ()))
+    return PruneResult(
+        config=config, model=str(getattr(model, "name_or_path", "") or type(model).__name__),
+        model_type=model.config.model_type, num_experts_before=E, num_experts_after=rep.num_experts_after,
+        moe_layers=moe_layers, kept=rep.kept, removed=rep.removed, super_experts=ses,
+        removed_super_experts=removed_ses, protection_changes=selection.protection_changes,
+        params_before=rep.params_before, params_after=rep.params_after, bytes_before=rep.bytes_before,
+        bytes_after=rep.bytes_after, perplexity_before=ppl_before, perplexity_after=ppl_after,
+        data_source=calib.source, eval_source=held_out.source if held_out is not None else "",
+        eval_tokens=held_out.num_tokens if held_out is not None else 0,
+        profile_source=f"{profile.data_source} ({profile.num_tokens} tokens)",
+        seconds=time.perf_counter() - t0, extra=extra)
+
+
+@torch.no_grad()
+def _naee(model, adapter, plan: PrunePlan, calib: CalibrationData, ses, protect: bool, cfg: PruneConfig
+          ) -> tuple[Selection, dict]:
+    ids = calib.input_ids[: cfg.naee_samples]  # [N, S]
+    base = model.get_submodule(adapter.layers_path.rpartition(".")[0])
+    layers = adapter.moe_layer_indices(model)
+    with capture_block_inputs(model, adapter, layers) as inputs:
+        for chunk in ids.split(cfg.batch_size):
+            base(input_ids=chunk.to(model.device), use_cache=False)
+    return naee_select(model, adapter, plan, inputs, ses, protect, cfg.naee_limit)
+
+
+def _patch_legacy_keys(config_path: Path, config, adapter) -> None:
+    """Write the transformers-4 spelling of each renamed key next to the new one, with the new value."""
+    d = json.loads(config_path.read_text())
+    for attr, key in adapter.legacy_config_keys:
+        d[key] = getattr(config, attr)
+    config_path.write_text(json.dumps(d, indent=2) + "\n")
+
+
+def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrite: bool = False) -> Path:
+    """Write the pruned model (safetensors), its tokenizer and ``prune_report.json`` atomically to ``out``."""
+    adapter = check_model(model)
+    if adapter.num_experts(model.config) != result.num_experts_after:
+        raise SecompressError(f"the model has {adapter.num_experts(model.config)} experts but the result says "
+                              f"{result.num_experts_after}: save the model that prune() returned this result for")
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _patch_legacy_keys(tmp / "config.json", model.config, adapter)
+        (tmp / REPORT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+    return Path(out)
+
+
+def summary_table(r: PruneResult) -> str:
+    """A plain-text table for the console."""
+    prot = "on" if r.config.protect_super_experts else "OFF"
+    rows = [f"model {r.model} ({r.model_type}): method {r.config.method}, ratio {r.config.ratio}, "
+            f"SE protection {prot}",
+            f"experts per MoE layer {r.num_experts_before} -> {r.num_experts_after}; parameters "
+            f"{r.params_before:,} -> {r.params_after:,} (saved {r.params_saved:,}, {r.bytes_saved / 2**20:.1f} MiB)",
+            f"{'layer':>5}  {'removed':<28}{'SEs':<12}protection changes"]
+    ses = protected_by_layer(r.super_experts)
+    changes = {c.layer: c for c in r.protection_changes}
+    for l in r.moe_layers:
+        c = changes.get(l)
+        ch = f"spared {list(c.spared)}, removed {list(c.removed_instead)} instead" if c else ""
+        rows.append(f"{l:>5}  {str(r.removed[l]):<28}{str(sorted(ses.get(l, ()))):<12}{ch}")
+    if r.removed_super_experts:
+        rows.append(f"REMOVED Super Experts: {r.removed_super_experts}")
+    if r.perplexity_before is not None:
+        rows.append(f"held-out perplexity {r.perplexity_before:.3f} -> {r.perplexity_after:.3f} "
+                    f"({r.eval_tokens} tokens of {r.eval_source})")
+    return "\n".join(rows)
