@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import sys
 
 import pytest
 
@@ -44,7 +45,15 @@ def test_missing_file_and_unknown_suffix(tmp_path):
         read_texts(tmp_path / "x.parquet")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
-def test_hub_dataset_without_extra_names_the_extra():
+def test_hub_dataset_without_extra_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
     with pytest.raises(MissingExtraError, match=r"secompress\[data\]"):
         read_texts("hf:wikitext:wikitext-2-raw-v1:train")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="needs the data extra")
+def test_hub_dataset_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CalibrationError, match="Offline"):
+        read_texts("hf:secompress-no-such/dataset:train")

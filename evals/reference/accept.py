@@ -67,6 +67,9 @@ def accept(model_dir: str, draws: int = 10, seed: int = 0, n_eval: int = 48, seq
     base = mean_loss(model, eval_ids)
     fig = {
         "model": str(model_dir),
+        "corpus_sha256": load_corpus().sha256,
+        "calibration": "held-out windows 0-31 (BOS + 511 bytes each)",
+        "evaluation": f"held-out windows 32-{32 + n_eval - 1}",
         "heldout_loss_nats_per_byte": base,
         "massive_ratio_per_layer": [round(float(r), 1) for r in ratios],
         "max_massive_ratio": round(float(np.nanmax(ratios)), 1),
