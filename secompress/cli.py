@@ -9,6 +9,8 @@ import logging
 import sys
 
 from .errors import SecompressError
+from .prune.cli import COMMAND as PRUNE_COMMAND
+from .recipe.cli import COMMAND as RUN_COMMAND
 
 
 def _add_profile(sub) -> None:
@@ -50,7 +52,8 @@ def _profile(args) -> int:
 
 
 COMMANDS = {"profile": (_add_profile, _profile),
-            "prune": __import__("secompress.prune.cli", fromlist=["COMMAND"]).COMMAND}
+            "prune": __import__("secompress.prune.cli", fromlist=["COMMAND"]).COMMAND,
+            "quantize": __import__("secompress.quant.cli", fromlist=["COMMAND"]).COMMAND}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,58 @@
+"""``secompress quantize``: mixed-precision RTN quantization that keeps Super Experts precise.
+
+    secompress quantize MODEL --method rtn --bits 4 --group-size 32 --se-precision 16|8 [--se-mode expert|layer]
+                        [--avg-bits 3.5] [--profile DIR] [--rule NAME=BITS | re:REGEX=BITS ...] --out OUT [--overwrite]
+"""
+from __future__ import annotations
+
+from .api import METHODS
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize weights, keeping Super Experts at higher precision")
+    p.add_argument("model", help="checkpoint folder or hub id")
+    p.add_argument("--method", default="rtn", choices=list(METHODS))
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="default bits per weight")
+    p.add_argument("--group-size", type=int, default=128, help="input features per scale (-1: per row)")
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--se-precision", type=int, default=16, choices=[16, 8], help="bits of the Super Experts")
+    p.add_argument("--se-mode", default="expert", choices=["expert", "layer"],
+                   help="raise only the SEs, or every expert of an SE's layer (one format per layer, vLLM)")
+    p.add_argument("--no-se-protection", action="store_true", help="quantize Super Experts like the rest")
+    p.add_argument("--avg-bits", type=float, default=None, help="allocate routed experts' bits to this average")
+    p.add_argument("--rule", action="append", default=[], help="NAME=BITS or re:REGEX=BITS (16 keeps); repeatable")
+    p.add_argument("--fallback", default=None, choices=["rtn"], help="for experts no calibration token reached")
+    p.add_argument("--profile", default=None, help="a profile directory from `secompress profile` (else profile now)")
+    p.add_argument("--data", default="builtin", help="calibration text when profiling now")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+
+
+def _quantize(args) -> int:
+    from ..io import check_output_dir, load_model, load_tokenizer
+    from ..profile import DTYPES
+    from ..report import load_profile
+    from .api import QuantConfig, check_method, quantize_, save_quantized
+    from .plan import Rule
+
+    check_output_dir(args.out, args.overwrite)  # fail before any compute
+    cfg = QuantConfig(bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
+                      symmetric=args.symmetric, se_mode=args.se_mode,
+                      se_bits=None if args.se_precision == 16 else 8, protect_super_experts=not args.no_se_protection,
+                      rules=tuple(Rule.parse(r) for r in args.rule), avg_bits=args.avg_bits, method=args.method,
+                      fallback=args.fallback)
+    check_method(cfg.method)
+    prof = load_profile(args.profile) if args.profile else None
+    model = load_model(args.model, DTYPES[args.dtype], args.revision, args.trust_remote_code)
+    tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
+    plan = quantize_(model, cfg, profile=prof, tokenizer=tok, data=args.data)
+    save_quantized(model, tok, plan, args.out, overwrite=args.overwrite)
+    print(plan.table())
+    print(f"wrote {args.out} (dequantized safetensors, quantization_plan.json, secompress_quant.safetensors)")
+    return 0
+
+
+COMMAND = (_add_quantize, _quantize)  # the entry of secompress.cli.COMMANDS
