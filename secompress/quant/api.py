@@ -20,7 +20,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -224,8 +223,6 @@ def _allocate(plan: QuantPlan, prof, config: QuantConfig) -> QuantPlan:
             bits[u.name] = None if res.bits[i] == 16 else res.bits[i]
             if i not in pinned:
                 source[u.name] = "alloc"
-            elif source[u.name] == "se":
-                pass
     meta = {**plan.meta, "allocation": {**res.to_json(), "granularity": "layer" if per_layer else "expert",
                                         "candidates": cand, "uncalibrated": sorted(map(list, missing))}}
     log.info("allocation: average %.3f bits over routed experts (target %.3f)", res.average, res.target)
