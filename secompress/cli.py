@@ -10,6 +10,7 @@ import sys
 
 from .errors import SecompressError
 from .prune.cli import COMMAND as PRUNE_COMMAND
+from .quant.cli import COMMAND as QUANTIZE_COMMAND
 from .recipe.cli import COMMAND as RUN_COMMAND
 
 
@@ -51,9 +52,12 @@ def _profile(args) -> int:
     return 0
 
 
-COMMANDS = {"profile": (_add_profile, _profile),
-            "prune": __import__("secompress.prune.cli", fromlist=["COMMAND"]).COMMAND,
-            "quantize": __import__("secompress.quant.cli", fromlist=["COMMAND"]).COMMAND}
+COMMANDS = {
+    "profile": (_add_profile, _profile),
+    "prune": PRUNE_COMMAND,
+    "quantize": QUANTIZE_COMMAND,
+    "run": RUN_COMMAND,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

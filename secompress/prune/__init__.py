@@ -10,10 +10,10 @@ Modules: ``scores`` (importance from profile statistics, registry ``SCORERS``),
 """
 from __future__ import annotations
 
-from .api import PruneConfig, PruneResult, plan_for, prune, save_pruned, summary_table
+from .api import PruneConfig, PruneResult, plan_for, prune, remap_profile, save_pruned, summary_table
 from .scores import SCORERS
 from .select import PrunePlan, ProtectionChange, Selection, select_by_score
 from .structural import RemovalReport, remove_experts
 
 __all__ = ["PruneConfig", "PrunePlan", "PruneResult", "ProtectionChange", "RemovalReport", "SCORERS", "Selection",
-           "plan_for", "prune", "remove_experts", "save_pruned", "select_by_score", "summary_table"]
+           "plan_for", "prune", "remap_profile", "remove_experts", "save_pruned", "select_by_score", "summary_table"]

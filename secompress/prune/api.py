@@ -226,6 +226,30 @@ def _naee(model, adapter, plan: PrunePlan, calib: CalibrationData, ses, protect:
     return naee_select(model, adapter, plan, inputs, ses, protect, cfg.naee_limit)
 
 
+def remap_profile(p: ProfileResult, r: PruneResult) -> ProfileResult:
+    """The profile as seen by the pruned model: kept experts' columns in their new order,
+    the shared-expert column last, Super Experts renumbered (removed ones dropped)."""
+    import dataclasses
+
+    E, E2 = p.num_experts, r.num_experts_after
+    cols = {l: list(r.kept[l]) + [E] for l in r.kept}  # old column of each new column
+    arrays = {}
+    for k, v in p.arrays.items():
+        if np.ndim(v) != 2:
+            arrays[k] = v
+            continue
+        new = v[:, : E2 + 1].copy()  # dense layers keep their fill values
+        for l, c in cols.items():
+            new[l] = v[l, c]
+        arrays[k] = new
+
+    def renumber(ses):
+        return [(l, E2 if c == E else cols[l].index(c)) for l, c in ses if l in cols and c in cols[l]]
+
+    return dataclasses.replace(p, num_experts=E2, arrays=arrays, super_experts=renumber(p.super_experts),
+                               super_experts_normalised=renumber(p.super_experts_normalised))
+
+
 def _patch_legacy_keys(config_path: Path, config, adapter) -> None:
     """Write the transformers-4 spelling of each renamed key next to the new one, with the new value."""
     d = json.loads(config_path.read_text())

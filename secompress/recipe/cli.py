@@ -1,0 +1,39 @@
+"""``secompress run RECIPE [--out DIR] [--override key=value ...] [--dry-run]``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="run a recipe: profile, prune, quantize, evaluate, export, push")
+    p.add_argument("recipe", help="recipe YAML file (see recipes/)")
+    p.add_argument("--out", default=None, help="output directory (default: out/<recipe name>)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="change one recipe value, e.g. stages.prune.ratio=0.5 (repeatable)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="push: list what would be uploaded, upload nothing")
+
+
+def _run(args) -> int:
+    from .run import run_recipe
+    from .schema import load_recipe
+
+    recipe = load_recipe(args.recipe, args.override)
+    text = Path(args.recipe).read_text()
+    if args.override:
+        text += "\n# overrides: " + ", ".join(args.override) + "\n"
+    out = args.out or f"out/{recipe.name}"
+    res = run_recipe(recipe, text, out, overwrite=args.overwrite, dry_run=args.dry_run)
+    m = res.manifest
+    print(f"recipe {recipe.name}: stages {' -> '.join(m['stages'])}")
+    print(f"Super Experts: {m['super_experts'] or 'none'} (profile cache {'hit' if m['profile_cache_hit'] else 'miss'})")
+    if res.comparison is not None:
+        print(res.comparison.markdown())
+    if "push" in m:
+        verb = "would upload" if m["push"]["dry_run"] else "uploaded"
+        print(f"push to {m['push']['repo_id']}: {verb} {len(m['push']['files'])} files: {', '.join(m['push']['files'])}")
+    print(f"wall {m['wall_seconds']} s, peak RSS {m['peak_rss_mib']} MiB; wrote {res.out}/")
+    return 0
+
+
+COMMAND = (_add_run, _run)

@@ -1,0 +1,139 @@
+"""`secompress run`: the recipe pipeline end to end on a tiny model (no network)."""
+import json
+
+import pytest
+
+from secompress.cli import main
+from secompress.recipe.evaluation import Comparison, RecoveryError
+from secompress.recipe.run import model_fingerprint, run_recipe
+from secompress.recipe.schema import parse_recipe
+from secompress.testing import make_tiny, plant_super_expert, save_tiny
+
+RECIPE = """\
+version: 1
+name: tiny
+model: {{id: {model}, model_type: qwen3_moe}}
+data: {{num_samples: 4, seq_len: 64, batch_size: 4, eval_samples: 4}}
+stages:
+  - profile: {{}}
+  - prune: {{ratio: 0.25, method: frequency}}
+  - quantize: {{method: rtn, bits: 4, group_size: 32}}
+  - evaluate: {{perplexity: true{extra}}}
+  - export: {{}}
+  - push: {{repo_id: someone/tiny-secompress, private: true}}
+"""
+
+
+@pytest.fixture()
+def tiny_se(tmp_path, monkeypatch):
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
+    m = make_tiny("qwen3_moe")
+    plant_super_expert(m, layer=1, expert=3)
+    return save_tiny(m, tmp_path / "tiny")
+
+
+def _recipe(model, extra=""):
+    text = RECIPE.format(model=model, extra=extra)
+    return parse_recipe(text, "t.yaml"), text
+
+
+def test_pipeline_writes_model_card_comparison_manifest_and_dry_run(tmp_path, tiny_se):
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM
+
+    recipe, text = _recipe(tiny_se)
+    res = run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
+    out = res.out
+    assert res.manifest["super_experts"] == [[1, 3]] and not res.manifest["profile_cache_hit"]
+    assert set(res.pushed) >= {"README.md", "config.json", "model.safetensors", "tokenizer.json",
+                               "quantization_plan.json", "secompress_quant.safetensors"}
+    assert res.manifest["push"]["dry_run"] is True
+    for f in ("comparison.json", "comparison.md", "comparison.png", "manifest.json", "recipe.yaml",
+              "profile/super_experts.json"):
+        assert (out / f).is_file(), f
+    rows = json.loads((out / "comparison.json").read_text())
+    assert rows["perplexity"]["baseline"] > 0 and rows["perplexity"]["se_unaware"] is not None
+    card = ModelCard.load(out / "model" / "README.md")  # huggingface_hub's own parser
+    assert card.data.base_model == str(tiny_se) and card.data.library_name == "transformers"
+    assert "super-experts" in card.data.tags and card.data.eval_results
+    assert "| 1 | 3 |" in card.text
+    m = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert m.config.num_experts == 6  # 25% of 8 removed
+    plan = json.loads((out / "model" / "quantization_plan.json").read_text())
+    assert "| 1 | 3 |" in card.text and "Precision plan" in card.text
+    report = json.loads((out / "model" / "prune_report.json").read_text())
+    kept1 = next(l["kept"] for l in report["layers"] if l["layer"] == 1)
+    assert 3 in kept1  # the SE survived pruning ...
+    assert plan["super_experts"] == [{"layer": 1, "expert": kept1.index(3)}]  # ... renumbered, and kept 16-bit
+    se_unit = next(u for u in plan["modules"] if u["layer"] == 1 and u["expert"] == kept1.index(3))
+    assert se_unit["bits"] is None
+
+
+def test_profile_cache_is_reused_and_invalidated(tmp_path, tiny_se):
+    recipe, text = _recipe(tiny_se)
+    run_recipe(recipe, text, tmp_path / "a", dry_run=True, progress=False)
+    again = run_recipe(recipe, text, tmp_path / "b", dry_run=True, progress=False)
+    assert again.manifest["profile_cache_hit"]
+    changed = parse_recipe(text.replace("num_samples: 4", "num_samples: 3"), "t.yaml")
+    assert not run_recipe(changed, text, tmp_path / "c", dry_run=True, progress=False).manifest["profile_cache_hit"]
+    before = model_fingerprint(str(tiny_se), None)
+    (tiny_se / "model.safetensors").touch()
+    assert model_fingerprint(str(tiny_se), None) != before  # new weights file -> new key
+
+
+def test_recovery_threshold_fails_the_run_and_writes_nothing(tmp_path, tiny_se, monkeypatch):
+    import secompress.recipe.run as run_mod
+
+    recipe, text = _recipe(tiny_se, extra=", recovery_threshold: 0.9")
+    ppl = iter([10.0, 12.5, 30.0])  # baseline, SE-aware, SE-unaware
+    monkeypatch.setattr(run_mod, "measure", lambda *a, **k: {"perplexity": next(ppl)})
+    with pytest.raises(RecoveryError, match="perplexity recovers 0.800"):
+        run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_interruption_leaves_nothing_and_existing_output_is_kept(tmp_path, tiny_se, monkeypatch):
+    import secompress.recipe.run as run_mod
+
+    recipe, text = _recipe(tiny_se)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_mod, "push", boom)  # interrupted during the last stage
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+    (tmp_path / "out").mkdir()
+    assert main(["run", "t.yaml", "--out", str(tmp_path / "out")]) == 2  # missing recipe: clear error
+
+
+def test_cli_run_refuses_existing_output(tmp_path, tiny_se, capsys):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(_recipe(tiny_se)[1])
+    (tmp_path / "out").mkdir()
+    assert main(["run", str(recipe_file), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_unsupported_architecture_in_recipe_is_rejected(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=300)).save_pretrained(tmp_path / "dense")
+    recipe, text = _recipe(tmp_path / "dense")
+    from secompress.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="qwen3_moe"):
+        run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
+
+
+def test_comparison_recovery_direction():
+    c = Comparison.build({"perplexity": 10.0, "t/acc": 0.5}, {"perplexity": 12.5, "t/acc": 0.4},
+                         {"perplexity": 20.0, "t/acc": 0.25})
+    assert c.rows["perplexity"]["recovery_se_aware"] == pytest.approx(0.8)  # lower is better
+    assert c.rows["t/acc"]["recovery_se_aware"] == pytest.approx(0.8)  # higher is better
+    assert c.rows["t/acc"]["recovery_se_unaware"] == pytest.approx(0.5)
+    c.check(0.75)
+    with pytest.raises(RecoveryError):
+        c.check(0.85)
