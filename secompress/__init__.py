@@ -6,6 +6,7 @@ import logging
 from .adapters import ADAPTERS, MoEAdapter, get_adapter
 from .errors import (CalibrationError, MissingExtraError, OutputExistsError, SecompressError,
                      UnsupportedModelError)
+from .loading import load
 from .profile import ProfileConfig, ProfileResult, profile
 from .report import load_profile, save_profile
 from .stats import SERule, find_super_experts
@@ -16,5 +17,5 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __all__ = [
     "ADAPTERS", "CalibrationError", "MissingExtraError", "MoEAdapter", "OutputExistsError", "ProfileConfig",
     "ProfileResult", "SERule", "SecompressError", "UnsupportedModelError", "find_super_experts", "get_adapter",
-    "load_profile", "profile", "save_profile",
+    "load", "load_profile", "profile", "save_profile",
 ]

@@ -76,6 +76,24 @@ def check_model(model) -> MoEAdapter:
     return adapter
 
 
+def write_legacy_config_keys(config_path: Path, config, adapter: MoEAdapter) -> None:
+    """Keep a saved config.json readable by transformers-4 stacks (vLLM, older serving code).
+
+    transformers 5 renames keys when it saves (Qwen3-MoE ``num_experts`` -> ``num_local_experts``,
+    ``rope_theta`` -> ``rope_parameters.rope_theta``); an old reader then silently uses its defaults.
+    Each original spelling is written next to the new one, with the current value.
+    """
+    import json
+
+    d = json.loads(config_path.read_text())
+    for attr, key in adapter.legacy_config_keys:
+        d[key] = getattr(config, attr)
+    rope = d.get("rope_parameters")
+    if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in d:
+        d["rope_theta"] = rope["rope_theta"]
+    config_path.write_text(json.dumps(d, indent=2) + "\n")
+
+
 def check_output_dir(out: str | Path, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:

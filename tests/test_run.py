@@ -100,12 +100,23 @@ def test_interruption_leaves_nothing_and_existing_output_is_kept(tmp_path, tiny_
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_mod, "push", boom)  # interrupted during the last stage
+    monkeypatch.setattr(run_mod, "_export", boom)  # interrupted while writing the checkpoint
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
     (tmp_path / "out").mkdir()
     assert main(["run", "t.yaml", "--out", str(tmp_path / "out")]) == 2  # missing recipe: clear error
+
+
+def test_failed_push_keeps_the_export(tmp_path, tiny_se, monkeypatch):
+    from secompress.errors import SecompressError
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored login
+    recipe, text = _recipe(tiny_se)
+    with pytest.raises(SecompressError, match="no Hugging Face token"):
+        run_recipe(recipe, text, tmp_path / "out", dry_run=False, progress=False)
+    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
 
 
 def test_cli_run_refuses_existing_output(tmp_path, tiny_se, capsys):
@@ -137,3 +148,20 @@ def test_comparison_recovery_direction():
     c.check(0.75)
     with pytest.raises(RecoveryError):
         c.check(0.85)
+
+
+def test_secompress_load_picks_the_right_loader(tmp_path, tiny_se):
+    import torch
+
+    import secompress
+    from secompress.quant.api import QuantizedExperts
+
+    recipe, text = _recipe(tiny_se)
+    res = run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
+    q = secompress.load(res.out / "model")
+    assert any(isinstance(m, QuantizedExperts) for m in q.modules())  # real integer-coded experts
+    plain = secompress.load(tiny_se)
+    assert not any(isinstance(m, QuantizedExperts) for m in plain.modules())
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(q(input_ids=ids).logits).all()

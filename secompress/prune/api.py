@@ -24,7 +24,7 @@ import torch
 from ..data import CalibrationData, load_calibration
 from ..errors import SecompressError
 from ..evaluate import perplexity
-from ..io import atomic_dir, check_model
+from ..io import atomic_dir, check_model, write_legacy_config_keys
 from ..profile import ProfileConfig, ProfileResult, profile as run_profile
 from .reconstruction import DEFAULT_LIMIT, capture_block_inputs, naee_select
 from .scores import SCORERS, score
@@ -250,14 +250,6 @@ def remap_profile(p: ProfileResult, r: PruneResult) -> ProfileResult:
                                super_experts_normalised=renumber(p.super_experts_normalised))
 
 
-def _patch_legacy_keys(config_path: Path, config, adapter) -> None:
-    """Write the transformers-4 spelling of each renamed key next to the new one, with the new value."""
-    d = json.loads(config_path.read_text())
-    for attr, key in adapter.legacy_config_keys:
-        d[key] = getattr(config, attr)
-    config_path.write_text(json.dumps(d, indent=2) + "\n")
-
-
 def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrite: bool = False) -> Path:
     """Write the pruned model (safetensors), its tokenizer and ``prune_report.json`` atomically to ``out``."""
     adapter = check_model(model)
@@ -268,7 +260,7 @@ def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrit
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _patch_legacy_keys(tmp / "config.json", model.config, adapter)
+        write_legacy_config_keys(tmp / "config.json", model.config, adapter)
         (tmp / REPORT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return Path(out)
 

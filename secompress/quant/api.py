@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import SecompressError, require
-from ..io import atomic_dir, check_model
+from ..io import atomic_dir, check_model, write_legacy_config_keys
 from ..layout import PerExpertExperts, refuse_into
 from . import rtn
 from .allocate import allocate
@@ -330,14 +330,6 @@ def quantized_tensors(model, plan: QuantPlan) -> tuple[dict[str, torch.Tensor], 
     return tensors, shapes
 
 
-def _patch_legacy_keys(config_path: Path, config, adapter) -> None:
-    """Write the transformers-4 spelling of each renamed config key next to the new one."""
-    d = json.loads(config_path.read_text())
-    for attr, key in adapter.legacy_config_keys:
-        d[key] = getattr(config, attr)
-    config_path.write_text(json.dumps(d, indent=2) + "\n")
-
-
 def save_quantized(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
     """Write atomically to ``out``: the dequantized checkpoint in the original dtype and layout
     (stock ``from_pretrained`` loads it), ``quantization_plan.json``, and the packed codes in
@@ -351,7 +343,7 @@ def save_quantized(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _patch_legacy_keys(tmp / "config.json", model.config, adapter)
+        write_legacy_config_keys(tmp / "config.json", model.config, adapter)
         (tmp / PLAN_NAME).write_text(json.dumps(plan.to_json(), indent=2) + "\n")
         save_file(tensors, str(tmp / CODES_NAME), metadata={"format": "secompress-rtn", "version": "1",
                                                             "shapes": json.dumps(shapes)})

@@ -169,7 +169,6 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: boo
         t = tick("evaluate", t)
         comparison.check(ev.recovery_threshold)  # raises before anything is written
     manifest = _manifest(recipe, prof, cache_hit, timings, info)
-    pushed: list[str] = []
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "recipe.yaml").write_text(recipe_text)
         if prof is not None:
@@ -179,12 +178,14 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: boo
         if recipe.stage("export") is not None:
             _export(recipe, recipe_text, model, tok, prof, info, comparison, tmp / "model")
         t = tick("export", t)
-        if (st := recipe.stage("push")) is not None:
-            pushed = push(tmp / "model", st, dry_run)
-            manifest["push"] = {"repo_id": st.repo_id, "dry_run": dry_run, "files": pushed}
         manifest["wall_seconds"] = round(time.time() - t0, 2)
         manifest["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    pushed: list[str] = []
+    if (st := recipe.stage("push")) is not None:  # after the rename: a failed upload keeps the export
+        pushed = push(Path(out) / "model", st, dry_run)
+        manifest["push"] = {"repo_id": st.repo_id, "dry_run": dry_run, "files": pushed}
+        (Path(out) / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return RunResult(Path(out), manifest, comparison, pushed)
 
 

@@ -1,0 +1,17 @@
+"""``secompress.load(path)``: load any checkpoint secompress wrote, the right way."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def load(path: str | Path, dtype="auto", device: str | None = None, trust_remote_code: bool = False):
+    """A secompress RTN export comes back with its real integer-coded modules
+    (``secompress.quant.load_quantized``); anything else (a pruned or untouched checkpoint) through
+    ``AutoModelForCausalLM`` with safetensors only and eager attention."""
+    from .io import load_model
+    from .quant.api import CODES_NAME, PLAN_NAME, load_quantized
+
+    p = Path(path)
+    if (p / CODES_NAME).is_file() and (p / PLAN_NAME).is_file():
+        return load_quantized(p, device=device)[0]
+    return load_model(p, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
