@@ -110,6 +110,9 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     out = check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
     try:
         yield tmp
     except BaseException:
