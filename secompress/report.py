@@ -79,7 +79,7 @@ def plot(r: ProfileResult, out: Path) -> list[Path]:
     fig.colorbar(im, ax=ax, label="log10 max |down_proj output|")
     for l, c in r.super_experts:
         ax.add_patch(plt.Rectangle((c - 0.5, l - 0.5), 1, 1, fill=False, ec="cyan", lw=2))
-    ax.set_xlabel("expert" + (" (last column: shared)" if r.has_shared else ""))
+    ax.set_xlabel("expert" + (" (last column: shared)" if r.has_shared else "") + "; white: no token routed")
     ax.set_ylabel("layer")
     n = r.rule.considered_layers(r.num_layers)
     ax.axhline(n - 0.5, color="white", ls="--", lw=1)

@@ -29,7 +29,7 @@ from ..profile import ProfileConfig, ProfileResult, profile as run_profile
 from .reconstruction import DEFAULT_LIMIT, capture_block_inputs, naee_select
 from .scores import SCORERS, score
 from .select import PrunePlan, ProtectionChange, Selection, make_plan, protected_by_layer, select_by_score
-from .structural import RemovalReport, remove_experts
+from .structural import RemovalReport, SizeDelta, remove_experts
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "prune_report.json"
@@ -63,7 +63,7 @@ class PruneConfig:
 
 
 @dataclass
-class PruneResult:
+class PruneResult(SizeDelta):
     config: PruneConfig
     model: str
     model_type: str
@@ -87,14 +87,6 @@ class PruneResult:
     profile_source: str
     seconds: float
     extra: dict = field(default_factory=dict)  # method-specific details (NAEE losses)
-
-    @property
-    def params_saved(self) -> int:
-        return self.params_before - self.params_after
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.bytes_before - self.bytes_after
 
     def to_json(self) -> dict:
         return {

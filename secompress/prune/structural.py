@@ -28,8 +28,20 @@ log = logging.getLogger(__name__)
 COUNT_ATTR = "num_experts"  # the expert count transformers stores on experts modules, routers and models
 
 
+class SizeDelta:
+    """Parameters and bytes saved, for anything with *_before / *_after counts."""
+
+    @property
+    def params_saved(self) -> int:
+        return self.params_before - self.params_after
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+
 @dataclass
-class RemovalReport:
+class RemovalReport(SizeDelta):
     num_experts_before: int
     num_experts_after: int
     kept: dict[int, list[int]]  # layer -> original ids of the kept experts, in their new order
@@ -39,14 +51,6 @@ class RemovalReport:
     bytes_before: int
     bytes_after: int
     sliced: list[str] = field(default_factory=list)  # qualified names of the tensors that were sliced
-
-    @property
-    def params_saved(self) -> int:
-        return self.params_before - self.params_after
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.bytes_before - self.bytes_after
 
 
 def model_size(model: nn.Module) -> tuple[int, int]:
