@@ -147,14 +147,13 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
     rec = Recorder(seq_len=calib.input_ids.shape[1])
 
     if isinstance(model, (str, Path)) and config.streaming:
-        if not Path(model).is_dir():
-            raise SecompressError("streaming mode reads local safetensors shards: download the checkpoint first")
+        local = _local_checkpoint(model, revision)
         skeleton = build_skeleton(hf_config)
         adapter = check_model(skeleton)
         with instrument(skeleton, adapter, rec, attention=config.attention), \
                 tqdm(total=len(adapter.layers(skeleton)), desc="profile (streaming)", unit="layer",
                      disable=not progress) as bar:
-            run_streaming(skeleton, adapter, Checkpoint(model), chunks, dtype, progress=bar)
+            run_streaming(skeleton, adapter, Checkpoint(local), chunks, dtype, progress=bar)
         live = skeleton
     else:
         live = load_model(model, dtype, revision, trust_remote_code) if isinstance(model, (str, Path)) else model
@@ -176,6 +175,19 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
         super_experts_normalised=find_super_experts(arrays["out_max"], config.rule, normalise=True),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def _local_checkpoint(model: str | Path, revision: str | None) -> Path:
+    """A local folder for streaming: the path itself, or the hub snapshot's safetensors + JSON files."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as e:  # offline, gated, missing: one clear message
+        raise SecompressError(f"streaming needs the safetensors shards of '{model}' on disk and they could not be "
+                              f"downloaded ({type(e).__name__}); download them and pass the folder") from e
 
 
 class _eager_attention:

@@ -187,3 +187,12 @@ def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_dir):
     (dst / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(SecompressError, match="safetensors"):
         profile(str(dst), config=SMALL, progress=False)
+
+
+def test_streaming_a_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from secompress.profile import _local_checkpoint
+
+    with pytest.raises(SecompressError, match="streaming needs the safetensors shards"):
+        _local_checkpoint("some-org/not-cached-model", None)
