@@ -18,6 +18,7 @@ OUT/
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -104,7 +105,7 @@ def _data(recipe: Recipe, tok):
         both = load_calibration(d.calibration, tok, d.num_samples + d.eval_samples, d.seq_len)
         if both.input_ids.shape[0] < d.num_samples + 1:
             raise SecompressError(f"'{d.calibration}' is too short to hold out evaluation windows: set data.eval")
-        calib = load_calibration(d.calibration, tok, d.num_samples, d.seq_len)
+        calib = dataclasses.replace(both, input_ids=both.input_ids[: d.num_samples])
         return calib, both.input_ids[d.num_samples:]
     return (load_calibration(d.calibration, tok, d.num_samples, d.seq_len),
             load_calibration(d.eval, tok, d.eval_samples, d.seq_len).input_ids)
