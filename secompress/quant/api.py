@@ -37,6 +37,7 @@ PLAN_NAME = "quantization_plan.json"
 CODES_NAME = "secompress_quant.safetensors"
 METHODS = {"rtn": None, "gptq": ("gptqmodel", "gptq"), "bnb": ("bitsandbytes", "bnb")}  # name -> (package, extra)
 PROJ = ("gate_proj", "up_proj", "down_proj")
+IMPLEMENTED = {"rtn", "bnb"}
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,8 @@ class QuantConfig:
     rules: tuple[Rule, ...] = ()  # exact names beat regexes beat `bits`
     avg_bits: float | None = None  # target parameter-weighted average over routed experts -> allocation
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # allocation choices (16 = keep)
-    method: str = "rtn"
+    method: str = "rtn"  # rtn | bnb | gptq (not wired up yet)
+    bnb_quant_type: str = "nf4"  # method "bnb", 4-bit: nf4 | fp4
     fallback: str | None = None  # for experts without calibration tokens: None = error, "rtn"
 
     def __post_init__(self):
@@ -71,18 +73,22 @@ class QuantConfig:
             raise ValueError(f"avg_bits must be a positive number, got {self.avg_bits!r}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method '{self.method}'; known: {', '.join(METHODS)}")
+        if self.bnb_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_quant_type must be 'nf4' or 'fp4', got {self.bnb_quant_type!r}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
 
 
 def check_method(method: str) -> None:
-    """RTN runs here; other backends need their extra and are not wired up yet."""
+    """RTN runs here; bnb needs its extra; gptq is not wired up yet."""
     if METHODS.get(method) is None:
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; known: {', '.join(METHODS)}")
         return
     package, extra = METHODS[method]
     require(package, extra, f"quantization method '{method}'")
+    if method in IMPLEMENTED:
+        return
     raise NotImplementedError(f"method '{method}': {package} is installed but secompress does not drive it yet; "
                               "use method='rtn'")
 
@@ -236,6 +242,11 @@ def quantize_(model, config: QuantConfig, profile=None, tokenizer=None, data="bu
     from profiling ``data`` with ``tokenizer`` now. Every check runs before any weight changes.
     """
     plan = plan_quantization(model, config, profile, tokenizer, data)
+    if config.method == "bnb":
+        from .bnb import apply_bnb
+
+        apply_bnb(model, plan, config.bnb_quant_type)
+        return plan
     gs, sym = config.group_size, config.symmetric
     apply_plan(model, plan, lambda key, w, bits: rtn.quantize(w, bits, gs, sym))
     return plan
@@ -334,6 +345,10 @@ def save_quantized(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite
     """Write atomically to ``out``: the dequantized checkpoint in the original dtype and layout
     (stock ``from_pretrained`` loads it), ``quantization_plan.json``, and the packed codes in
     ``secompress_quant.safetensors`` (for :func:`load_quantized`)."""
+    if any(isinstance(m, PerExpertExperts) and not isinstance(m, QuantizedExperts) for m in model.modules()) or \
+            any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
+        raise SecompressError("save_quantized writes RTN models; bitsandbytes-quantized models are in-memory only "
+                              "for now (quantize with method='rtn' to export)")
     from safetensors.torch import save_file
 
     adapter = check_model(model)

@@ -1,0 +1,78 @@
+"""bitsandbytes backend: real 4-bit (NF4/FP4) and 8-bit (LLM.int8) modules, fused experts included.
+
+transformers' bitsandbytes integration replaces ``nn.Linear`` modules only, so the fused 3D
+experts of a transformers-5 MoE stay 16-bit without a word. Here every planned expert is
+moved to the per-expert layout (:class:`~secompress.layout.PerExpertExperts`) and each of its
+projections becomes a ``bnb.nn.Linear4bit`` / ``Linear8bitLt``; Super Experts planned at 16 bit
+stay ``nn.Linear`` with their original weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import SecompressError, require
+from ..io import check_model
+from ..layout import PerExpertExperts
+from .plan import QuantPlan
+
+BNB_BITS = (4, 8)
+QUANT_TYPES = ("nf4", "fp4")
+PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+def check_plan(plan: QuantPlan) -> None:
+    bad = sorted(n for n, b in plan.bits.items() if b is not None and b not in BNB_BITS)
+    if bad:
+        raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits only; the plan asks other widths for "
+                         f"{len(bad)} modules (first: {bad[0]} at {plan.bits[bad[0]]} bits)")
+
+
+@torch.no_grad()
+def to_bnb(lin: nn.Linear, bits: int, quant_type: str = "nf4") -> nn.Module:
+    """A bitsandbytes module holding ``lin``'s weight quantized (uint8 / int8 storage)."""
+    bnb = require("bitsandbytes", "bnb", "quantization method 'bnb'")
+    dev, bias = lin.weight.device, lin.bias is not None
+    if bits == 4:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=bias, compute_dtype=lin.weight.dtype,
+                              quant_type=quant_type, device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.detach().to("cpu").clone(), requires_grad=False,
+                                     quant_type=quant_type)
+    elif bits == 8:
+        q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=bias, has_fp16_weights=False,
+                                device="meta")
+        q.weight = bnb.nn.Int8Params(lin.weight.detach().to("cpu").clone(), requires_grad=False,
+                                     has_fp16_weights=False)
+    else:
+        raise ValueError(f"bitsandbytes supports 4 or 8 bits, not {bits}")
+    if bias:
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return q.to(dev)  # moving a bnb module is what quantizes its weight
+
+
+@torch.no_grad()
+def apply_bnb(model, plan: QuantPlan, quant_type: str = "nf4") -> None:
+    """Replace each planned unit by a bitsandbytes module (in place)."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"bnb quant_type must be one of {QUANT_TYPES}, got '{quant_type}'")
+    check_plan(plan)
+    require("bitsandbytes", "bnb", "quantization method 'bnb'")
+    adapter = check_model(model)
+    for name, b in plan.bits.items():
+        if b is None or plan.units[name].expert is not None:
+            continue
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, to_bnb(model.get_submodule(name), b, quant_type))
+    for layer, names in plan.moe_layers().items():
+        todo = {plan.units[n].expert: plan.bits[n] for n in names if plan.bits[n] is not None}
+        if not todo:
+            continue
+        block = adapter.block_of(adapter.layers(model)[layer])
+        experts = adapter.experts_of(block)
+        if isinstance(experts, PerExpertExperts):
+            raise SecompressError(f"layer {layer}: experts are already per-expert/quantized; quantize a fused model")
+        per = PerExpertExperts(experts)
+        for e, bits in todo.items():
+            for p in PROJ:
+                setattr(per.per_expert[e], p, to_bnb(getattr(per.per_expert[e], p), bits, quant_type))
+        setattr(block, adapter.experts, per)
