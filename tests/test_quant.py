@@ -10,7 +10,7 @@ import torch
 
 from conftest import ARCHS
 from secompress.cli import main
-from secompress.errors import CalibrationError, MissingExtraError
+from secompress.errors import CalibrationError, MissingExtraError, SecompressError
 from secompress.profile import ProfileResult
 from secompress.quant import (QuantConfig, QuantizedExperts, QuantizedLinear, QuantPlan, Rule,
                               all_expert_calibration, allocate, check_coverage, dequantize, load_quantized, quantize,
@@ -206,8 +206,8 @@ def test_bad_config_and_input_rejected(base, monkeypatch):
         monkeypatch.setitem(sys.modules, package, None)
         with pytest.raises(MissingExtraError, match=rf"secompress\[{method}\]"):
             quantize_(m, QuantConfig(method=method, group_size=32), profile=fake_profile(m))
-    monkeypatch.setitem(sys.modules, "gptqmodel", types.ModuleType("gptqmodel"))
-    with pytest.raises(NotImplementedError, match="gptq"):
+    monkeypatch.setitem(sys.modules, "gptqmodel", types.ModuleType("gptqmodel"))  # present
+    with pytest.raises(SecompressError, match="GPTQ runs on a checkpoint"):
         quantize_(m, QuantConfig(method="gptq", group_size=32), profile=fake_profile(m))
     with pytest.raises(ValueError, match="smallest candidate is 2"):
         quantize_(m, QuantConfig(group_size=32, avg_bits=1.5), profile=fake_profile(m))

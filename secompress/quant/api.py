@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import SecompressError, require
+from ..errors import MissingExtraError, SecompressError, require
 from ..io import atomic_dir, check_model, write_legacy_config_keys
 from ..layout import PerExpertExperts, refuse_into
 from . import rtn
@@ -37,7 +37,7 @@ PLAN_NAME = "quantization_plan.json"
 CODES_NAME = "secompress_quant.safetensors"
 METHODS = {"rtn": None, "gptq": ("gptqmodel", "gptq"), "bnb": ("bitsandbytes", "bnb")}  # name -> (package, extra)
 PROJ = ("gate_proj", "up_proj", "down_proj")
-IMPLEMENTED = {"rtn", "bnb"}
+IMPLEMENTED = {"rtn", "bnb", "gptq"}  # gptq: from a checkpoint path, see quant/gptq.py
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,15 @@ class QuantConfig:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
 
 
+def _installed(package: str) -> bool:
+    import importlib.util
+    import sys
+
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
+
 def check_method(method: str) -> None:
     """RTN runs here; bnb needs its extra; gptq is not wired up yet."""
     if METHODS.get(method) is None:
@@ -86,7 +95,11 @@ def check_method(method: str) -> None:
             raise ValueError(f"unknown method '{method}'; known: {', '.join(METHODS)}")
         return
     package, extra = METHODS[method]
-    require(package, extra, f"quantization method '{method}'")
+    if method == "gptq":  # never imported here: gptqmodel patches transformers on import (see quant/gptq.py)
+        if not _installed(package):
+            raise MissingExtraError(package, extra, f"quantization method '{method}'")
+    else:
+        require(package, extra, f"quantization method '{method}'")
     if method in IMPLEMENTED:
         return
     raise NotImplementedError(f"method '{method}': {package} is installed but secompress does not drive it yet; "
@@ -241,6 +254,10 @@ def quantize_(model, config: QuantConfig, profile=None, tokenizer=None, data="bu
     The Super Experts come from ``profile`` (a :class:`~secompress.profile.ProfileResult`), or
     from profiling ``data`` with ``tokenizer`` now. Every check runs before any weight changes.
     """
+    check_method(config.method)  # a missing extra is named first
+    if config.method == "gptq":
+        raise SecompressError("GPTQ runs on a checkpoint, not in place: use `secompress quantize MODEL --method gptq` "
+                              "or secompress.quant.gptq.gptq_quantize(path, tokenizer, plan, calib_ids, out)")
     plan = plan_quantization(model, config, profile, tokenizer, data)
     if config.method == "bnb":
         from .bnb import apply_bnb

@@ -48,6 +48,19 @@ def _quantize(args) -> int:
     prof = load_profile(args.profile) if args.profile else None
     model = load_model(args.model, DTYPES[args.dtype], args.revision, args.trust_remote_code)
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
+    if cfg.method == "gptq":  # gptqmodel quantizes from the checkpoint, following our plan
+        from ..data import load_calibration
+        from .api import plan_quantization
+        from .gptq import gptq_quantize
+
+        plan = plan_quantization(model, cfg, profile=prof, tokenizer=tok, data=args.data)
+        calib = load_calibration(args.data, tok, num_samples=32, seq_len=512).input_ids
+        del model
+        gptq_quantize(args.model, tok, plan, calib, args.out, bits=cfg.bits, group_size=cfg.group_size,
+                      symmetric=cfg.symmetric, overwrite=args.overwrite)
+        print(plan.table())
+        print(f"wrote {args.out} (GPTQ checkpoint: load it with GPTQModel.load or vLLM)")
+        return 0
     plan = quantize_(model, cfg, profile=prof, tokenizer=tok, data=args.data)
     save_quantized(model, tok, plan, args.out, overwrite=args.overwrite)
     print(plan.table())

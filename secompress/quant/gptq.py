@@ -1,0 +1,119 @@
+"""GPTQ through gptqmodel (the maintained successor of auto-gptq), driven by a secompress plan.
+
+GPTQ (Frantar et al. 2023) quantizes each weight column by column, compensating the error
+with the inverse Hessian of its calibration inputs. gptqmodel runs the algorithm, defuses
+transformers-5 fused experts into per-expert Linear modules, and takes per-module overrides
+in its ``dynamic`` config: ``"-:REGEX"`` skips matching modules (they stay 16-bit) and
+``"+:REGEX": {"bits": b}`` changes their bits. :func:`dynamic_from_plan` turns a
+:class:`~secompress.quant.plan.QuantPlan` into those overrides, so Super Experts are skipped
+or kept at 8 bit exactly as the plan says.
+
+Loading the result: mixed-precision ``dynamic`` checkpoints load with ``GPTQModel.load`` (and
+vLLM); plain ``AutoModelForCausalLM`` needs the fused experts defused first.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import SecompressError
+from ..io import atomic_dir, load_config, write_legacy_config_keys
+from ..adapters import get_adapter
+from .plan import QuantPlan
+
+log = logging.getLogger(__name__)
+GPTQ_BITS = (2, 3, 4, 8)
+
+
+def _module_regex(unit_name: str, is_expert: bool) -> str:
+    # gptqmodel matches against module names; an expert unit covers its three projections
+    body = re.escape(unit_name)
+    return rf".*{body}\..*" if is_expert else rf".*{body}$"
+
+
+def dynamic_from_plan(plan: QuantPlan, default_bits: int) -> dict[str, dict]:
+    """gptqmodel ``dynamic`` overrides for every unit whose bits differ from ``default_bits``."""
+    dyn: dict[str, dict] = {}
+    for name, bits in plan.bits.items():
+        if bits == default_bits:
+            continue
+        rx = _module_regex(name, plan.units[name].expert is not None)
+        if bits is None:
+            dyn[f"-:{rx}"] = {}
+        else:
+            if bits not in GPTQ_BITS:
+                raise ValueError(f"GPTQ quantizes to {GPTQ_BITS} bits; '{name}' is planned at {bits}")
+            dyn[f"+:{rx}"] = {"bits": bits}
+    return dyn
+
+
+def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids: torch.Tensor, out: str | Path,
+                  bits: int = 4, group_size: int | None = 128, symmetric: bool = True, overwrite: bool = False,
+                  se_aware: bool = True, batch_size: int = 4) -> dict:
+    """Quantize the checkpoint at ``model_path`` with GPTQ following ``plan`` and save it to ``out``.
+
+    ``calib_ids`` [N, S] are the calibration windows. With ``se_aware=False`` the plan's
+    overrides are ignored (plain gptqmodel, the baseline of the wall-time comparison).
+    gptqmodel patches transformers' MoE classes when it is imported (it defuses experts), so
+    it runs in a child process and this process's transformers stays untouched.
+    Returns the child's timings and the overrides used.
+    """
+    from .api import check_method
+
+    check_method("gptq")  # MissingExtraError naming the extra, without importing gptqmodel here
+    adapter = get_adapter(load_config(model_path))
+    dynamic = dynamic_from_plan(plan, bits) if se_aware else {}
+    with atomic_dir(out, overwrite) as tmp:
+        job = {"model": str(model_path), "bits": bits, "group_size": group_size or -1, "sym": symmetric,
+               "dynamic": dynamic, "batch_size": batch_size, "out": str(tmp / "model")}
+        work = tmp / ".job"
+        work.mkdir()
+        torch.save(calib_ids.cpu(), work / "calib.pt")
+        (work / "job.json").write_text(json.dumps(job))
+        env = dict(os.environ)
+        env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its default worker pool fails on 2-core machines
+        res = subprocess.run([sys.executable, "-m", "secompress.quant.gptq", str(work)], capture_output=True,
+                             text=True, env=env)
+        if res.returncode != 0:
+            raise SecompressError(f"gptqmodel failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
+        timings = json.loads((work / "timings.json").read_text())
+        shutil.rmtree(work)
+        for f in (tmp / "model").iterdir():
+            f.rename(tmp / f.name)
+        (tmp / "model").rmdir()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_legacy_config_keys(tmp / "config.json", load_config(model_path), adapter)
+        (tmp / "quantization_plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
+    return {**timings, "dynamic": dynamic}
+
+
+def _child(work: Path) -> None:
+    """Runs in the child process: load with gptqmodel, quantize, save; write timings."""
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    job = json.loads((work / "job.json").read_text())
+    ids = torch.load(work / "calib.pt", weights_only=True)  # [N, S]
+    calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
+    qcfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"],
+                          dynamic=job["dynamic"] or None)
+    t0 = time.perf_counter()
+    model = GPTQModel.load(job["model"], qcfg)
+    t1 = time.perf_counter()
+    model.quantize(calib, batch_size=job["batch_size"])
+    t2 = time.perf_counter()
+    model.save(job["out"])
+    (work / "timings.json").write_text(json.dumps({"load_s": t1 - t0, "quantize_s": t2 - t1}))
+
+
+if __name__ == "__main__":
+    _child(Path(sys.argv[1]))

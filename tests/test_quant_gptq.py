@@ -1,0 +1,66 @@
+"""GPTQ through gptqmodel: the plan's Super Expert stays 16-bit, the rest is GPTQ-packed."""
+import importlib.util
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from secompress.bytetok import build_byte_tokenizer
+from secompress.data import load_calibration
+from secompress.layout import PerExpertExperts
+from secompress.quant.api import QuantConfig, plan_quantization
+from secompress.quant.gptq import dynamic_from_plan, gptq_quantize
+from secompress.testing import make_tiny, plant_super_expert, save_tiny
+from test_quant import fake_profile
+
+# gptqmodel patches transformers on import: it is only ever imported in a child process
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs the gptq extra")
+SE = (1, 3)
+
+
+def test_dynamic_overrides_follow_the_plan():
+    model = make_tiny("qwen3_moe")
+    plan = plan_quantization(model, QuantConfig(bits=4, group_size=32, se_bits=8), profile=fake_profile(model))
+    dyn = dynamic_from_plan(plan, 4)
+    assert dyn == {r"+:.*model\.layers\.1\.mlp\.experts\.3\..*": {"bits": 8}}
+    plan16 = plan_quantization(model, QuantConfig(bits=4, group_size=32), profile=fake_profile(model))
+    assert dynamic_from_plan(plan16, 4) == {r"-:.*model\.layers\.1\.mlp\.experts\.3\..*": {}}
+
+
+def test_gptq_keeps_the_super_expert_and_packs_the_rest(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    model = make_tiny("qwen3_moe")
+    plant_super_expert(model, *SE)
+    src = save_tiny(model, tmp_path / "src")
+    tok = build_byte_tokenizer()
+    plan = plan_quantization(model, QuantConfig(bits=4, group_size=32), profile=fake_profile(model))
+    calib = load_calibration("builtin", tok, num_samples=8, seq_len=64).input_ids
+    info = gptq_quantize(src, tok, plan, calib, tmp_path / "q", bits=4, group_size=32)
+    assert info["quantize_s"] > 0
+    orig = PerExpertExperts(model.model.layers[1].mlp.experts).per_expert[3]
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for p in ("gate_proj", "up_proj", "down_proj"):
+            w = f.get_tensor(f"model.layers.1.mlp.experts.3.{p}.weight")
+            # the SE: not quantized, exactly the original in gptqmodel's 16-bit dtype (bf16 here)
+            assert w.dtype in (torch.bfloat16, torch.float16)
+            assert torch.equal(w, getattr(orig, p).weight.detach().to(w.dtype))
+            assert f"model.layers.1.mlp.experts.4.{p}.qweight" in keys  # its neighbours: GPTQ-packed
+            assert f.get_tensor(f"model.layers.1.mlp.experts.4.{p}.qweight").dtype == torch.int32
+    assert (tmp_path / "q" / "quantization_plan.json").is_file()
+    import json
+
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["num_experts"] == 8  # legacy key kept
+    assert "gptqmodel" not in __import__("sys").modules  # this process's transformers is untouched
+
+
+def test_cli_quantize_gptq(tmp_path):
+    from secompress.cli import main
+
+    model = make_tiny("olmoe")
+    src = save_tiny(model, tmp_path / "src")
+    assert main(["quantize", str(src), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                 "--out", str(tmp_path / "q")]) == 0
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
+        assert any(k.endswith("experts.0.down_proj.qweight") for k in f.keys())
+    assert main(["quantize", str(src), "--method", "gptq", "--out", str(tmp_path / "q")]) == 2  # exists
