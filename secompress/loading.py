@@ -6,12 +6,18 @@ from pathlib import Path
 
 def load(path: str | Path, dtype="auto", device: str | None = None, trust_remote_code: bool = False):
     """A secompress RTN export comes back with its real integer-coded modules
-    (``secompress.quant.load_quantized``); anything else (a pruned or untouched checkpoint) through
-    ``AutoModelForCausalLM`` with safetensors only and eager attention."""
+    (``secompress.quant.load_quantized``); a GPTQ export through ``GPTQModel.load`` (which patches
+    transformers' MoE classes in this process: import order matters for other models); anything
+    else (a pruned or untouched checkpoint) through ``AutoModelForCausalLM`` with safetensors only
+    and eager attention."""
     from .io import load_model
     from .quant.api import CODES_NAME, PLAN_NAME, load_quantized
 
     p = Path(path)
     if (p / CODES_NAME).is_file() and (p / PLAN_NAME).is_file():
         return load_quantized(p, device=device)[0]
+    if (p / "quantize_config.json").is_file():  # written by gptqmodel
+        from .errors import require
+
+        return require("gptqmodel", "gptq", "Loading a GPTQ checkpoint").GPTQModel.load(str(p), device=device)
     return load_model(p, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

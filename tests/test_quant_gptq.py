@@ -48,6 +48,16 @@ def test_gptq_keeps_the_super_expert_and_packs_the_rest(tmp_path, monkeypatch):
             assert f"model.layers.1.mlp.experts.4.{p}.qweight" in keys  # its neighbours: GPTQ-packed
             assert f.get_tensor(f"model.layers.1.mlp.experts.4.{p}.qweight").dtype == torch.int32
     assert (tmp_path / "q" / "quantization_plan.json").is_file()
+    # round trip: a fresh process reloads the checkpoint with GPTQModel.load and gets the same logits
+    # as the quantizing process had, and they stay close to the 16-bit model's
+    from secompress.quant.gptq import reload_logits
+
+    again = reload_logits(tmp_path / "q", calib[:2])
+    assert torch.isfinite(again).all()
+    torch.testing.assert_close(again, info["probe_logits"], rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        ref = model(input_ids=calib[:2]).logits
+    assert ((again - ref).abs().mean() / ref.abs().mean()) < 0.25
     import json
 
     assert json.loads((tmp_path / "q" / "config.json").read_text())["num_experts"] == 8  # legacy key kept

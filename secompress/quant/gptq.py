@@ -73,19 +73,14 @@ def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids:
     adapter = get_adapter(load_config(model_path))
     dynamic = dynamic_from_plan(plan, bits) if se_aware else {}
     with atomic_dir(out, overwrite) as tmp:
-        job = {"model": str(model_path), "bits": bits, "group_size": group_size or -1, "sym": symmetric,
-               "dynamic": dynamic, "batch_size": batch_size, "out": str(tmp / "model")}
+        job = {"mode": "quantize", "model": str(model_path), "bits": bits, "group_size": group_size or -1,
+               "sym": symmetric, "dynamic": dynamic, "batch_size": batch_size, "out": str(tmp / "model")}
         work = tmp / ".job"
         work.mkdir()
         torch.save(calib_ids.cpu(), work / "calib.pt")
-        (work / "job.json").write_text(json.dumps(job))
-        env = dict(os.environ)
-        env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its default worker pool fails on 2-core machines
-        res = subprocess.run([sys.executable, "-m", "secompress.quant.gptq", str(work)], capture_output=True,
-                             text=True, env=env)
-        if res.returncode != 0:
-            raise SecompressError(f"gptqmodel failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
+        _run_child(work, job)
         timings = json.loads((work / "timings.json").read_text())
+        probe = torch.load(work / "logits.pt", weights_only=True)
         shutil.rmtree(work)
         for f in (tmp / "model").iterdir():
             f.rename(tmp / f.name)
@@ -94,15 +89,46 @@ def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids:
             tokenizer.save_pretrained(tmp)
         write_legacy_config_keys(tmp / "config.json", load_config(model_path), adapter)
         (tmp / "quantization_plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
-    return {**timings, "dynamic": dynamic}
+    return {**timings, "dynamic": dynamic, "probe_logits": probe}
+
+
+def _run_child(work: Path, job: dict) -> None:
+    (work / "job.json").write_text(json.dumps(job))
+    env = dict(os.environ)
+    env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its default worker pool fails on 2-core machines
+    res = subprocess.run([sys.executable, "-m", "secompress.quant.gptq", str(work)], capture_output=True, text=True,
+                         env=env)
+    if res.returncode != 0:
+        raise SecompressError(f"gptqmodel failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
+
+
+def reload_logits(path: str | Path, probe_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a saved GPTQ checkpoint reloaded with ``GPTQModel.load`` (in a child process)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        work = Path(d)
+        torch.save(probe_ids.cpu(), work / "calib.pt")
+        _run_child(work, {"mode": "reload", "model": str(path)})
+        return torch.load(work / "logits.pt", weights_only=True)
+
+
+@torch.no_grad()
+def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model.model(input_ids=ids.to(next(model.model.parameters()).device)).logits.float().cpu()
 
 
 def _child(work: Path) -> None:
-    """Runs in the child process: load with gptqmodel, quantize, save; write timings."""
+    """Runs in the child process: quantize + save (logits of the quantized model on the first
+    calibration windows kept for the round-trip check), or reload + logits."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
     job = json.loads((work / "job.json").read_text())
     ids = torch.load(work / "calib.pt", weights_only=True)  # [N, S]
+    probe = ids[:2]
+    if job["mode"] == "reload":
+        torch.save(_logits(GPTQModel.load(job["model"]), probe), work / "logits.pt")
+        return
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
     qcfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"],
                           dynamic=job["dynamic"] or None)
@@ -113,6 +139,7 @@ def _child(work: Path) -> None:
     t2 = time.perf_counter()
     model.save(job["out"])
     (work / "timings.json").write_text(json.dumps({"load_s": t1 - t0, "quantize_s": t2 - t1}))
+    torch.save(_logits(GPTQModel.load(job["out"]), probe), work / "logits.pt")
 
 
 if __name__ == "__main__":
