@@ -74,3 +74,21 @@ def test_cli_quantize_gptq(tmp_path):
     with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
         assert any(k.endswith("experts.0.down_proj.qweight") for k in f.keys())
     assert main(["quantize", str(src), "--method", "gptq", "--out", str(tmp_path / "q")]) == 2  # exists
+
+
+def test_gptq_refuses_uncalibrated_experts(tmp_path, capsys):
+    from secompress.cli import main
+    from secompress.profile import profile
+    from secompress.report import save_profile
+    import dataclasses
+
+    model = make_tiny("qwen3_moe")
+    src = save_tiny(model, tmp_path / "src")
+    prof = profile(model, build_byte_tokenizer(), data="builtin", progress=False)
+    tokens = prof.arrays["tokens"].copy()
+    tokens[2, 5] = 0  # as if no calibration token reached expert (2, 5)
+    save_profile(dataclasses.replace(prof, arrays={**prof.arrays, "tokens": tokens}), tmp_path / "prof")
+    assert main(["quantize", str(src), "--method", "gptq", "--group-size", "32", "--profile", str(tmp_path / "prof"),
+                 "--out", str(tmp_path / "q")]) == 2
+    assert "got no calibration token: (2, 5)" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
