@@ -253,6 +253,9 @@ def _check_combinations(r: Recipe, model: ModelSpec, data: DataSpec) -> None:
     if q is not None:
         if q.se_mode not in ("expert", "layer"):
             raise RecipeError(f"{src}: stages.quantize.se_mode must be 'expert' or 'layer', got '{q.se_mode}'")
+        if q.method not in ("rtn", "bnb"):
+            raise RecipeError(f"{src}: stages.quantize.method must be 'rtn' or 'bnb' in a recipe, got '{q.method}' "
+                              "(GPTQ runs on a checkpoint: `secompress quantize MODEL --method gptq`)")
         if q.method == "bnb" and "export" in names:
             raise RecipeError(f"{src}: stages.quantize.method 'bnb' cannot be exported yet (in-memory only); "
                               "use method 'rtn' or drop the export stage")
