@@ -73,8 +73,10 @@ def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids:
     adapter = get_adapter(load_config(model_path))
     dynamic = dynamic_from_plan(plan, bits) if se_aware else {}
     with atomic_dir(out, overwrite) as tmp:
-        job = {"mode": "quantize", "model": str(model_path), "bits": bits, "group_size": group_size or -1,
-               "sym": symmetric, "dynamic": dynamic, "batch_size": batch_size, "out": str(tmp / "model")}
+        local = Path(model_path)
+        job = {"mode": "quantize", "model": str(local.resolve()) if local.exists() else str(model_path),
+               "bits": bits, "group_size": group_size or -1, "sym": symmetric, "dynamic": dynamic,
+               "batch_size": batch_size, "out": str((tmp / "model").resolve())}
         work = tmp / ".job"
         work.mkdir()
         torch.save(calib_ids.cpu(), work / "calib.pt")
@@ -96,8 +98,8 @@ def _run_child(work: Path, job: dict) -> None:
     (work / "job.json").write_text(json.dumps(job))
     env = dict(os.environ)
     env.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # its default worker pool fails on 2-core machines
-    res = subprocess.run([sys.executable, "-m", "secompress.quant.gptq", str(work)], capture_output=True, text=True,
-                         env=env)
+    res = subprocess.run([sys.executable, "-m", "secompress.quant.gptq", str(work.resolve())], capture_output=True,
+                         text=True, env=env, cwd=work)  # gptqmodel writes a logs/ folder into its cwd
     if res.returncode != 0:
         raise SecompressError(f"gptqmodel failed (exit {res.returncode}): {res.stderr.strip()[-2000:]}")
 
@@ -109,7 +111,7 @@ def reload_logits(path: str | Path, probe_ids: torch.Tensor) -> torch.Tensor:
     with tempfile.TemporaryDirectory() as d:
         work = Path(d)
         torch.save(probe_ids.cpu(), work / "calib.pt")
-        _run_child(work, {"mode": "reload", "model": str(path)})
+        _run_child(work, {"mode": "reload", "model": str(Path(path).resolve())})
         return torch.load(work / "logits.pt", weights_only=True)
 
 
