@@ -18,6 +18,8 @@ from torch import nn
 
 from .adapters import MoEAdapter
 
+PROJ = ("gate_proj", "up_proj", "down_proj")  # the projections of one per-expert MLP
+
 
 class ExpertMLP(nn.Module):
     def __init__(self, H: int, I: int, bias: bool, dtype, device):

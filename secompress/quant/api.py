@@ -26,7 +26,7 @@ from torch.nn import functional as F
 
 from ..errors import MissingExtraError, SecompressError, require
 from ..io import atomic_dir, check_model, write_legacy_config_keys
-from ..layout import PerExpertExperts, refuse_into
+from ..layout import PROJ, PerExpertExperts, refuse_into
 from . import rtn
 from .allocate import allocate
 from .coverage import FALLBACKS, check_coverage
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 PLAN_NAME = "quantization_plan.json"
 CODES_NAME = "secompress_quant.safetensors"
 METHODS = {"rtn": None, "gptq": ("gptqmodel", "gptq"), "bnb": ("bitsandbytes", "bnb")}  # name -> (package, extra)
-PROJ = ("gate_proj", "up_proj", "down_proj")
 IMPLEMENTED = {"rtn", "bnb", "gptq"}  # gptq: from a checkpoint path, see quant/gptq.py
 
 
@@ -269,22 +268,20 @@ def quantize_(model, config: QuantConfig, profile=None, tokenizer=None, data="bu
     return plan
 
 
-@torch.no_grad()
-def apply_plan(model, plan: QuantPlan, make) -> None:
-    """Replace each planned unit with its quantized module; ``make(key, weight [O, In], bits) -> QTensor``.
-
-    Keys: a Linear's module name; an expert's projection ``<expert name>.<gate_proj|up_proj|down_proj>``.
-    """
-    adapter = check_model(model)
+def planned_linears(model, plan: QuantPlan):
+    """(unit name, parent module, attribute, nn.Linear, bits) of every planned unit that is not a routed expert."""
     for name, b in plan.bits.items():
-        u = plan.units[name]
-        if b is None or u.expert is not None:
+        if b is None or plan.units[name].expert is not None:
             continue
-        parent, _, attr = name.rpartition(".")
         lin = model.get_submodule(name)
         if not isinstance(lin, nn.Linear):
             raise SecompressError(f"'{name}' is a {type(lin).__name__}, not an nn.Linear: already quantized?")
-        setattr(model.get_submodule(parent), attr, QuantizedLinear.from_linear(lin, make(name, lin.weight, b)))
+        parent, _, attr = name.rpartition(".")
+        yield name, model.get_submodule(parent), attr, lin, b
+
+
+def planned_expert_layers(model, plan: QuantPlan, adapter):
+    """(MoE block, its fused experts, {expert: (unit name, bits)}) of every layer with planned experts."""
     for layer, names in plan.moe_layers().items():
         todo = {plan.units[n].expert: (n, plan.bits[n]) for n in names if plan.bits[n] is not None}
         if not todo:
@@ -293,6 +290,19 @@ def apply_plan(model, plan: QuantPlan, make) -> None:
         experts = adapter.experts_of(block)
         if isinstance(experts, PerExpertExperts):
             raise SecompressError(f"layer {layer}: experts are already per-expert/quantized; quantize a fused model")
+        yield block, experts, todo
+
+
+@torch.no_grad()
+def apply_plan(model, plan: QuantPlan, make) -> None:
+    """Replace each planned unit with its quantized module; ``make(key, weight [O, In], bits) -> QTensor``.
+
+    Keys: a Linear's module name; an expert's projection ``<expert name>.<gate_proj|up_proj|down_proj>``.
+    """
+    adapter = check_model(model)
+    for name, parent, attr, lin, b in list(planned_linears(model, plan)):
+        setattr(parent, attr, QuantizedLinear.from_linear(lin, make(name, lin.weight, b)))
+    for block, experts, todo in list(planned_expert_layers(model, plan, adapter)):
         per = PerExpertExperts(experts)  # to read the per-expert weights
         quantized = {e: {p: make(f"{n}.{p}", getattr(per.per_expert[e], p).weight, bits) for p in PROJ}
                      for e, (n, bits) in todo.items()}

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import SecompressError, require
+from ..errors import require
 from ..io import check_model
-from ..layout import PerExpertExperts
+from ..layout import PROJ, PerExpertExperts
+from .api import planned_expert_layers, planned_linears
 from .plan import QuantPlan
 
 BNB_BITS = (4, 8)
 QUANT_TYPES = ("nf4", "fp4")
-PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 def check_plan(plan: QuantPlan) -> None:
@@ -58,21 +58,11 @@ def apply_bnb(model, plan: QuantPlan, quant_type: str = "nf4") -> None:
     check_plan(plan)
     require("bitsandbytes", "bnb", "quantization method 'bnb'")
     adapter = check_model(model)
-    for name, b in plan.bits.items():
-        if b is None or plan.units[name].expert is not None:
-            continue
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, to_bnb(model.get_submodule(name), b, quant_type))
-    for layer, names in plan.moe_layers().items():
-        todo = {plan.units[n].expert: plan.bits[n] for n in names if plan.bits[n] is not None}
-        if not todo:
-            continue
-        block = adapter.block_of(adapter.layers(model)[layer])
-        experts = adapter.experts_of(block)
-        if isinstance(experts, PerExpertExperts):
-            raise SecompressError(f"layer {layer}: experts are already per-expert/quantized; quantize a fused model")
+    for _, parent, attr, lin, b in list(planned_linears(model, plan)):
+        setattr(parent, attr, to_bnb(lin, b, quant_type))
+    for block, experts, todo in list(planned_expert_layers(model, plan, adapter)):
         per = PerExpertExperts(experts)
-        for e, bits in todo.items():
+        for e, (_, bits) in todo.items():
             for p in PROJ:
                 setattr(per.per_expert[e], p, to_bnb(getattr(per.per_expert[e], p), bits, quant_type))
         setattr(block, adapter.experts, per)
