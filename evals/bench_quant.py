@@ -14,9 +14,13 @@ repository's README. Rows, all from bf16 weights:
   rtn4-nose       4-bit RTN, Super Experts quantized too
   alloc3-se       3.0-bit average over routed experts (MC-MoE-style ILP), SEs pinned at 16
   alloc3-nose     the same allocation without SE pinning
+  bnb4-se         bitsandbytes NF4 (blocks of 64), Super Experts kept 16-bit
+  bnb4-nose       bitsandbytes NF4, Super Experts quantized too
+  bnb8-se         bitsandbytes LLM.int8, Super Experts kept 16-bit
 
 Size: ``packed`` is the model held as packed codes + fp16 scales + unquantized tensors;
-``disk`` is the exported folder (stock-loadable dequantized bf16 checkpoint + codes file).
+``disk`` is the exported folder: for RTN the stock-loadable dequantized bf16 checkpoint plus the
+codes file (so larger than bf16), for bitsandbytes the packed bnb checkpoint.
 """
 from __future__ import annotations
 
@@ -92,6 +96,9 @@ def main() -> None:
         "rtn4-nose": QuantConfig(bits=4, group_size=gs, protect_super_experts=False),
         "alloc3-se": QuantConfig(bits=4, group_size=gs, se_bits=None, avg_bits=3.0, fallback="rtn"),
         "alloc3-nose": QuantConfig(bits=4, group_size=gs, protect_super_experts=False, avg_bits=3.0, fallback="rtn"),
+        "bnb4-se": QuantConfig(method="bnb", bits=4, se_bits=None),
+        "bnb4-nose": QuantConfig(method="bnb", bits=4, protect_super_experts=False),
+        "bnb8-se": QuantConfig(method="bnb", bits=8, se_bits=None),
     }
     rows = []
     for label, cfg in variants.items():

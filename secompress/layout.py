@@ -58,6 +58,7 @@ class PerExpertExperts(nn.Module):
                     m.gate_proj.bias.copy_(bg)
                     m.up_proj.bias.copy_(bu)
                     m.down_proj.bias.copy_(fused.down_proj_bias[e])
+        self.train(fused.training)  # new modules start in training mode; follow the module replaced
         self.current_tokens: torch.Tensor | None = None  # [c] token ids of the expert running now
         self.current_weights: torch.Tensor | None = None  # [c] their routing weights
 

@@ -135,7 +135,7 @@ def _expert_tensor(ckpt: Checkpoint, adapter: MoEAdapter, layer_prefix: str, exp
     return out
 
 
-def _disk_name(adapter: MoEAdapter, rel: str) -> str:
+def disk_name(adapter: MoEAdapter, rel: str) -> str:
     """Module-relative name -> name on disk for renamed MoE blocks (e.g. Mixtral's block_sparse_moe)."""
     head = f"{adapter.moe_block}."
     if not rel.startswith(head):
@@ -165,7 +165,7 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEA
                     hasattr(mod, "num_experts") and f"{prefix}{rel}" not in ckpt:
                 t, owned = _expert_tensor(ckpt, adapter, prefix, mod, pname, tuple(p.shape), dtype), True
             else:
-                for key in (f"{prefix}{rel}", f"{prefix}{_disk_name(adapter, rel)}"):
+                for key in (f"{prefix}{rel}", f"{prefix}{disk_name(adapter, rel)}"):
                     if key in ckpt:
                         t = ckpt.get(key)
                         break
@@ -178,7 +178,7 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEA
             mod._parameters[pname] = nn.Parameter(t, requires_grad=False)
         for bname, b in list(mod._buffers.items()):
             key = f"{prefix}{rel_mod}{bname}"
-            alt = f"{prefix}{_disk_name(adapter, rel_mod + bname)}"
+            alt = f"{prefix}{disk_name(adapter, rel_mod + bname)}"
             for k in (key, alt):
                 if b is not None and k in ckpt:
                     mod._buffers[bname] = ckpt.get(k).to(b.dtype)

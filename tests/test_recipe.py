@@ -62,7 +62,6 @@ def test_good_recipe_parses_with_defaults():
     (GOOD.replace("  - export: {}\n", "  - shrink: {}\n"), r"unknown stage 'shrink'"),
     ("- just a list", r"a recipe is a YAML mapping"),
     (GOOD.replace("  - export: {}\n", "  - quantize: {method: gptq}\n"), r"must be 'rtn' or 'bnb' in a recipe"),
-    (GOOD.replace("  - export: {}\n", "  - quantize: {method: bnb}\n  - export: {}\n"), r"'bnb' cannot be exported"),
 ])
 def test_bad_recipes_point_at_the_problem(text, message):
     with pytest.raises(RecipeError, match=message):

@@ -165,3 +165,27 @@ def test_secompress_load_picks_the_right_loader(tmp_path, tiny_se):
     ids = torch.randint(0, 256, (1, 16))
     with torch.no_grad():
         assert torch.isfinite(q(input_ids=ids).logits).all()
+
+
+def test_pipeline_exports_bitsandbytes_after_pruning(tmp_path, tiny_se):
+    pytest.importorskip("bitsandbytes", reason="needs the bnb extra")
+    import torch
+
+    import secompress
+
+    text = RECIPE.format(model=tiny_se, extra="").replace(
+        "{method: rtn, bits: 4, group_size: 32}", "{method: bnb, bits: 4}")
+    res = run_recipe(parse_recipe(text, "t.yaml"), text, tmp_path / "out", dry_run=True, progress=False)
+    out = res.out / "model"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["num_experts"] == cfg["num_local_experts"] == 6  # pruned 8 -> 6, both key spellings
+    assert cfg["quantization_config"]["load_in_4bit"]
+    assert "secompress.load('PATH')" in (out / "README.md").read_text()
+    m = secompress.load(out)
+    kinds = {type(x).__name__ for x in m.model.layers[0].mlp.experts.per_expert[0].children()}
+    assert kinds == {"Linear4bit"}
+    (se,) = json.loads((out / "quantization_plan.json").read_text())["super_experts"]  # renumbered by the prune
+    assert se["layer"] == 1 and len(m.model.layers[1].mlp.experts.per_expert) == 6
+    assert type(m.model.layers[1].mlp.experts.per_expert[se["expert"]].down_proj).__name__ == "Linear"  # 16-bit
+    with torch.no_grad():
+        assert torch.isfinite(m(input_ids=torch.randint(0, 256, (1, 16))).logits).all()

@@ -50,7 +50,7 @@ class QuantConfig:
     rules: tuple[Rule, ...] = ()  # exact names beat regexes beat `bits`
     avg_bits: float | None = None  # target parameter-weighted average over routed experts -> allocation
     candidate_bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # allocation choices (16 = keep)
-    method: str = "rtn"  # rtn | bnb | gptq (not wired up yet)
+    method: str = "rtn"  # rtn | bnb in place; gptq from a checkpoint (quant/gptq.py)
     bnb_quant_type: str = "nf4"  # method "bnb", 4-bit: nf4 | fp4
     fallback: str | None = None  # for experts without calibration tokens: None = error, "rtn"
 
@@ -201,7 +201,7 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
     if config.avg_bits is not None:
         plan = _allocate(plan, prof, config)
     for name, b in plan.bits.items():
-        if b is not None:
+        if b is not None and config.method != "bnb":  # bitsandbytes has its own fixed blocks
             for n_in in plan.units[name].in_features:
                 rtn.check_args(b, config.group_size, n_in, f"'{name}' (set its bits with a rule, or pick another "
                                                             "group_size)")
@@ -369,13 +369,20 @@ def quantized_tensors(model, plan: QuantPlan) -> tuple[dict[str, torch.Tensor], 
 
 
 def save_quantized(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
-    """Write atomically to ``out``: the dequantized checkpoint in the original dtype and layout
-    (stock ``from_pretrained`` loads it), ``quantization_plan.json``, and the packed codes in
-    ``secompress_quant.safetensors`` (for :func:`load_quantized`)."""
-    if any(isinstance(m, PerExpertExperts) and not isinstance(m, QuantizedExperts) for m in model.modules()) or \
-            any(type(m).__module__.startswith("bitsandbytes") for m in model.modules()):
-        raise SecompressError("save_quantized writes RTN models; bitsandbytes-quantized models are in-memory only "
-                              "for now (quantize with method='rtn' to export)")
+    """Write atomically to ``out``, with ``quantization_plan.json``.
+
+    RTN: the dequantized checkpoint in the original dtype and layout (stock ``from_pretrained``
+    loads it) and the packed codes in ``secompress_quant.safetensors`` (for :func:`load_quantized`).
+    bitsandbytes (``plan.meta['method'] == 'bnb'``): the bitsandbytes serialisation in the
+    per-expert layout, see :mod:`secompress.quant.bnb_export`.
+    """
+    if plan.meta.get("method") == "bnb":
+        from .bnb_export import save_bnb
+
+        return save_bnb(model, tokenizer, plan, out, overwrite)
+    if any(isinstance(m, PerExpertExperts) and not isinstance(m, QuantizedExperts) for m in model.modules()):
+        raise SecompressError("the model has per-expert modules that are not RTN-quantized: save the model that "
+                              "quantize_ returned this plan for")
     from safetensors.torch import save_file
 
     adapter = check_model(model)

@@ -1,6 +1,6 @@
-"""``secompress quantize``: mixed-precision RTN quantization that keeps Super Experts precise.
+"""``secompress quantize``: mixed-precision quantization that keeps Super Experts precise.
 
-    secompress quantize MODEL --method rtn --bits 4 --group-size 32 --se-precision 16|8 [--se-mode expert|layer]
+    secompress quantize MODEL --method rtn|bnb|gptq --bits 4 --group-size 32 --se-precision 16|8 [--se-mode expert|layer]
                         [--avg-bits 3.5] [--profile DIR] [--rule NAME=BITS | re:REGEX=BITS ...] --out OUT [--overwrite]
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--no-se-protection", action="store_true", help="quantize Super Experts like the rest")
     p.add_argument("--avg-bits", type=float, default=None, help="allocate routed experts' bits to this average")
     p.add_argument("--rule", action="append", default=[], help="NAME=BITS or re:REGEX=BITS (16 keeps); repeatable")
+    p.add_argument("--bnb-quant-type", default="nf4", choices=["nf4", "fp4"], help="method bnb, 4-bit: the format")
     p.add_argument("--fallback", default=None, choices=["rtn"], help="for experts no calibration token reached")
     p.add_argument("--profile", default=None, help="a profile directory from `secompress profile` (else profile now)")
     p.add_argument("--data", default="builtin", help="calibration text when profiling now")
@@ -44,7 +45,7 @@ def _quantize(args) -> int:
                       symmetric=args.symmetric, se_mode=args.se_mode,
                       se_bits=None if args.se_precision == 16 else 8, protect_super_experts=not args.no_se_protection,
                       rules=tuple(Rule.parse(r) for r in args.rule), avg_bits=args.avg_bits, method=args.method,
-                      fallback=args.fallback)
+                      fallback=args.fallback, bnb_quant_type=args.bnb_quant_type)
     check_method(cfg.method)
     prof = load_profile(args.profile) if args.profile else None
     model = load_model(args.model, DTYPES[args.dtype], args.revision, args.trust_remote_code)
@@ -73,7 +74,9 @@ def _quantize(args) -> int:
     plan = quantize_(model, cfg, profile=prof, tokenizer=tok, data=args.data)
     save_quantized(model, tok, plan, args.out, overwrite=args.overwrite)
     print(plan.table())
-    print(f"wrote {args.out} (dequantized safetensors, quantization_plan.json, secompress_quant.safetensors)")
+    what = {"rtn": "dequantized safetensors, quantization_plan.json, secompress_quant.safetensors",
+            "bnb": "bitsandbytes safetensors in the per-expert layout: load with secompress.load"}[cfg.method]
+    print(f"wrote {args.out} ({what})")
     return 0
 
 

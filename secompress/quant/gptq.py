@@ -128,8 +128,9 @@ def _child(work: Path) -> None:
     job = json.loads((work / "job.json").read_text())
     ids = torch.load(work / "calib.pt", weights_only=True)  # [N, S]
     probe = ids[:2]
-    if job["mode"] == "reload":
-        torch.save(_logits(GPTQModel.load(job["model"]), probe), work / "logits.pt")
+    if job["mode"] == "reload":  # logits of every window given
+        model = GPTQModel.load(job["model"])
+        torch.save(torch.cat([_logits(model, chunk) for chunk in ids.split(4)]), work / "logits.pt")
         return
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
     qcfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"],

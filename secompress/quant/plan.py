@@ -157,18 +157,32 @@ class QuantPlan:
         return out
 
     def compatibility(self) -> dict[str, tuple[bool, str]]:
-        """Which runtimes can load the result: runtime -> (ok, why)."""
+        """Which runtimes can load the export of this plan's method: runtime -> (ok, why)."""
         mixed = {l: sorted({bits_label(self.bits[n]) for n in names}, key=int)
                  for l, names in self.moe_layers().items()}
         mixed = {l: v for l, v in mixed.items() if len(v) > 1}
-        return {
-            "transformers": (True, "dequantized export: stock from_pretrained loads it"),
-            "gptqmodel": (True, "per-module bits via `dynamic` overrides (16-bit modules skipped)"),
-            "vllm-fused-moe": (not mixed, "every MoE layer's experts share one format" if not mixed else
-                               "mixed formats inside MoE layers " +
-                               ", ".join(f"{l}: {'/'.join(v)}" for l, v in sorted(mixed.items())) +
-                               " (use se_mode='layer')"),
-        }
+        uniform = (True, "every MoE layer's experts share one format") if not mixed else \
+            (False, "mixed formats inside MoE layers " + ", ".join(f"{l}: {'/'.join(v)}" for l, v in
+                                                                 sorted(mixed.items())) + " (use se_mode='layer')")
+        widths = sorted({b for b in self.bits.values() if b is not None})
+        method = self.meta.get("method", "rtn")
+        if method == "gptq":
+            return {"transformers": (False, "fused experts: load with GPTQModel.load (stock from_pretrained "
+                                            "re-initialises them)"),
+                    "gptqmodel": (True, "per-module bits via `dynamic` overrides (16-bit modules skipped)"),
+                    "vllm-fused-moe": uniform}
+        if method == "bnb":
+            one = len(widths) <= 1
+            return {"transformers": (one, "transformers 4.x from_pretrained (per-expert layout, 16-bit modules "
+                                          "skipped); transformers 5: secompress.load" if one else
+                                          f"bitsandbytes configs hold one width, the plan mixes {widths}: "
+                                          "secompress.load only"),
+                    "gptqmodel": (False, "not a GPTQ checkpoint"),
+                    "vllm-fused-moe": (False, "bitsandbytes: not checked against vLLM here")}
+        return {"transformers": (True, "dequantized 16-bit export: stock from_pretrained loads it; "
+                                       "secompress.load rebuilds the integer codes"),
+                "gptqmodel": (False, "not a GPTQ checkpoint (use method 'gptq')"),
+                "vllm-fused-moe": (True, "loads the dequantized 16-bit weights (no memory saving)")}
 
     def table(self) -> str:
         """One row per decoder layer: bits of the non-expert weights, histogram of expert bits, SEs."""

@@ -190,6 +190,15 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: boo
     return RunResult(Path(out), manifest, comparison, pushed)
 
 
+LOAD_SNIPPETS = {
+    "rtn": "import secompress\nmodel = secompress.load('PATH')  # real quantized modules\n"
+           "# or, dequantized, with stock transformers:\n"
+           "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')",
+    "bnb": "import secompress\nmodel = secompress.load('PATH')  # bitsandbytes Linear4bit / Linear8bitLt modules\n"
+           "# transformers 4.x (one bit-width): AutoModelForCausalLM.from_pretrained('PATH')",
+}
+
+
 def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path) -> None:
     plan_text = None
     if "quantize" in info:
@@ -197,9 +206,7 @@ def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path)
 
         save_quantized(model, tok, info["quantize"], dest)
         plan_text = info["quantize"].table() if hasattr(info["quantize"], "table") else None
-        snippet = ("import secompress\nmodel = secompress.load('PATH')  # real quantized modules\n"
-                   "# or, dequantized, with stock transformers:\n"
-                   "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')")
+        snippet = LOAD_SNIPPETS[info["quantize"].meta.get("method", "rtn")]
     elif "prune" in info:
         from ..prune import save_pruned
 

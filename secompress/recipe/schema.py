@@ -256,9 +256,6 @@ def _check_combinations(r: Recipe, model: ModelSpec, data: DataSpec) -> None:
         if q.method not in ("rtn", "bnb"):
             raise RecipeError(f"{src}: stages.quantize.method must be 'rtn' or 'bnb' in a recipe, got '{q.method}' "
                               "(GPTQ runs on a checkpoint: `secompress quantize MODEL --method gptq`)")
-        if q.method == "bnb" and "export" in names:
-            raise RecipeError(f"{src}: stages.quantize.method 'bnb' cannot be exported yet (in-memory only); "
-                              "use method 'rtn' or drop the export stage")
         if q.se_bits not in (None, 8, 16):
             raise RecipeError(f"{src}: stages.quantize.se_bits must be 8, 16 or null, got {q.se_bits}")
     ev = r.stage("evaluate")
