@@ -3,7 +3,9 @@
     python evals/bench_gptq_quality.py [MODEL] [--group-size 32]
 
 gptqmodel quantizes the bf16 checkpoint (in a child process, see secompress/quant/gptq.py)
-with the builtin calibration text; each export is reloaded with ``GPTQModel.load`` in a
+with the builtin calibration text. The reference model has experts that calibration never
+reaches (8 of 128 get no token even from 32k tokens), so every row runs with the explicit RTN
+fallback: those experts, and any under gptqmodel's 0.5% token threshold, are RTN-quantized; each export is reloaded with ``GPTQModel.load`` in a
 fresh process and scored on held-out text (the reference model's held-out stream).
 Rows:
 
@@ -63,22 +65,26 @@ def main() -> None:
     rows = [{"variant": "bf16", "perplexity": perplexity(model, held, 4),
              "disk_bytes": sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors")), "avg_bits": 16.0}]
     variants = {  # label: (plan config, SE-aware overrides)
-        "gptq4-se": (QuantConfig(bits=4, group_size=gs, se_bits=None), True),
-        "gptq4-nose": (QuantConfig(bits=4, group_size=gs, se_bits=None), False),
-        "alloc3-se": (QuantConfig(bits=4, group_size=gs, se_bits=None, avg_bits=3.0, candidate_bits=(2, 3, 4, 8)),
-                      True),
+        "gptq4-se": (QuantConfig(bits=4, group_size=gs, se_bits=None, fallback="rtn"), True),
+        "gptq4-nose": (QuantConfig(bits=4, group_size=gs, se_bits=None, fallback="rtn"), False),
+        "alloc3-se": (QuantConfig(bits=4, group_size=gs, se_bits=None, avg_bits=3.0, candidate_bits=(2, 3, 4, 8),
+                                  fallback="rtn"), True),
         "alloc3-nose": (QuantConfig(bits=4, group_size=gs, protect_super_experts=False, avg_bits=3.0,
-                                    candidate_bits=(2, 3, 4, 8)), True),
+                                    candidate_bits=(2, 3, 4, 8), fallback="rtn"), True),
     }
     with tempfile.TemporaryDirectory() as d:
         for label, (cfg, aware) in variants.items():
             plan = plan_quantization(model, cfg, profile=prof)
             out = Path(d) / label
-            gptq_quantize(args.model, tok, plan, calib.input_ids, out, bits=4, group_size=gs, se_aware=aware)
+            gptq_quantize(args.model, tok, plan, calib.input_ids, out, bits=4, group_size=gs, se_aware=aware,
+                          fallback="rtn")
             logits = reload_logits(out, held)
             rows.append({"variant": label, "perplexity": _ppl(logits, held),
                          "disk_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
                          "avg_bits": plan.avg_bits() if aware else 4.0})
+    tokens = prof.arrays["tokens"][:, :-1]  # [L, E] routed tokens per expert
+    print(f"experts without calibration tokens: {int((tokens == 0).sum())}; under 0.5% of them: "
+          f"{int((tokens < 0.005 * calib.num_tokens).sum())} (gptqmodel's RTN fallback)")
     print(f"model {args.model}; SEs {prof.se_ids()}; calibration builtin ({calib.num_tokens} tokens); "
           f"perplexity on the reference held-out stream ({held.numel()} tokens); group size {gs}")
     print(f"{'variant':<13}{'ppl':>9}{'avg bits':>10}{'disk MiB':>10}")

@@ -185,6 +185,25 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEA
                     break
 
 
+@torch.no_grad()
+def materialise_model(model: nn.Module, ckpt: Checkpoint, adapter: MoEAdapter, dtype) -> None:
+    """Load a whole model whose parameters are on meta (e.g. after :func:`release`), layer by layer."""
+    with ckpt.reading():
+        for i, layer in enumerate(adapter.layers(model)):
+            _materialise(layer, f"{adapter.layers_path}.{i}.", ckpt, adapter, dtype)
+        for name, mod in model.named_modules():
+            for pname, p in list(mod._parameters.items()):
+                key = f"{name}.{pname}" if name else pname
+                if p is not None and p.device.type == "meta" and key in ckpt:
+                    t = ckpt.get(key)
+                    mod._parameters[pname] = nn.Parameter(t.to(dtype) if t.is_floating_point() else t,
+                                                          requires_grad=False)
+    model.tie_weights()  # tied output embeddings are not stored
+    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise SecompressError(f"checkpoint '{ckpt.path}' has no tensor for '{missing[0]}'")
+
+
 def release(module: nn.Module) -> None:
     """Send the module's parameters back to ``meta``, freeing their memory."""
     for mod in module.modules():

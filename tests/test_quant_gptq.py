@@ -58,9 +58,25 @@ def test_gptq_keeps_the_super_expert_and_packs_the_rest(tmp_path, monkeypatch):
     with torch.no_grad():
         ref = model(input_ids=calib[:2]).logits
     assert ((again - ref).abs().mean() / ref.abs().mean()) < 0.25
+    # the same codes read back into this process's model (what the recipe pipeline evaluates):
+    # float-precision close to gptqmodel's own kernels, and far from the 16-bit model
+    from secompress.quant.api import QuantizedLinear
+    from secompress.quant.gptq_codes import load_gptq_codes
+
+    mine = make_tiny("qwen3_moe")
+    plant_super_expert(mine, *SE)
+    load_gptq_codes(mine, plan, tmp_path / "q")
+    assert isinstance(mine.model.layers[1].mlp.experts.per_expert[4].down_proj, QuantizedLinear)
+    assert type(mine.model.layers[1].mlp.experts.per_expert[3].down_proj).__name__ == "Linear"  # the SE
+    with torch.no_grad():
+        got = mine(input_ids=calib[:2]).logits
+    rel = lambda a, b: float((a - b).abs().mean() / b.abs().mean())
+    assert rel(got, again) < 0.02 and rel(got, again) < rel(ref, again) / 4, (rel(got, again), rel(ref, again))
     import json
 
     assert json.loads((tmp_path / "q" / "config.json").read_text())["num_experts"] == 8  # legacy key kept
+    # gptqmodel's silent low-sample RTN fallback is off unless asked for: every weight is GPTQ
+    assert json.loads((tmp_path / "q" / "quantize_config.json").read_text())["meta"].get("fallback") is None
     assert "gptqmodel" not in __import__("sys").modules  # this process's transformers is untouched
 
 
@@ -92,3 +108,22 @@ def test_gptq_refuses_uncalibrated_experts(tmp_path, capsys):
                  "--out", str(tmp_path / "q")]) == 2
     assert "got no calibration token: (2, 5)" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+
+
+def test_uncalibrated_expert_with_explicit_rtn_fallback(tmp_path):
+    from secompress.cli import main
+    from secompress.profile import profile
+    from secompress.report import save_profile
+    import dataclasses
+    import json
+
+    model = make_tiny("qwen3_moe")
+    src = save_tiny(model, tmp_path / "src")
+    prof = profile(model, build_byte_tokenizer(), data="builtin", progress=False)
+    tokens = prof.arrays["tokens"].copy()
+    tokens[2, 5] = 0
+    save_profile(dataclasses.replace(prof, arrays={**prof.arrays, "tokens": tokens}), tmp_path / "prof")
+    assert main(["quantize", str(src), "--method", "gptq", "--group-size", "32", "--profile", str(tmp_path / "prof"),
+                 "--fallback", "rtn", "--out", str(tmp_path / "q")]) == 0
+    fb = json.loads((tmp_path / "q" / "quantize_config.json").read_text())["meta"].get("fallback")
+    assert fb and fb.get("strategy") == "rtn"  # gptqmodel's low-sample RTN fallback, chosen explicitly

@@ -61,7 +61,8 @@ def test_good_recipe_parses_with_defaults():
      r"'model' needs id"),
     (GOOD.replace("  - export: {}\n", "  - shrink: {}\n"), r"unknown stage 'shrink'"),
     ("- just a list", r"a recipe is a YAML mapping"),
-    (GOOD.replace("  - export: {}\n", "  - quantize: {method: gptq}\n"), r"must be 'rtn' or 'bnb' in a recipe"),
+    (GOOD.replace("  - export: {}\n", "  - quantize: {method: awq}\n"), r"must be 'rtn', 'bnb' or 'gptq'"),
+    (GOOD.replace("  - export: {}\n", "  - quantize: {fallback: zero}\n"), r"fallback must be null or 'rtn'"),
 ])
 def test_bad_recipes_point_at_the_problem(text, message):
     with pytest.raises(RecipeError, match=message):

@@ -189,3 +189,29 @@ def test_pipeline_exports_bitsandbytes_after_pruning(tmp_path, tiny_se):
     assert type(m.model.layers[1].mlp.experts.per_expert[se["expert"]].down_proj).__name__ == "Linear"  # 16-bit
     with torch.no_grad():
         assert torch.isfinite(m(input_ids=torch.randint(0, 256, (1, 16))).logits).all()
+
+
+def test_pipeline_runs_gptq_and_exports_gptqmodels_checkpoint(tmp_path, tiny_se, monkeypatch):
+    import importlib.util
+
+    if importlib.util.find_spec("gptqmodel") is None:
+        pytest.skip("needs the gptq extra")
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    text = RECIPE.format(model=tiny_se, extra="").replace(
+        "{method: rtn, bits: 4, group_size: 32}", "{method: gptq, bits: 4, group_size: 32, fallback: rtn}")
+    res = run_recipe(parse_recipe(text, "t.yaml"), text, tmp_path / "out", dry_run=True, progress=False)
+    out = res.out / "model"
+    assert {"quantize_config.json", "quantization_plan.json", "model.safetensors", "README.md"} <= set(
+        p.name for p in out.iterdir())
+    plan = json.loads((out / "quantization_plan.json").read_text())
+    (se,) = plan["super_experts"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f"model.layers.1.mlp.experts.{se['expert']}.down_proj.weight" in f.keys()  # SE: 16-bit
+        assert "model.layers.1.mlp.experts.0.down_proj.qweight" in f.keys() or se["expert"] == 0
+    assert json.loads((out / "config.json").read_text())["num_experts"] == 6  # pruned, legacy key
+    rows = json.loads((res.out / "comparison.json").read_text())["perplexity"]
+    assert rows["se_aware"] != rows["baseline"] and rows["se_unaware"] is not None  # evaluated with the codes
+    assert not list(tmp_path.glob(".out.work-*"))  # the work folder is gone
+    assert "gptqmodel" not in __import__("sys").modules

@@ -69,7 +69,7 @@ def _spec(model, plan: QuantPlan, adapter) -> dict:
     """What the loader needs besides the tensors; checks every planned unit is a bnb module."""
     bnb = require("bitsandbytes", "bnb", "saving a bitsandbytes model")
     kinds = {4: bnb.nn.Linear4bit, 8: bnb.nn.Linear8bitLt}
-    quant_types, dtypes = set(), set()
+    quant_types = set()
     for name, b in _targets(plan, adapter).items():
         m = model.get_submodule(name)
         if not isinstance(m, kinds[b]):
@@ -77,11 +77,9 @@ def _spec(model, plan: QuantPlan, adapter) -> dict:
                                   "quantize_(..., QuantConfig(method='bnb')) returned this plan for")
         if b == 4:
             quant_types.add(m.weight.quant_type)
-            dtypes.add(m.compute_dtype)
-    dtypes.add(next(p.dtype for p in model.parameters() if p.is_floating_point()))
     if len(quant_types) > 1:
         raise SecompressError(f"mixed 4-bit types {sorted(quant_types)} in one model")
-    dtype = next(iter(dtypes - {torch.float32}), torch.float32)
+    dtype = model.get_input_embeddings().weight.dtype  # the model's 16-bit dtype: to_bnb computes in it
     return {"format": FORMAT, "quant_type": next(iter(quant_types), "nf4"), "compute_dtype": str(dtype)[6:],
             "bits": sorted(set(_targets(plan, adapter).values()))}
 
@@ -113,7 +111,7 @@ def _skip_modules(model, plan: QuantPlan, adapter) -> list[str]:
     quantized = set(_targets(plan, adapter))
     names = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and type(m) is nn.Linear and name not in quantized:
+        if type(m) is nn.Linear and name not in quantized:
             names.append(disk_key(adapter, f"{name}.weight")[:-len(".weight")])
     for i in adapter.moe_layer_indices(model):
         # routers: nn.Linear in transformers 4, which would otherwise expect quantized weights
@@ -125,7 +123,7 @@ def _skip_modules(model, plan: QuantPlan, adapter) -> list[str]:
             base = f"{adapter.block_path(i)}.{adapter.experts}.per_expert"
             names += [disk_key(adapter, f"{base}.{e}.{p}.weight")[:-len(".weight")]
                       for e in range(ex.num_experts) for p in PROJ]
-    return names
+    return list(dict.fromkeys(names))
 
 
 def quantization_config(model, plan: QuantPlan, adapter, spec: dict) -> dict | None:

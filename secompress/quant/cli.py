@@ -33,7 +33,6 @@ def _add_quantize(sub) -> None:
 
 
 def _quantize(args) -> int:
-    from ..errors import SecompressError
     from ..io import check_output_dir, load_model, load_tokenizer
     from ..profile import DTYPES
     from ..report import load_profile
@@ -60,14 +59,12 @@ def _quantize(args) -> int:
 
         calib = load_calibration(args.data, tok, num_samples=32, seq_len=512)
         prof = prof or run_profile(model, tok, data=calib, config=ProfileConfig(num_samples=32, seq_len=512))
-        if cfg.fallback is not None:
-            raise SecompressError("GPTQ has no per-expert RTN fallback here: every expert needs calibration tokens")
-        check_coverage(prof)  # GPTQ needs every quantized expert's inputs: an uncalibrated expert is an error
+        check_coverage(prof, cfg.fallback)  # an expert without tokens is an error unless --fallback rtn
         plan = plan_quantization(model, cfg, profile=prof)
         calib = calib.input_ids
         del model
         gptq_quantize(args.model, tok, plan, calib, args.out, bits=cfg.bits, group_size=cfg.group_size,
-                      symmetric=cfg.symmetric, overwrite=args.overwrite)
+                      symmetric=cfg.symmetric, overwrite=args.overwrite, fallback=cfg.fallback)
         print(plan.table())
         print(f"wrote {args.out} (GPTQ checkpoint: load it with GPTQModel.load or vLLM)")
         return 0

@@ -58,11 +58,16 @@ def dynamic_from_plan(plan: QuantPlan, default_bits: int) -> dict[str, dict]:
 
 def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids: torch.Tensor, out: str | Path,
                   bits: int = 4, group_size: int | None = 128, symmetric: bool = True, overwrite: bool = False,
-                  se_aware: bool = True, batch_size: int = 4) -> dict:
+                  se_aware: bool = True, batch_size: int = 4, fallback: str | None = None) -> dict:
     """Quantize the checkpoint at ``model_path`` with GPTQ following ``plan`` and save it to ``out``.
 
     ``calib_ids`` [N, S] are the calibration windows. With ``se_aware=False`` the plan's
     overrides are ignored (plain gptqmodel, the baseline of the wall-time comparison).
+    ``fallback``: None turns off gptqmodel's default low-sample fallback (RTN for any module
+    that sees under 0.5% of the calibration tokens, which in a MoE silently catches rare
+    experts), so every quantized weight is GPTQ; "rtn" keeps it. Callers check coverage
+    first (:func:`~secompress.quant.coverage.check_coverage`): an expert with no token at
+    all is an error unless the fallback is chosen.
     gptqmodel patches transformers' MoE classes when it is imported (it defuses experts), so
     it runs in a child process and this process's transformers stays untouched.
     Returns the child's timings and the overrides used.
@@ -76,7 +81,7 @@ def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids:
         local = Path(model_path)
         job = {"mode": "quantize", "model": str(local.resolve()) if local.exists() else str(model_path),
                "bits": bits, "group_size": group_size or -1, "sym": symmetric, "dynamic": dynamic,
-               "batch_size": batch_size, "out": str((tmp / "model").resolve())}
+               "batch_size": batch_size, "out": str((tmp / "model").resolve()), "fallback": fallback}
         work = tmp / ".job"
         work.mkdir()
         torch.save(calib_ids.cpu(), work / "calib.pt")
@@ -92,6 +97,43 @@ def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids:
         write_legacy_config_keys(tmp / "config.json", load_config(model_path), adapter)
         (tmp / "quantization_plan.json").write_text(json.dumps(plan.to_json(), indent=2) + "\n")
     return {**timings, "dynamic": dynamic, "probe_logits": probe}
+
+
+@torch.no_grad()
+def gptq_(model, tokenizer, config, profile, calib, work: str | Path) -> tuple[QuantPlan, Path]:
+    """GPTQ for an in-memory model, the recipe pipeline's quantize stage for method 'gptq'.
+
+    ``model`` is saved to ``work/src``, gptqmodel quantizes it into ``work/gptq`` on the
+    windows of ``calib`` (a :class:`~secompress.data.CalibrationData`) following the plan of
+    ``config`` (a :class:`~secompress.quant.api.QuantConfig`), and the GPTQ codes are loaded
+    back into ``model`` as integer-coded modules (:mod:`.gptq_codes`), so it can be evaluated
+    here. ``profile`` (None: profiled now on ``calib``) gives the SEs and the coverage.
+    Returns the plan and the GPTQ folder (what gets exported).
+    """
+    from ..io import check_model
+    from ..streaming import Checkpoint, materialise_model, release
+    from .api import _profile_for, plan_quantization
+    from .coverage import check_coverage
+    from .gptq_codes import load_gptq_codes
+
+    work = Path(work)
+    profile = _profile_for(model, profile, tokenizer, calib, check_model(model))
+    plan = plan_quantization(model, config, profile=profile)
+    check_coverage(profile, config.fallback)  # an expert without tokens: error unless fallback='rtn'
+    src, adapter = work / "src", check_model(model)
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    write_legacy_config_keys(src / "config.json", model.config, adapter)
+    dtype = model.get_input_embeddings().weight.dtype
+    release(model)  # the weights go back to meta while gptqmodel holds its own copy
+    try:
+        gptq_quantize(src, tokenizer, plan, calib.input_ids, work / "gptq", bits=config.bits,
+                      group_size=config.group_size, symmetric=config.symmetric, fallback=config.fallback)
+    finally:
+        materialise_model(model, Checkpoint(src), adapter, dtype)
+    shutil.rmtree(src)
+    load_gptq_codes(model, plan, work / "gptq")
+    return plan, work / "gptq"
 
 
 def _run_child(work: Path, job: dict) -> None:
@@ -133,8 +175,9 @@ def _child(work: Path) -> None:
         torch.save(torch.cat([_logits(model, chunk) for chunk in ids.split(4)]), work / "logits.pt")
         return
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
+    fallback = {"strategy": "rtn", "threshold": "0.5%"} if job.get("fallback") == "rtn" else None
     qcfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"],
-                          dynamic=job["dynamic"] or None)
+                          dynamic=job["dynamic"] or None, fallback=fallback)
     t0 = time.perf_counter()
     model = GPTQModel.load(job["model"], qcfg)
     t1 = time.perf_counter()

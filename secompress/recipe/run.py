@@ -24,6 +24,8 @@ import json
 import logging
 import platform
 import resource
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,8 +113,9 @@ def _data(recipe: Recipe, tok):
             load_calibration(d.eval, tok, d.eval_samples, d.seq_len).input_ids)
 
 
-def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, protect: bool) -> dict:
-    """Apply the prune and quantize stages in place; returns their results."""
+def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, protect: bool, work: Path) -> dict:
+    """Apply the prune and quantize stages in place; returns their results. GPTQ writes its
+    checkpoint under ``work`` (gptqmodel quantizes from a folder) and loads the codes back."""
     info: dict = {}
     if (st := recipe.stage("prune")) is not None:
         from ..prune import PruneConfig, prune, remap_profile
@@ -128,14 +131,26 @@ def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, pro
 
         cfg = QuantConfig(method=st.method, bits=st.bits, group_size=st.group_size, symmetric=st.symmetric,
                           se_mode=st.se_mode, se_bits=st.se_bits, avg_bits=st.avg_bits,
-                          protect_super_experts=protect)
-        info["quantize"] = quantize_(model, cfg, profile=prof, tokenizer=tok, data=calib)
+                          protect_super_experts=protect, fallback=st.fallback)
+        if st.method == "gptq":
+            from ..quant.gptq import gptq_
+
+            info["quantize"], info["gptq_dir"] = gptq_(model, tok, cfg, prof, calib, work / f"gptq-{protect}")
+        else:
+            info["quantize"] = quantize_(model, cfg, profile=prof, tokenizer=tok, data=calib)
     return info
 
 
 def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: bool = False,
                dry_run: bool = False, progress: bool = True) -> RunResult:
     out = check_output_dir(out, overwrite)  # fail before any compute
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
+        return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Path(work))
+
+
+def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: bool, progress: bool,
+         work: Path) -> RunResult:
     t0 = time.time()
     timings: dict[str, float] = {}
 
@@ -156,14 +171,14 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: boo
         prof, cache_hit = _cached_profile(recipe, model, tok, calib, progress)
     t = tick("profile", t)
     unaware_model = copy.deepcopy(model) if ev and ev.compare_se_unaware and prof is not None else None
-    info = _compress(recipe, model, tok, prof, calib, protect=True)
+    info = _compress(recipe, model, tok, prof, calib, protect=True, work=work)
     t = tick("compress", t)
     comparison = None
     if ev:
         aware = measure(model, tok, eval_ids, ev)
         unaware = None
         if unaware_model is not None:
-            _compress(recipe, unaware_model, tok, prof, calib, protect=False)
+            _compress(recipe, unaware_model, tok, prof, calib, protect=False, work=work)
             unaware = measure(unaware_model, tok, eval_ids, ev)
             del unaware_model
         comparison = Comparison.build(baseline, aware, unaware)
@@ -196,12 +211,18 @@ LOAD_SNIPPETS = {
            "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')",
     "bnb": "import secompress\nmodel = secompress.load('PATH')  # bitsandbytes Linear4bit / Linear8bitLt modules\n"
            "# transformers 4.x (one bit-width): AutoModelForCausalLM.from_pretrained('PATH')",
+    "gptq": "import secompress\nmodel = secompress.load('PATH')  # through GPTQModel.load (pip install gptqmodel)\n"
+            "# vLLM: LLM('PATH') when every MoE layer has one format (se_mode: layer)",
 }
 
 
 def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path) -> None:
     plan_text = None
-    if "quantize" in info:
+    if "gptq_dir" in info:  # gptqmodel's checkpoint, as it wrote it (with our plan and legacy config keys)
+        shutil.copytree(info["gptq_dir"], dest)
+        plan_text = info["quantize"].table()
+        snippet = LOAD_SNIPPETS["gptq"]
+    elif "quantize" in info:
         from ..quant.api import save_quantized
 
         save_quantized(model, tok, info["quantize"], dest)

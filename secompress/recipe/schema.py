@@ -76,6 +76,7 @@ class QuantizeStage:
     se_mode: str = "expert"  # expert | layer
     se_bits: int | None = None  # None: SEs stay 16-bit
     avg_bits: float | None = None
+    fallback: str | None = None  # "rtn": experts without calibration tokens get RTN instead of an error
 
 
 @dataclass(frozen=True)
@@ -253,9 +254,10 @@ def _check_combinations(r: Recipe, model: ModelSpec, data: DataSpec) -> None:
     if q is not None:
         if q.se_mode not in ("expert", "layer"):
             raise RecipeError(f"{src}: stages.quantize.se_mode must be 'expert' or 'layer', got '{q.se_mode}'")
-        if q.method not in ("rtn", "bnb"):
-            raise RecipeError(f"{src}: stages.quantize.method must be 'rtn' or 'bnb' in a recipe, got '{q.method}' "
-                              "(GPTQ runs on a checkpoint: `secompress quantize MODEL --method gptq`)")
+        if q.method not in ("rtn", "bnb", "gptq"):
+            raise RecipeError(f"{src}: stages.quantize.method must be 'rtn', 'bnb' or 'gptq', got '{q.method}'")
+        if q.fallback not in (None, "rtn"):
+            raise RecipeError(f"{src}: stages.quantize.fallback must be null or 'rtn', got {q.fallback!r}")
         if q.se_bits not in (None, 8, 16):
             raise RecipeError(f"{src}: stages.quantize.se_bits must be 8, 16 or null, got {q.se_bits}")
     ev = r.stage("evaluate")
