@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
+from .layout import PROJ
 from .errors import SecompressError
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,21 @@ def disk_name(adapter: MoEAdapter, rel: str) -> str:
     return f"{adapter.ckpt_block}.{rest}"
 
 
+def disk_key(adapter: MoEAdapter, name: str) -> str:
+    """Model-tree tensor or module name (per-expert layout) -> checkpoint name (transformers-4 layout)."""
+    head = adapter.layers_path + "."
+    if not name.startswith(head):
+        return name
+    idx, _, rest = name[len(head):].partition(".")
+    pre = f"{head}{idx}."
+    per = f"{adapter.moe_block}.{adapter.experts}.per_expert."
+    if rest.startswith(per):
+        e, proj, *suffix = rest[len(per):].split(".", 2)  # suffix: none for a module name
+        ckpt_proj = adapter.ckpt_expert_names[PROJ.index(proj)]
+        return ".".join([f"{pre}{adapter.ckpt_block}.{adapter.experts}.{e}.{ckpt_proj}", *suffix])
+    return pre + disk_name(adapter, rest)
+
+
 @torch.no_grad()
 def materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEAdapter, dtype) -> None:
     """Load every parameter (and stored buffer) of ``module`` from the checkpoint."""
@@ -157,7 +173,7 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEA
     for mod_name, mod in module.named_modules():
         rel_mod = f"{mod_name}." if mod_name else ""
         for pname, p in list(mod._parameters.items()):
-            if p is None:
+            if p is None or p.device.type != "meta":  # already loaded (e.g. a quantized module)
                 continue
             rel = rel_mod + pname
             t, owned = None, False
@@ -165,7 +181,7 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEA
                     hasattr(mod, "num_experts") and f"{prefix}{rel}" not in ckpt:
                 t, owned = _expert_tensor(ckpt, adapter, prefix, mod, pname, tuple(p.shape), dtype), True
             else:
-                for key in (f"{prefix}{rel}", f"{prefix}{disk_name(adapter, rel)}"):
+                for key in (f"{prefix}{rel}", f"{prefix}{disk_name(adapter, rel)}", disk_key(adapter, prefix + rel)):
                     if key in ckpt:
                         t = ckpt.get(key)
                         break
@@ -179,7 +195,7 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEA
         for bname, b in list(mod._buffers.items()):
             key = f"{prefix}{rel_mod}{bname}"
             alt = f"{prefix}{disk_name(adapter, rel_mod + bname)}"
-            for k in (key, alt):
+            for k in (key, alt, disk_key(adapter, key)):
                 if b is not None and k in ckpt:
                     mod._buffers[bname] = ckpt.get(k).to(b.dtype)
                     break
@@ -193,7 +209,7 @@ def materialise_model(model: nn.Module, ckpt: Checkpoint, adapter: MoEAdapter, d
             _materialise(layer, f"{adapter.layers_path}.{i}.", ckpt, adapter, dtype)
         for name, mod in model.named_modules():
             for pname, p in list(mod._parameters.items()):
-                key = f"{name}.{pname}" if name else pname
+                key = disk_key(adapter, f"{name}.{pname}" if name else pname)
                 if p is not None and p.device.type == "meta" and key in ckpt:
                     t = ckpt.get(key)
                     mod._parameters[pname] = nn.Parameter(t.to(dtype) if t.is_floating_point() else t,

@@ -26,28 +26,13 @@ from torch import nn
 from ..errors import SecompressError, require
 from ..io import atomic_dir, check_model, load_config, write_legacy_config_keys
 from ..layout import PROJ, PerExpertExperts, refuse_into
-from ..streaming import Checkpoint, build_skeleton, disk_name
+from ..streaming import Checkpoint, build_skeleton, disk_key, materialise_model
 from .bnb import keep_canonical_layout, linear8bit_class
 from .plan import QuantPlan
 
 log = logging.getLogger(__name__)
 FORMAT = "secompress-bnb"
 MAX_SHARD = "5GB"
-
-
-def disk_key(adapter, name: str) -> str:
-    """Model-tree tensor or module name (per-expert layout) -> checkpoint name (transformers-4 layout)."""
-    head = adapter.layers_path + "."
-    if not name.startswith(head):
-        return name
-    idx, _, rest = name[len(head):].partition(".")
-    pre = f"{head}{idx}."
-    per = f"{adapter.moe_block}.{adapter.experts}.per_expert."
-    if rest.startswith(per):
-        e, proj, *suffix = rest[len(per):].split(".", 2)  # suffix: none for a module name
-        ckpt_proj = adapter.ckpt_expert_names[PROJ.index(proj)]
-        return ".".join([f"{pre}{adapter.ckpt_block}.{adapter.experts}.{e}.{ckpt_proj}", *suffix])
-    return pre + disk_name(adapter, rest)
 
 
 def _targets(plan: QuantPlan, adapter) -> dict[str, int]:
@@ -112,17 +97,16 @@ def _skip_modules(model, plan: QuantPlan, adapter) -> list[str]:
     names = []
     for name, m in model.named_modules():
         if type(m) is nn.Linear and name not in quantized:
-            names.append(disk_key(adapter, f"{name}.weight")[:-len(".weight")])
+            names.append(disk_key(adapter, name))
     for i in adapter.moe_layer_indices(model):
         # routers: nn.Linear in transformers 4, which would otherwise expect quantized weights
         for attr in (adapter.router, adapter.shared_expert_gate):
             if attr is not None:
-                names.append(disk_key(adapter, f"{adapter.block_path(i)}.{attr}.weight")[:-len(".weight")])
+                names.append(disk_key(adapter, f"{adapter.block_path(i)}.{attr}"))
         ex = adapter.experts_of(adapter.block_of(adapter.layers(model)[i]))  # fused 16-bit: every projection
         if not isinstance(ex, PerExpertExperts):
             base = f"{adapter.block_path(i)}.{adapter.experts}.per_expert"
-            names += [disk_key(adapter, f"{base}.{e}.{p}.weight")[:-len(".weight")]
-                      for e in range(ex.num_experts) for p in PROJ]
+            names += [disk_key(adapter, f"{base}.{e}.{p}") for e in range(ex.num_experts) for p in PROJ]
     return list(dict.fromkeys(names))
 
 
@@ -231,22 +215,7 @@ def load_bnb(path: str | Path, device: str | None = None):
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr,
                     _bnb_module(model.get_submodule(name), disk_key(adapter, name), ckpt, bits, spec))
-        for mod_name, mod in model.named_modules():
-            pre = f"{mod_name}." if mod_name else ""
-            for pname, p in list(mod._parameters.items()):
-                if p is None or p.device.type != "meta":
-                    continue
-                key = disk_key(adapter, pre + pname)
-                if key in ckpt:
-                    mod._parameters[pname] = nn.Parameter(ckpt.get(key), requires_grad=False)
-            for bname, b in list(mod._buffers.items()):
-                key = disk_key(adapter, pre + bname)
-                if b is not None and key in ckpt:
-                    mod._buffers[bname] = ckpt.get(key).to(b.dtype)
-    model.tie_weights()
-    missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
-    if missing:
-        raise SecompressError(f"'{path}' lacks {len(missing)} tensors, e.g. '{disk_key(adapter, missing[0])}'")
+    materialise_model(model, ckpt, adapter, getattr(torch, spec["compute_dtype"]))  # the rest, as stored
     for i, fused in keep_fused.items():  # 16-bit layers run fused, as in the model that was saved
         block = adapter.block_of(adapter.layers(model)[i])
         per = adapter.experts_of(block)

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import SecompressError
 from ..io import check_model
-from ..streaming import Checkpoint
+from ..streaming import Checkpoint, disk_key
 from . import rtn
 from .plan import QuantPlan
 
@@ -55,7 +55,6 @@ def gptq_qtensor(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
 def load_gptq_codes(model, plan: QuantPlan, path: str | Path) -> None:
     """Replace every unit ``plan`` quantizes by the GPTQ codes stored at ``path`` (in place)."""
     from .api import apply_plan
-    from .bnb_export import disk_key
 
     path = Path(path)
     qcfg = json.loads((path / "quantize_config.json").read_text())
