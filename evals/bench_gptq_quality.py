@@ -32,9 +32,10 @@ sys.path.insert(0, str(ROOT / "evals" / "reference"))
 
 
 def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:  # [N, S, V], [N, S]
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-                                            ids[:, 1:].reshape(-1))
-    return math.exp(float(nll))
+    from secompress.evaluate import nll_sum
+
+    loss, n = nll_sum(logits, ids)
+    return math.exp(loss / n)
 
 
 def main() -> None:

@@ -6,6 +6,16 @@ import math
 import torch
 
 
+def nll_sum(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[float, int]:
+    """Summed next-token cross-entropy of [B, S, V] logits on their [B, S] ids, and the token count."""
+    target = input_ids[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                             target.reshape(-1), reduction="sum")
+    if not torch.isfinite(loss):
+        raise FloatingPointError("non-finite loss: the model produces NaN/inf logits")
+    return float(loss), target.numel()
+
+
 @torch.no_grad()
 def mean_loss(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy (nats/token) over [N, S] windows, every window weighted by its
@@ -13,14 +23,9 @@ def mean_loss(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
     total, count = 0.0, 0
     for chunk in input_ids.split(batch_size):
         chunk = chunk.to(model.device)
-        logits = model(input_ids=chunk).logits[:, :-1].float()  # [B, S-1, V]
-        target = chunk[:, 1:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                 reduction="sum")
-        if not torch.isfinite(loss):
-            raise FloatingPointError("non-finite loss: the model produces NaN/inf logits")
-        total += float(loss)
-        count += target.numel()
+        loss, n = nll_sum(model(input_ids=chunk).logits, chunk)
+        total += loss
+        count += n
     if count == 0:
         raise ValueError("no tokens to evaluate")
     return total / count
