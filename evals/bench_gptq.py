@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 def main() -> None:
     from secompress.data import load_calibration
-    from secompress.io import load_model, load_tokenizer
+    from secompress.checkpoints import load_model, load_tokenizer
     from secompress.profile import ProfileConfig, profile
     from secompress.quant.api import QuantConfig, plan_quantization
     from secompress.quant.gptq import gptq_quantize

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "evals" / "reference"))
 
 
 def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:  # [N, S, V], [N, S]
-    from secompress.evaluate import nll_sum
+    from secompress.perplexity import nll_sum
 
     loss, n = nll_sum(logits, ids)
     return math.exp(loss / n)
@@ -42,8 +42,8 @@ def main() -> None:
     from accept import heldout_windows
 
     from secompress.data import load_calibration
-    from secompress.evaluate import perplexity
-    from secompress.io import load_model, load_tokenizer
+    from secompress.perplexity import perplexity
+    from secompress.checkpoints import load_model, load_tokenizer
     from secompress.profile import ProfileConfig, profile
     from secompress.quant.api import QuantConfig, plan_quantization
     from secompress.quant.gptq import gptq_quantize, reload_logits

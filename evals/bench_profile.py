@@ -29,7 +29,7 @@ def overhead(model_path: str | None, reps: int) -> None:
     from secompress.bytetok import build_byte_tokenizer
     from secompress.data import load_calibration
     from secompress.instrument import Recorder, instrument
-    from secompress.io import load_model, load_tokenizer
+    from secompress.checkpoints import load_model, load_tokenizer
     from secompress.testing import make_tiny
 
     if model_path:
@@ -100,7 +100,7 @@ def _peak_child(path: str, streaming: bool) -> None:
 
 def _baseline_child(path: str) -> None:
     """Framework overhead: imports plus the weightless (meta) skeleton of the same model."""
-    from secompress.io import load_config
+    from secompress.checkpoints import load_config
     from secompress.streaming import build_skeleton
 
     build_skeleton(load_config(path))

@@ -35,7 +35,7 @@ METHODS = ("frequency", "reap", "easy_ep", "naee", "random")
 
 def _load(model_path: str | None):
     from secompress.bytetok import build_byte_tokenizer
-    from secompress.io import load_model, load_tokenizer
+    from secompress.checkpoints import load_model, load_tokenizer
     from secompress.testing import make_tiny, plant_super_expert
 
     if model_path:
@@ -87,7 +87,7 @@ def sweep(model, tok, prof, calib, held, ratios, methods, args) -> list[dict]:
 
 def ablation(model, prof, held, draws: int, seed: int, batch_size: int) -> dict:
     from secompress.ablate import zero_experts
-    from secompress.evaluate import perplexity
+    from secompress.perplexity import perplexity
 
     ses = prof.se_ids()
     if not ses:
@@ -153,7 +153,7 @@ def main() -> None:
         args.samples, args.eval_samples, args.seq_len = 4, 2, 64
     torch.set_num_threads(1)
 
-    from secompress.evaluate import perplexity
+    from secompress.perplexity import perplexity
     from secompress.profile import ProfileConfig, profile
 
     t0 = time.perf_counter()

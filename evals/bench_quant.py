@@ -41,7 +41,7 @@ REFERENCE = ROOT / "evals" / "reference" / "model"
 
 def _load(model_path: str | None):
     from secompress.bytetok import build_byte_tokenizer
-    from secompress.io import load_model, load_tokenizer
+    from secompress.checkpoints import load_model, load_tokenizer
     from secompress.testing import make_tiny, plant_super_expert
 
     if model_path:
@@ -80,7 +80,7 @@ def main() -> None:
 
     from secompress import ProfileConfig, profile
     from secompress.data import load_calibration
-    from secompress.evaluate import perplexity
+    from secompress.perplexity import perplexity
     from secompress.quant import QuantConfig, quantize_, quantized_bytes, save_quantized
 
     model, tok, name = _load(args.model)

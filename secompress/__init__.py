@@ -8,8 +8,8 @@ from .errors import (CalibrationError, MissingExtraError, OutputExistsError, Sec
                      UnsupportedModelError)
 from .loading import load
 from .profile import ProfileConfig, ProfileResult, profile
-from .report import load_profile, save_profile
-from .stats import SERule, find_super_experts
+from .profile_io import load_profile, save_profile
+from .se_rule import SERule, find_super_experts
 
 __version__ = "0.1.0"
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -34,12 +34,12 @@ def _add_profile(sub) -> None:
 
 
 def _profile(args) -> int:
-    from .io import check_output_dir
+    from .outputs import check_output_dir
     from .profile import ProfileConfig, profile
-    from .report import save_profile, summary_table
-    from .stats import SERule
+    from .profile_io import save_profile, summary_table
+    from .se_rule import SERule
 
-    check_output_dir(args.out, args.overwrite)  # fail before any compute
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
     cfg = ProfileConfig(
         rule=SERule(args.layer_fraction, args.percentile, args.max_ratio), num_samples=args.samples,
         seq_len=args.seq_len, batch_size=args.batch_size, streaming=args.streaming, dtype=args.dtype)

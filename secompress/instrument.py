@@ -22,6 +22,7 @@ from torch import nn
 
 from .adapters import MoEAdapter
 from .errors import CalibrationError
+from .experts import expert_forward
 from .layout import PerExpertExperts
 
 
@@ -144,8 +145,6 @@ def _fused_forward(rec: Recorder, layer: int):
         flat = top_k_index.reshape(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()  # ids >= E are EP sentinels
-        transposed = getattr(self, "is_transposed", False)
-        has_bias = getattr(self, "has_bias", False)
         start, cols, toks, stats, ws = 0, [], [], [], []
         for e, c in enumerate(counts):
             if c == 0:
@@ -153,16 +152,7 @@ def _fused_forward(rec: Recorder, layer: int):
             sel = order[start : start + c]
             start += c
             tok, slot = sel // K, sel % K  # [c]
-            x = hidden_states[tok]  # [c, H]
-            w_gu = self.gate_up_proj[e]
-            gu = x @ w_gu if transposed else x @ w_gu.T  # [c, 2I]
-            if has_bias:
-                gu = gu + self.gate_up_proj_bias[e]
-            act = self._apply_gate(gu)  # [c, I]
-            w_d = self.down_proj[e]
-            y = act @ w_d if transposed else act @ w_d.T  # [c, H]
-            if has_bias:
-                y = y + self.down_proj_bias[e]
+            act, y = expert_forward(self, e, hidden_states[tok])  # [c, I], [c, H]
             weight = top_k_weights[tok, slot]  # [c]
             out.index_add_(0, tok, (y * weight[:, None]).to(out.dtype))
             cols.append(torch.full_like(tok, e)), toks.append(tok), ws.append(weight)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
+from .experts import expert_forward, expert_weights, join_gate_up, layout_of
 
 PROJ = ("gate_proj", "up_proj", "down_proj")  # the projections of one per-expert MLP
 
@@ -36,47 +37,30 @@ class PerExpertExperts(nn.Module):
     def __init__(self, fused: nn.Module):
         super().__init__()
         self.num_experts = fused.num_experts
-        self.is_concatenated = getattr(fused, "is_concatenated", True)
+        self.is_concatenated = layout_of(fused).concatenated
         self._apply_gate = fused._apply_gate  # bound method of the fused module (activation only)
-        t = getattr(fused, "is_transposed", False)
-        gu, dn = fused.gate_up_proj, fused.down_proj
-        H = gu.shape[1] if t else gu.shape[2]
-        I2 = gu.shape[2] if t else gu.shape[1]
-        bias = getattr(fused, "has_bias", False)
+        lay = layout_of(fused)
+        gu = fused.gate_up_proj  # [E, 2I, H] (transposed: [E, H, 2I])
+        H, I2 = (gu.shape[1], gu.shape[2]) if lay.transposed else (gu.shape[2], gu.shape[1])
         self.per_expert = nn.ModuleList(
-            ExpertMLP(H, I2 // 2, bias, gu.dtype, gu.device) for _ in range(self.num_experts))
+            ExpertMLP(H, I2 // 2, lay.has_bias, gu.dtype, gu.device) for _ in range(self.num_experts))
         with torch.no_grad():
             for e, m in enumerate(self.per_expert):
-                w = gu[e].T if t else gu[e]  # [2I, H]
-                g, u = (w[0::2], w[1::2]) if not self.is_concatenated else w.chunk(2, dim=0)
-                m.gate_proj.weight.copy_(g)
-                m.up_proj.weight.copy_(u)
-                m.down_proj.weight.copy_(dn[e].T if t else dn[e])
-                if bias:
-                    b = fused.gate_up_proj_bias[e]
-                    bg, bu = (b[0::2], b[1::2]) if not self.is_concatenated else b.chunk(2)
-                    m.gate_proj.bias.copy_(bg)
-                    m.up_proj.bias.copy_(bu)
-                    m.down_proj.bias.copy_(fused.down_proj_bias[e])
+                for name, w in expert_weights(fused, e).items():  # gate_proj, ..., down_proj_bias
+                    lin = getattr(m, name.removesuffix("_bias"))
+                    (lin.bias if name.endswith("_bias") else lin.weight).copy_(w)
         self.train(fused.training)  # new modules start in training mode; follow the module replaced
         self.current_tokens: torch.Tensor | None = None  # [c] token ids of the expert running now
         self.current_weights: torch.Tensor | None = None  # [c] their routing weights
 
-    def _join(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        if self.is_concatenated:
-            return torch.cat([g, u], dim=-1)
-        return torch.stack([g, u], dim=-1).flatten(-2)  # interleaved g0,u0,g1,u1,...
-
     def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, K], [T, K]
         out = torch.zeros_like(hidden_states)
-        for e, m in enumerate(self.per_expert):
+        for e in range(self.num_experts):
             tok, slot = torch.where(top_k_index == e)  # [c], [c]
             if tok.numel() == 0:
                 continue
-            x = hidden_states[tok]
             self.current_tokens, self.current_weights = tok, top_k_weights[tok, slot]
-            act = self._apply_gate(self._join(m.gate_proj(x), m.up_proj(x)))
-            y = m.down_proj(act)  # [c, H]
+            _, y = expert_forward(self, e, hidden_states[tok])  # [c, H]
             out.index_add_(0, tok, (y * self.current_weights[:, None]).to(out.dtype))
         self.current_tokens = self.current_weights = None
         return out
@@ -116,11 +100,12 @@ def defused(model: nn.Module, adapter: MoEAdapter):
 @torch.no_grad()
 def refuse_into(per: PerExpertExperts, fused: nn.Module) -> None:
     """Write per-expert weights back into the fused 3D tensors."""
-    t = getattr(fused, "is_transposed", False)
-    for e, m in enumerate(per.per_expert):
-        w = per._join(m.gate_proj.weight.T, m.up_proj.weight.T).T  # [2I, H]
-        fused.gate_up_proj[e].copy_(w.T if t else w)
-        fused.down_proj[e].copy_(m.down_proj.weight.T if t else m.down_proj.weight)
-        if getattr(fused, "has_bias", False):
-            fused.gate_up_proj_bias[e].copy_(per._join(m.gate_proj.bias, m.up_proj.bias))
-            fused.down_proj_bias[e].copy_(m.down_proj.bias)
+    lay = layout_of(fused)
+    with torch.no_grad():
+        for e, m in enumerate(per.per_expert):
+            w = join_gate_up(m.gate_proj.weight, m.up_proj.weight, lay.concatenated)  # [2I, H]
+            fused.gate_up_proj[e].copy_(w.T if lay.transposed else w)
+            fused.down_proj[e].copy_(m.down_proj.weight.T if lay.transposed else m.down_proj.weight)
+            if lay.has_bias:
+                fused.gate_up_proj_bias[e].copy_(join_gate_up(m.gate_proj.bias, m.up_proj.bias, lay.concatenated))
+                fused.down_proj_bias[e].copy_(m.down_proj.bias)

@@ -12,7 +12,7 @@ def load(path: str | Path, dtype="auto", device: str | None = None, trust_remote
     matters for other models); anything
     else (a pruned or untouched checkpoint) through ``AutoModelForCausalLM`` with safetensors only
     and eager attention."""
-    from .io import load_model
+    from .checkpoints import load_model
     from .quant.api import CODES_NAME, PLAN_NAME, load_quantized
     from .quant.bnb_export import FORMAT as BNB_FORMAT, load_bnb
 

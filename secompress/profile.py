@@ -5,7 +5,7 @@
     save_profile(result, "out/")                                  # JSON, CSV, plots
 
 Super Experts follow Su et al. 2025, "Unveiling Super Experts in Mixture-of-Experts
-Large Language Models" (arXiv 2507.23279): see :class:`secompress.stats.SERule`.
+Large Language Models" (arXiv 2507.23279): see :class:`secompress.se_rule.SERule`.
 Legend: L decoder layers, C = E routed experts + 1 shared-expert column.
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ from .adapters import MoEAdapter
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, SecompressError
 from .instrument import Recorder, instrument
-from .io import check_model, load_config, load_model, load_tokenizer
-from .stats import SERule, find_super_experts, massive_ratio
+from .checkpoints import check_model, load_config, load_model, load_tokenizer
+from .se_rule import SERule, find_super_experts, massive_ratio
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1

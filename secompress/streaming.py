@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
+from .experts import join_gate_up, layout_of
 from .layout import PROJ
 from .errors import SecompressError
 
@@ -120,7 +121,7 @@ def _expert_tensor(ckpt: Checkpoint, adapter: MoEAdapter, layer_prefix: str, exp
     """Fill a fused [E, ...] tensor from per-expert checkpoint keys (one copy), or None if absent."""
     gate_n, up_n, down_n = adapter.ckpt_expert_names
     base = f"{layer_prefix}{adapter.ckpt_block}.{adapter.experts}"
-    transposed = getattr(experts, "is_transposed", False) and not pname.endswith("_bias")
+    transposed = layout_of(experts).transposed and not pname.endswith("_bias")
     suffix = "bias" if pname.endswith("_bias") else "weight"
     parts = (gate_n, up_n) if pname.startswith("gate_up_proj") else (down_n,)
     if f"{base}.0.{parts[0]}.{suffix}" not in ckpt:
@@ -129,7 +130,7 @@ def _expert_tensor(ckpt: Checkpoint, adapter: MoEAdapter, layer_prefix: str, exp
     for e in range(shape[0]):
         ws = [ckpt.get(f"{base}.{e}.{n}.{suffix}") for n in parts]  # [I, H] each, or [H, I]
         if len(ws) == 2:
-            w = torch.cat(ws, 0) if getattr(experts, "is_concatenated", True) else torch.stack(ws, 1).flatten(0, 1)
+            w = join_gate_up(*ws, layout_of(experts).concatenated)
         else:
             w = ws[0]
         out[e].copy_(w.T if transposed else w)

@@ -12,6 +12,7 @@ import torch
 
 from .adapters import get_adapter
 from .bytetok import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE, build_byte_tokenizer
+from .experts import layout_of
 
 _COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
@@ -71,7 +72,7 @@ def plant_super_expert(model, layer: int, expert: int | str, channel: int = 7, s
         adapter.shared_of(block).down_proj.weight[channel, :] *= scale
         return
     experts = adapter.experts_of(block)
-    if getattr(experts, "is_transposed", False):
+    if layout_of(experts).transposed:
         experts.down_proj[expert][:, channel] *= scale  # [I, H]
     else:
         experts.down_proj[expert][channel, :] *= scale  # [H, I]

@@ -3,7 +3,7 @@ import pytest
 from conftest import ARCHS
 from secompress.adapters import ADAPTERS, MoEAdapter, get_adapter, register
 from secompress.errors import UnsupportedModelError
-from secompress.io import check_model
+from secompress.checkpoints import check_model
 from secompress.testing import make_tiny, tiny_config
 
 

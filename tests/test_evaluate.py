@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from secompress.evaluate import mean_loss, perplexity
+from secompress.perplexity import mean_loss, perplexity
 from secompress.testing import make_tiny
 
 

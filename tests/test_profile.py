@@ -11,7 +11,7 @@ from secompress.cli import main
 from secompress.errors import CalibrationError, OutputExistsError, SecompressError, UnsupportedModelError
 from secompress.instrument import Recorder, instrument
 from secompress.layout import defused
-from secompress.report import load_profile
+from secompress.profile_io import load_profile
 from secompress.testing import make_tiny, plant_super_expert, save_tiny
 
 SMALL = ProfileConfig(num_samples=6, seq_len=48, batch_size=3)

@@ -17,7 +17,7 @@ from secompress.quant import (QuantConfig, QuantizedExperts, QuantizedLinear, Qu
                               quantize_, resolve_plan, save_quantized)
 from secompress.quant.api import CODES_NAME, PLAN_NAME
 from secompress.quant.rtn import BITS, pack, unpack
-from secompress.stats import SERule
+from secompress.se_rule import SERule
 from secompress.testing import make_tiny, plant_super_expert
 
 SE = (1, 3)  # planted Super Expert of the tiny Qwen3-MoE

@@ -11,7 +11,7 @@ from torch import nn
 
 from secompress.adapters import get_adapter
 from secompress.errors import SecompressError
-from secompress.io import load_model
+from secompress.checkpoints import load_model
 from secompress.layout import PerExpertExperts
 from secompress.quant.api import PLAN_NAME, QuantConfig, quantize_, save_quantized
 from secompress.testing import make_tiny, plant_super_expert, save_tiny

@@ -95,7 +95,7 @@ def test_cli_quantize_gptq(tmp_path):
 def test_gptq_refuses_uncalibrated_experts(tmp_path, capsys):
     from secompress.cli import main
     from secompress.profile import profile
-    from secompress.report import save_profile
+    from secompress.profile_io import save_profile
     import dataclasses
 
     model = make_tiny("qwen3_moe")
@@ -113,7 +113,7 @@ def test_gptq_refuses_uncalibrated_experts(tmp_path, capsys):
 def test_uncalibrated_expert_with_explicit_rtn_fallback(tmp_path):
     from secompress.cli import main
     from secompress.profile import profile
-    from secompress.report import save_profile
+    from secompress.profile_io import save_profile
     import dataclasses
     import json
 

@@ -81,3 +81,30 @@ def test_overrides_replace_values_and_are_validated():
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "none.yaml")
+
+
+@pytest.mark.parametrize("name", ["../../somewhere", "a/b", "..", ".hidden", "/abs", "x..y", ""])
+def test_recipe_name_cannot_escape_the_output_root(name):
+    with pytest.raises(RecipeError, match=r"g.yaml:2: .name. must be one plain folder name"):
+        parse_recipe(GOOD.replace("name: t", f"name: {name!r}"), "g.yaml")
+
+
+def test_run_refuses_outputs_that_replace_inputs_or_leave_the_root(tmp_path, monkeypatch):
+    from secompress.errors import OutputExistsError
+    from secompress.outputs import check_output_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "out").mkdir()
+    for out, kw in ((".", {}), (tmp_path.parent, {}), ("model", {"inputs": ["model/x.safetensors"]}),
+                    ("out/../elsewhere", {"root": "out"}), ("/", {})):
+        with pytest.raises(OutputExistsError):
+            check_output_dir(out, True, **kw)
+    assert not (tmp_path / "elsewhere").exists()
+    (tmp_path / "link").symlink_to(tmp_path / "model")
+    with pytest.raises(OutputExistsError, match="symbolic link"):
+        check_output_dir("link", True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputExistsError, match="not a folder"):
+        check_output_dir("file", True)
+    assert check_output_dir("out/ok", False, root="out") == Path("out/ok")

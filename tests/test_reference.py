@@ -23,7 +23,7 @@ def figures():
 
 @pytest.fixture(scope="module")
 def model():
-    from secompress.io import load_model
+    from secompress.checkpoints import load_model
 
     return load_model(MODEL)
 
@@ -46,7 +46,7 @@ def test_loads_offline_with_plain_transformers(monkeypatch):
 def test_heldout_loss_matches_the_recorded_value(model, figures):
     from accept import heldout_windows
 
-    from secompress.evaluate import mean_loss
+    from secompress.perplexity import mean_loss
 
     ids = heldout_windows(48, 512, offset=32 * 511)
     assert mean_loss(model, ids) == pytest.approx(figures["heldout_loss_nats_per_byte"], rel=2e-3)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from secompress.stats import SERule, find_super_experts
+from secompress.se_rule import SERule, find_super_experts
 
 
 def grid(L=8, C=9, base=1.0):

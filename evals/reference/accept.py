@@ -29,9 +29,9 @@ from corpus import load_corpus  # noqa: E402
 from secompress.ablate import zero_experts  # noqa: E402
 from secompress.bytetok import BOS_ID  # noqa: E402
 from secompress.data import CalibrationData  # noqa: E402
-from secompress.evaluate import mean_loss  # noqa: E402
+from secompress.perplexity import mean_loss  # noqa: E402
 from secompress.instrument import Recorder, instrument  # noqa: E402
-from secompress.io import load_model  # noqa: E402
+from secompress.checkpoints import load_model  # noqa: E402
 from secompress.profile import ProfileConfig, profile  # noqa: E402
 
 

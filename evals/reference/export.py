@@ -24,7 +24,7 @@ from corpus import load_corpus  # noqa: E402
 from train import make_config  # noqa: E402
 
 from secompress.bytetok import build_byte_tokenizer  # noqa: E402
-from secompress.io import atomic_dir  # noqa: E402
+from secompress.outputs import atomic_dir  # noqa: E402
 
 CARD = """---
 license: apache-2.0

@@ -23,8 +23,9 @@ import torch
 
 from ..data import CalibrationData, load_calibration
 from ..errors import SecompressError
-from ..evaluate import perplexity
-from ..io import atomic_dir, check_model, write_legacy_config_keys
+from ..perplexity import perplexity
+from ..checkpoints import check_model, write_legacy_config_keys
+from ..outputs import atomic_dir
 from ..profile import ProfileConfig, ProfileResult, profile as run_profile
 from .reconstruction import DEFAULT_LIMIT, capture_block_inputs, naee_select
 from .scores import SCORERS, score

@@ -31,12 +31,13 @@ def _add_prune(sub) -> None:
 
 
 def _prune(args) -> int:
-    from ..io import check_output_dir, load_model, load_tokenizer
+    from ..checkpoints import load_model, load_tokenizer
+    from ..outputs import check_output_dir
     from ..profile import DTYPES
-    from ..report import load_profile
+    from ..profile_io import load_profile
     from .api import PruneConfig, plan_for, prune, save_pruned, summary_table
 
-    check_output_dir(args.out, args.overwrite)  # fail before any compute
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
     cfg = PruneConfig(ratio=args.ratio, method=args.method, protect_super_experts=not args.no_se_protection,
                       seed=args.seed, calib_samples=args.samples, eval_samples=args.eval_samples,
                       seq_len=args.seq_len, batch_size=args.batch_size)

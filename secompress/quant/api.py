@@ -25,7 +25,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import MissingExtraError, SecompressError, require
-from ..io import atomic_dir, check_model, write_legacy_config_keys
+from ..checkpoints import check_model, write_legacy_config_keys
+from ..outputs import atomic_dir
 from ..layout import PROJ, PerExpertExperts, refuse_into
 from . import rtn
 from .allocate import allocate
@@ -403,7 +404,7 @@ def load_quantized(path: str | Path, device: str | None = None):
     """Load a :func:`save_quantized` checkpoint with its real quantized modules; returns (model, plan)."""
     from safetensors import safe_open
 
-    from ..io import load_model
+    from ..checkpoints import load_model
 
     path = Path(path)
     if not (path / PLAN_NAME).is_file() or not (path / CODES_NAME).is_file():

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..errors import require
-from ..io import check_model
+from ..checkpoints import check_model
 from ..layout import PROJ, PerExpertExperts
 from .api import planned_expert_layers, planned_linears
 from .plan import QuantPlan

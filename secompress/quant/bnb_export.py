@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from ..errors import SecompressError, require
-from ..io import atomic_dir, check_model, load_config, write_legacy_config_keys
+from ..checkpoints import check_model, load_config, write_legacy_config_keys
+from ..outputs import atomic_dir
 from ..layout import PROJ, PerExpertExperts, refuse_into
 from ..streaming import Checkpoint, build_skeleton, disk_key, materialise_model
 from .bnb import keep_canonical_layout, linear8bit_class

@@ -33,13 +33,14 @@ def _add_quantize(sub) -> None:
 
 
 def _quantize(args) -> int:
-    from ..io import check_output_dir, load_model, load_tokenizer
+    from ..checkpoints import load_model, load_tokenizer
+    from ..outputs import check_output_dir
     from ..profile import DTYPES
-    from ..report import load_profile
+    from ..profile_io import load_profile
     from .api import QuantConfig, check_method, quantize_, save_quantized
     from .plan import Rule
 
-    check_output_dir(args.out, args.overwrite)  # fail before any compute
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
     cfg = QuantConfig(bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
                       symmetric=args.symmetric, se_mode=args.se_mode,
                       se_bits=None if args.se_precision == 16 else 8, protect_super_experts=not args.no_se_protection,

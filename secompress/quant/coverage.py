@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from ..errors import CalibrationError
-from ..io import check_model
-from ..layout import PerExpertExperts
+from ..checkpoints import check_model
+from ..experts import expert_forward
 
 log = logging.getLogger(__name__)
 FALLBACKS = (None, "rtn")
@@ -59,25 +59,6 @@ class AllExpertStats:
     tokens: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> [E] tokens each expert computed
 
 
-def _compute(experts, e: int, x: torch.Tensor):
-    """Expert e on all rows x [T, H] -> (down_proj input [T, I], output [T, H])."""
-    if isinstance(experts, PerExpertExperts):
-        m = experts.per_expert[e]
-        act = experts._apply_gate(experts._join(m.gate_proj(x), m.up_proj(x)))
-        return act, m.down_proj(act)
-    t, bias = getattr(experts, "is_transposed", False), getattr(experts, "has_bias", False)
-    w = experts.gate_up_proj[e]
-    gu = x @ w if t else x @ w.T  # [T, 2I]
-    if bias:
-        gu = gu + experts.gate_up_proj_bias[e]
-    act = experts._apply_gate(gu)
-    w = experts.down_proj[e]
-    y = act @ w if t else act @ w.T  # [T, H]
-    if bias:
-        y = y + experts.down_proj_bias[e]
-    return act, y
-
-
 def _all_forward(stats: AllExpertStats, layer: int, observer):
     def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, K], [T, K]
         T = hidden_states.shape[0]
@@ -88,7 +69,7 @@ def _all_forward(stats: AllExpertStats, layer: int, observer):
             routed = (top_k_index == e)  # [T, K]
             w_all = (top_k_weights * routed).sum(-1)  # [T] routing weight, 0 where not routed
             self.current_tokens, self.current_weights = every, w_all  # for per-expert hooks
-            act, y = _compute(self, e, hidden_states)
+            act, y = expert_forward(self, e, hidden_states)
             counts[e] += T
             if observer is not None:
                 observer(layer, e, hidden_states, act, y, routed.any(-1))

@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from ..errors import SecompressError
-from ..io import atomic_dir, load_config, write_legacy_config_keys
+from ..checkpoints import load_config, write_legacy_config_keys
+from ..outputs import atomic_dir
 from ..adapters import get_adapter
 from .plan import QuantPlan
 
@@ -110,7 +111,7 @@ def gptq_(model, tokenizer, config, profile, calib, work: str | Path) -> tuple[Q
     here. ``profile`` (None: profiled now on ``calib``) gives the SEs and the coverage.
     Returns the plan and the GPTQ folder (what gets exported).
     """
-    from ..io import check_model
+    from ..checkpoints import check_model
     from ..streaming import Checkpoint, materialise_model, release
     from .api import _profile_for, plan_quantization
     from .coverage import check_coverage

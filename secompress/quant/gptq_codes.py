@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SecompressError
-from ..io import check_model
+from ..checkpoints import check_model
 from ..streaming import Checkpoint, disk_key
 from . import rtn
 from .plan import QuantPlan

@@ -22,7 +22,8 @@ from dataclasses import asdict, dataclass, field
 
 from torch import nn
 
-from ..io import check_model
+from ..checkpoints import check_model
+from ..experts import layout_of
 from ..layout import PerExpertExperts
 from .rtn import BITS
 
@@ -122,7 +123,7 @@ def _expert_shapes(experts: nn.Module) -> list[tuple[int, tuple[int, int]]]:
                                                                               m.down_proj.in_features)))
         return out
     gu, dn = experts.gate_up_proj, experts.down_proj  # [E, 2I, H], [E, H, I] (transposed: [E, H, 2I], [E, I, H])
-    t = getattr(experts, "is_transposed", False)
+    t = layout_of(experts).transposed
     ins = (gu.shape[1], dn.shape[1]) if t else (gu.shape[2], dn.shape[2])
     return [(gu[0].numel() + dn[0].numel(), ins)] * experts.num_experts
 

@@ -22,8 +22,9 @@ def _run(args) -> int:
     text = Path(args.recipe).read_text()
     if args.override:
         text += "\n# overrides: " + ", ".join(args.override) + "\n"
-    out = args.out or f"out/{recipe.name}"
-    res = run_recipe(recipe, text, out, overwrite=args.overwrite, dry_run=args.dry_run)
+    out, root = (args.out, None) if args.out else (Path("out") / recipe.name, Path("out"))
+    res = run_recipe(recipe, text, out, overwrite=args.overwrite, dry_run=args.dry_run, root=root,
+                     inputs=(args.recipe,))
     m = res.manifest
     print(f"recipe {recipe.name}: stages {' -> '.join(m['stages'])}")
     print(f"Super Experts: {m['super_experts'] or 'none'} (profile cache {'hit' if m['profile_cache_hit'] else 'miss'})")

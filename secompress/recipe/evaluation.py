@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import SecompressError, require
-from ..evaluate import perplexity
+from ..perplexity import perplexity
 
 log = logging.getLogger(__name__)
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}

@@ -34,10 +34,11 @@ import torch
 
 from ..data import load_calibration
 from ..errors import SecompressError
-from ..io import atomic_dir, check_output_dir, load_model, load_tokenizer
+from ..checkpoints import load_model, load_tokenizer
+from ..outputs import atomic_dir, check_output_dir
 from ..profile import ProfileConfig, ProfileResult, profile
-from ..report import load_profile, save_profile
-from ..stats import SERule
+from ..profile_io import load_profile, save_profile
+from ..se_rule import SERule
 from .evaluation import Comparison, measure
 from .publish import model_card, push
 from .schema import Recipe
@@ -142,8 +143,15 @@ def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, pro
 
 
 def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: bool = False,
-               dry_run: bool = False, progress: bool = True) -> RunResult:
-    out = check_output_dir(out, overwrite)  # fail before any compute
+               dry_run: bool = False, progress: bool = True, root: str | Path | None = None,
+               inputs=()) -> RunResult:
+    """Run ``recipe`` into ``out``. ``root``: the folder ``out`` must stay inside (the CLI's ``out/``
+    when the folder comes from the recipe's name); ``inputs``: paths the output must not replace
+    (the model folder and data files of the recipe are always added)."""
+    d = recipe.data
+    inputs = (*inputs, recipe.model.id if Path(recipe.model.id).exists() else None,
+              *(p for p in (d.calibration, d.eval) if p and Path(p).exists()))
+    out = check_output_dir(out, overwrite, inputs=inputs, root=root)  # fail before any compute
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
         return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Path(work))

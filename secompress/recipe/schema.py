@@ -19,6 +19,7 @@ to evaluate, a prune ratio outside (0, 1), ...).
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
@@ -27,6 +28,8 @@ from ..errors import SecompressError
 
 SCHEMA_VERSION = 1
 DTYPES = ("float32", "bfloat16", "float16")
+# a recipe's name becomes a folder name under the output root: one plain path component only
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class RecipeError(SecompressError):
@@ -205,6 +208,9 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = ())
         raise RecipeError(f"{_where(source, top['version'][1])}: recipe version {version!r} is not supported "
                           f"(this secompress reads version {SCHEMA_VERSION})")
     name = _check_type(yaml.safe_load(yaml.serialize(top["name"][1])), str, "name", _where(source, top["name"][1]))
+    if not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise RecipeError(f"{_where(source, top['name'][1])}: 'name' must be one plain folder name (letters, digits, "
+                          f"'.', '_', '-'; no '/' or '..'), got {name!r}: it names the output folder")
     model, _ = _build(ModelSpec, top["model"][1], source, "model")
     data, _ = _build(DataSpec, top["data"][1], source, "data") if "data" in top else (DataSpec(), None)
     stages = _parse_stages(top.get("stages", (None, None))[1], source)

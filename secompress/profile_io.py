@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import atomic_dir
+from .outputs import atomic_dir
 from .profile import SCHEMA_VERSION, ProfileResult
-from .stats import SERule
+from .se_rule import SERule
 
 log = logging.getLogger(__name__)
 EXPERT_FIELDS = ("out_max", "out_channel", "out_pos", "in_max", "tokens", "gate_sum", "norm_sum", "gated_norm_sum")

@@ -1,17 +1,13 @@
-"""Loading checkpoints (safetensors only) and writing outputs atomically."""
+"""Loading checkpoints: config, model (safetensors only) and tokenizer, the MoE check, legacy config keys."""
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from .adapters import MoEAdapter, get_adapter
-from .errors import OutputExistsError, SecompressError, UnsupportedModelError
+from .errors import SecompressError, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -92,37 +88,3 @@ def write_legacy_config_keys(config_path: Path, config, adapter: MoEAdapter) -> 
     if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in d:
         d["rope_theta"] = rope["rope_theta"]
     config_path.write_text(json.dumps(d, indent=2) + "\n")
-
-
-def check_output_dir(out: str | Path, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"output directory '{out}' exists; pass overwrite=True (--overwrite) to replace it")
-    return out
-
-
-@contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False):
-    """Yield a temporary directory beside ``out``; it becomes ``out`` only if the block succeeds.
-
-    On any error the temporary directory is removed and an existing ``out`` is untouched.
-    """
-    out = check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is an ordinary directory
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    log.info("wrote %s", out)

@@ -1,0 +1,90 @@
+"""One expert's computation, for fused (transformers 5) and per-expert experts modules.
+
+transformers 5 declares the storage of a fused experts module with the flags set by
+``use_experts_implementation``: ``is_transposed`` (weights stored [E, H, 2I] / [E, I, H]),
+``has_bias`` (``gate_up_proj_bias`` / ``down_proj_bias``), ``is_concatenated`` (gate rows
+then up rows, or interleaved g0, u0, g1, u1, ...), ``has_gate`` and ``has_post_expert_norm``.
+:func:`layout_of` reads them once; :func:`expert_forward` computes one expert exactly as the
+module does (its own ``_apply_gate`` does the activation, clamping and de-interleaving);
+:func:`split_gate_up` / :func:`join_gate_up` are the one place the gate/up interleave rule lives.
+Everything that runs or reads experts one at a time (profiling hooks, all-expert
+calibration, the per-expert layout) goes through these functions.
+Legend: c rows (tokens routed to the expert), E experts, H hidden size, I expert FFN size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    transposed: bool = False
+    has_bias: bool = False
+    concatenated: bool = True
+
+
+def layout_of(experts: nn.Module) -> ExpertLayout:
+    """The storage flags of an experts module (fused or per-expert)."""
+    if not getattr(experts, "has_gate", True) or getattr(experts, "has_post_expert_norm", False):
+        raise UnsupportedModelError(f"{type(experts).__name__}: experts without a gate projection or with a "
+                                    "post-expert norm are not supported")
+    return ExpertLayout(bool(getattr(experts, "is_transposed", False)), bool(getattr(experts, "has_bias", False)),
+                        bool(getattr(experts, "is_concatenated", True)))
+
+
+def split_gate_up(w: torch.Tensor, concatenated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2I, ...] -> gate [I, ...], up [I, ...] (views)."""
+    return w.chunk(2, dim=0) if concatenated else (w[0::2], w[1::2])
+
+
+def join_gate_up(g: torch.Tensor, u: torch.Tensor, concatenated: bool, dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`split_gate_up` along ``dim`` (0 for weights and biases, -1 for activations)."""
+    if concatenated:
+        return torch.cat([g, u], dim=dim)
+    d = dim % g.dim()
+    return torch.stack([g, u], dim=d + 1).flatten(d, d + 1)  # g0, u0, g1, u1, ...
+
+
+def expert_weights(experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
+    """Expert ``e`` as nn.Linear-shaped tensors: gate_proj / up_proj [I, H], down_proj [H, I]
+    (+ ``*_bias``). Views into the fused tensors where the layout allows."""
+    lay = layout_of(experts)
+    gu = experts.gate_up_proj[e]
+    gu = gu.T if lay.transposed else gu  # [2I, H]
+    dn = experts.down_proj[e]
+    g, u = split_gate_up(gu, lay.concatenated)
+    out = {"gate_proj": g, "up_proj": u, "down_proj": dn.T if lay.transposed else dn}
+    if lay.has_bias:
+        bg, bu = split_gate_up(experts.gate_up_proj_bias[e], lay.concatenated)
+        out.update(gate_proj_bias=bg, up_proj_bias=bu, down_proj_bias=experts.down_proj_bias[e])
+    return out
+
+
+def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``e`` on rows ``x [c, H]`` -> (down_proj input [c, I], down_proj output [c, H]).
+
+    Fused modules compute with their 3D tensors in place (no copy); per-expert modules
+    (:class:`secompress.layout.PerExpertExperts`, quantized or not) with their Linear layers.
+    """
+    per = getattr(experts, "per_expert", None)
+    if per is not None:
+        m = per[e]
+        gu = join_gate_up(m.gate_proj(x), m.up_proj(x), experts.is_concatenated, dim=-1)
+        act = experts._apply_gate(gu)  # [c, I]
+        return act, m.down_proj(act)
+    lay = layout_of(experts)
+    w = experts.gate_up_proj[e]
+    gu = x @ w if lay.transposed else x @ w.T  # [c, 2I]
+    if lay.has_bias:
+        gu = gu + experts.gate_up_proj_bias[e]
+    act = experts._apply_gate(gu)  # [c, I]
+    w = experts.down_proj[e]
+    y = act @ w if lay.transposed else act @ w.T  # [c, H]
+    if lay.has_bias:
+        y = y + experts.down_proj_bias[e]
+    return act, y
