@@ -36,22 +36,84 @@ def _check_safetensors(model: str | Path) -> None:
                               "(pickle-based .bin files can run code when loaded)")
 
 
-def load_model(model: str | Path, dtype: torch.dtype | str = torch.float32, revision: str | None = None,
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_CHOICES = ("auto", *DTYPES)  # "auto": the checkpoint's own dtype (config.dtype)
+
+
+def resolve_dtype(dtype: torch.dtype | str, config) -> torch.dtype:
+    """A torch dtype from a name in :data:`DTYPE_CHOICES` or a dtype; "auto" is the checkpoint's own
+    (``config.dtype``, formerly ``torch_dtype``; float32 when unset; bfloat16 for an FP8 one)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise SecompressError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got '{dtype}'")
+        return DTYPES[dtype]
+    own = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(own, str):
+        own = getattr(torch, own.removeprefix("torch."), None)
+    if own in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return torch.bfloat16
+    return own if own in DTYPES.values() else torch.float32
+
+
+def local_checkpoint(model: str | Path, revision: str | None = None) -> Path:
+    """A local folder of safetensors shards: the path itself, or the hub snapshot's safetensors + JSON files."""
+    if Path(model).is_dir():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(str(model), revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception as e:  # offline, gated, missing: one clear message
+        raise SecompressError(f"the safetensors shards of '{model}' are needed on disk and they could not be "
+                              f"downloaded ({type(e).__name__}); download them and pass the folder") from e
+
+
+def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: str | None = None,
                trust_remote_code: bool = False, device: str | None = None):
     """Load a supported MoE checkpoint (local folder or hub id) with eager attention.
 
     Eager attention returns attention probabilities, which the sink measurement needs.
+    ``dtype`` "auto" keeps the checkpoint's own dtype. A block-scaled FP8 checkpoint
+    (DeepSeek-V3/R1, Qwen3-FP8) is dequantized tensor by tensor on the CPU by
+    :class:`~secompress.streaming.Checkpoint` (transformers' CPU fallback derives the block
+    from the scale grid and is wrong for partial blocks) and then moved to ``device``; its
+    config loses ``quantization_config`` (the weights in memory are real). Any other
+    quantization_config is refused.
     """
     from transformers import AutoModelForCausalLM
 
+    from .fp8 import BlockFP8
+
     config = load_config(model, revision, trust_remote_code)
     _check_safetensors(model)
+    torch_dtype = resolve_dtype(dtype, config)
+    if Path(model).is_dir():
+        from .streaming import Checkpoint
+
+        Checkpoint(model)  # reads the headers only: refuses FP8 codes without scales
+    if BlockFP8.from_config(getattr(config, "quantization_config", None)) is not None:
+        return _load_fp8(model, config, torch_dtype, revision, device)
     m = AutoModelForCausalLM.from_pretrained(
-        str(model), config=config, dtype=dtype, revision=revision, use_safetensors=True,
+        str(model), config=config, dtype=torch_dtype, revision=revision, use_safetensors=True,
         trust_remote_code=trust_remote_code, attn_implementation="eager",
         **({"device_map": device} if device else {}),
     )
     return m.eval()
+
+
+def _load_fp8(model: str | Path, config, dtype: torch.dtype, revision: str | None, device: str | None):
+    from .streaming import Checkpoint, build_skeleton, materialise_model
+
+    ckpt = Checkpoint(local_checkpoint(model, revision))
+    m = build_skeleton(config)
+    materialise_model(m, ckpt, get_adapter(config), dtype)
+    del m.config.quantization_config
+    m.config.dtype = dtype
+    m.name_or_path = str(model)
+    log.info("dequantized the FP8 checkpoint '%s' to %s", model, dtype)
+    return (m.to(device) if device else m).eval()
 
 
 def load_tokenizer(model: str | Path, revision: str | None = None, trust_remote_code: bool = False):

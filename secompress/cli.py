@@ -8,6 +8,7 @@ import argparse
 import logging
 import sys
 
+from .checkpoints import DTYPE_CHOICES
 from .errors import SecompressError
 from .prune.cli import COMMAND as PRUNE_COMMAND
 from .quant.cli import COMMAND as QUANTIZE_COMMAND
@@ -23,7 +24,7 @@ def _add_profile(sub) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--streaming", action="store_true", help="materialise one decoder layer at a time")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: the checkpoint's own dtype")
     p.add_argument("--layer-fraction", type=float, default=0.75, help="rule looks at this leading share of layers")
     p.add_argument("--percentile", type=float, default=99.5)
     p.add_argument("--max-ratio", type=float, default=0.1, help="an SE must exceed this fraction of the max")

@@ -23,12 +23,12 @@ from .adapters import MoEAdapter
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, SecompressError
 from .instrument import Recorder, instrument
-from .checkpoints import check_model, load_config, load_model, load_tokenizer
+from .checkpoints import (DTYPE_CHOICES, DTYPES, check_model, load_config, load_model, load_tokenizer,
+                          local_checkpoint, resolve_dtype)
 from .se_rule import SERule, find_super_experts, massive_ratio
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -38,14 +38,14 @@ class ProfileConfig:
     seq_len: int = 512
     batch_size: int = 8
     streaming: bool = False
-    dtype: str = "float32"
+    dtype: str = "auto"  # "auto": the checkpoint's own dtype
     attention: bool = True  # measure attention-sink mass (needs eager attention)
 
     def __post_init__(self):
         if self.num_samples < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("num_samples and batch_size must be >= 1, seq_len >= 2")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got '{self.dtype}'")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got '{self.dtype}'")
 
 
 @dataclass
@@ -132,7 +132,6 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
     """
     from .streaming import Checkpoint, build_skeleton, run_streaming
 
-    dtype = DTYPES[config.dtype]
     name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
     if isinstance(model, (str, Path)):
         hf_config = load_config(model, revision, trust_remote_code)
@@ -147,16 +146,17 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
     rec = Recorder(seq_len=calib.input_ids.shape[1])
 
     if isinstance(model, (str, Path)) and config.streaming:
-        local = _local_checkpoint(model, revision)
+        local = local_checkpoint(model, revision)
         skeleton = build_skeleton(hf_config)
         adapter = check_model(skeleton)
         with instrument(skeleton, adapter, rec, attention=config.attention), \
                 tqdm(total=len(adapter.layers(skeleton)), desc="profile (streaming)", unit="layer",
                      disable=not progress) as bar:
-            run_streaming(skeleton, adapter, Checkpoint(local), chunks, dtype, progress=bar)
+            run_streaming(skeleton, adapter, Checkpoint(local), chunks, resolve_dtype(config.dtype, hf_config),
+                          progress=bar)
         live = skeleton
     else:
-        live = load_model(model, dtype, revision, trust_remote_code) if isinstance(model, (str, Path)) else model
+        live = load_model(model, config.dtype, revision, trust_remote_code) if isinstance(model, (str, Path)) else model
         adapter = check_model(live)
         with _eager_attention(live, config.attention):
             _run_in_memory(live, adapter, chunks, rec, config.attention, progress)
@@ -175,19 +175,6 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
         super_experts_normalised=find_super_experts(arrays["out_max"], config.rule, normalise=True),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-
-
-def _local_checkpoint(model: str | Path, revision: str | None) -> Path:
-    """A local folder for streaming: the path itself, or the hub snapshot's safetensors + JSON files."""
-    if Path(model).is_dir():
-        return Path(model)
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(str(model), revision=revision, allow_patterns=["*.safetensors", "*.json"]))
-    except Exception as e:  # offline, gated, missing: one clear message
-        raise SecompressError(f"streaming needs the safetensors shards of '{model}' on disk and they could not be "
-                              f"downloaded ({type(e).__name__}); download them and pass the folder") from e
 
 
 class _eager_attention:

@@ -27,6 +27,8 @@ from .adapters import MoEAdapter
 from .experts import join_gate_up, layout_of
 from .layout import PROJ
 from .errors import SecompressError
+from . import fp8
+from .fp8 import SCALE_SUFFIX, BlockFP8
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +43,15 @@ class Checkpoint:
 
     Tensors are read with plain file reads straight into their own memory (no memory
     map), so a tensor costs its bytes once and nothing stays resident after it is freed.
+
+    A block-scaled FP8 checkpoint (``quantization_config.quant_method: fp8``, see
+    :mod:`secompress.fp8`) is dequantized tensor by tensor: :meth:`get` of a ``weight`` stored
+    with a ``weight_scale_inv`` returns the real float32 weight; :meth:`get_stored` returns the
+    bytes as stored. Any other quantization_config is refused (its codes are not weights),
+    unless ``raw=True``: the caller reads the codes itself (bitsandbytes / GPTQ exports).
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, raw: bool = False):
         self.path = Path(path)
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
@@ -56,6 +64,17 @@ class Checkpoint:
             header.pop("__metadata__", None)
             self.where.update({k: (f, 8 + n, v) for k, v in header.items()})
         self._open: dict | None = None
+        self.raw = raw
+        cfg = self.path / "config.json"
+        self.config: dict = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        self.fp8: BlockFP8 | None = None if raw else BlockFP8.from_config(self.config.get("quantization_config"))
+        codes = [k for k, (_, _, v) in self.where.items() if v["dtype"].startswith("F8_") and not self.is_fp8(k)]
+        if codes and not raw:
+            raise SecompressError(self._codes_error(codes[0]))
+
+    def _codes_error(self, key: str) -> str:
+        return (f"'{key}' in '{self.path}' is stored in FP8 without a '{key}{SCALE_SUFFIX}' block scale (or the "
+                "config has no fp8 quantization_config): refusing to read FP8 codes as weights")
 
     def __contains__(self, key: str) -> bool:
         return key in self.where
@@ -71,14 +90,32 @@ class Checkpoint:
                 h.close()
             self._open = None
 
+    def stored_dtype(self, key: str) -> torch.dtype:
+        name = self.where[key][2]["dtype"]
+        if name not in _DTYPES:
+            raise SecompressError(f"'{key}': safetensors dtype {name} is not supported")
+        return _DTYPES[name]
+
+    def is_fp8(self, key: str) -> bool:
+        """Whether ``key`` is a block-scaled FP8 weight (stored codes + ``<key>_scale_inv``)."""
+        return self.fp8 is not None and key + SCALE_SUFFIX in self.where
+
     def get(self, key: str) -> torch.Tensor:
+        """The tensor's real values: FP8 weights dequantized (float32), everything else as stored."""
+        if self.is_fp8(key):
+            return fp8.dequantize(self.get_stored(key), self.get_stored(key + SCALE_SUFFIX), self.fp8.block)
+        t = self.get_stored(key)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not self.raw:
+            raise SecompressError(self._codes_error(key))
+        return t
+
+    def get_stored(self, key: str) -> torch.Tensor:
+        """The tensor exactly as stored (FP8 codes stay codes)."""
         if self._open is None:
             raise RuntimeError("Checkpoint.get outside 'with checkpoint.reading()'")
         f, base, info = self.where[key]
-        if info["dtype"] not in _DTYPES:
-            raise SecompressError(f"'{key}': safetensors dtype {info['dtype']} is not supported")
         start, end = info["data_offsets"]
-        t = torch.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+        t = torch.empty(info["shape"], dtype=self.stored_dtype(key))
         if end > start:
             if f not in self._open:
                 self._open[f] = open(f, "rb")

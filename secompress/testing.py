@@ -76,3 +76,52 @@ def plant_super_expert(model, layer: int, expert: int | str, channel: int = 7, s
         experts.down_proj[expert][:, channel] *= scale  # [I, H]
     else:
         experts.down_proj[expert][channel, :] *= scale  # [H, I]
+
+
+@torch.no_grad()
+def to_fp8(src: str | Path, dst: str | Path, block: tuple[int, int] = (128, 128)) -> Path:
+    """Turn a saved checkpoint into a block-scaled FP8 one laid out like DeepSeek-V3/R1 and Qwen3-FP8.
+
+    Every 2D linear ``weight`` (attention, dense MLP, shared and per-expert projections, keys as
+    stored) becomes ``float8_e4m3fn`` plus a float32 ``weight_scale_inv`` per ``block``;
+    embeddings, ``lm_head``, routers, norms and biases stay as stored. config.json gets
+    ``quantization_config: {quant_method: fp8, weight_block_size: block, ...}``. Use a block that
+    does not divide the matrices (e.g. (16, 16) on a 24-row projection) to exercise partial blocks.
+    """
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from . import fp8
+    from .checkpoints import load_config
+    from .streaming import Checkpoint, build_skeleton, disk_key
+
+    src, dst = Path(src), Path(dst)
+    config = load_config(src)
+    skeleton = build_skeleton(config)
+    adapter = get_adapter(config)
+    keep = {disk_key(adapter, f"{adapter.block_path(i)}.{adapter.router}.weight")
+            for i in adapter.moe_layer_indices(skeleton)}
+    for emb in (skeleton.get_input_embeddings(), skeleton.get_output_embeddings()):
+        keep |= {disk_key(adapter, f"{n}.weight") for n, m in skeleton.named_modules() if m is emb}
+    ckpt = Checkpoint(src)
+    out = {}
+    with ckpt.reading():
+        for key in ckpt.where:
+            t = ckpt.get_stored(key)
+            if key.endswith(".weight") and t.dim() == 2 and t.is_floating_point() and key not in keep:
+                out[key], out[key + fp8.SCALE_SUFFIX] = fp8.quantize(t, block)
+            else:
+                out[key] = t
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and not f.name.endswith(".safetensors.index.json"):
+            shutil.copy2(f, dst / f.name)
+    save_file(out, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+                                  "weight_block_size": list(block),
+                                  "modules_to_not_convert": sorted(k.rpartition(".")[0] for k in keep)}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return dst

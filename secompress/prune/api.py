@@ -27,6 +27,8 @@ from ..perplexity import perplexity
 from ..checkpoints import check_model, write_legacy_config_keys
 from ..outputs import atomic_dir
 from ..profile import ProfileConfig, ProfileResult, profile as run_profile
+from ..streaming import Checkpoint
+from .as_stored import save_as_stored
 from .reconstruction import DEFAULT_LIMIT, capture_block_inputs, naee_select
 from .scores import SCORERS, score
 from .select import PrunePlan, ProtectionChange, Selection, make_plan, protected_by_layer, select_by_score
@@ -243,19 +245,38 @@ def remap_profile(p: ProfileResult, r: PruneResult) -> ProfileResult:
                                super_experts_normalised=renumber(p.super_experts_normalised))
 
 
-def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the pruned model (safetensors), its tokenizer and ``prune_report.json`` atomically to ``out``."""
+def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrite: bool = False,
+                source: str | Path | None = None) -> Path:
+    """Write the pruned model (safetensors), its tokenizer and ``prune_report.json`` atomically to ``out``.
+
+    The model is written in its dtype. When its source checkpoint (``source``, default the folder
+    it was loaded from) is block-scaled FP8, the result is FP8 too: kept FP8 tensors are copied
+    byte for byte from the source and the fp8 quantization_config is kept (see
+    :mod:`secompress.prune.as_stored`), not written dequantized (2-4x the size).
+    """
     adapter = check_model(model)
     if adapter.num_experts(model.config) != result.num_experts_after:
         raise SecompressError(f"the model has {adapter.num_experts(model.config)} experts but the result says "
                               f"{result.num_experts_after}: save the model that prune() returned this result for")
+    src = _fp8_source(source or getattr(model, "name_or_path", None))
     with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
+        if src is not None:
+            save_as_stored(model, adapter, src, result.kept, tmp)
+        else:
+            model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         write_legacy_config_keys(tmp / "config.json", model.config, adapter)
         (tmp / REPORT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
     return Path(out)
+
+
+def _fp8_source(path) -> "Checkpoint | None":
+    """The block-scaled FP8 checkpoint at ``path``, or None (no folder, or not FP8)."""
+    if not path or not Path(path).is_dir() or not any(Path(path).glob("*.safetensors")):
+        return None
+    ckpt = Checkpoint(path)
+    return ckpt if ckpt.fp8 is not None else None
 
 
 def summary_table(r: PruneResult) -> str:

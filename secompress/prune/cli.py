@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+from ..checkpoints import DTYPE_CHOICES
 from .api import RECONSTRUCTION_METHODS
 from .scores import SCORERS
 
@@ -25,7 +26,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: the checkpoint's own dtype")
     p.add_argument("--revision", default=None)
     p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
 
@@ -33,7 +34,6 @@ def _add_prune(sub) -> None:
 def _prune(args) -> int:
     from ..checkpoints import load_model, load_tokenizer
     from ..outputs import check_output_dir
-    from ..profile import DTYPES
     from ..profile_io import load_profile
     from .api import PruneConfig, plan_for, prune, save_pruned, summary_table
 
@@ -42,7 +42,7 @@ def _prune(args) -> int:
                       seed=args.seed, calib_samples=args.samples, eval_samples=args.eval_samples,
                       seq_len=args.seq_len, batch_size=args.batch_size)
     prof = load_profile(args.profile) if args.profile else None
-    model = load_model(args.model, DTYPES[args.dtype], args.revision, args.trust_remote_code)
+    model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code)
     plan_for(model, cfg.ratio)  # a ratio the router cannot take fails before the tokenizer and data
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
     result = prune(model, tok, cfg, profile=prof, data=args.data, eval_data=args.eval_data, progress=True)

@@ -210,7 +210,7 @@ def load_bnb(path: str | Path, device: str | None = None):
         if not any(plan.bits[n] is not None for n in plan.moe_layers().get(i, [])):
             keep_fused[i] = fused
         setattr(block, adapter.experts, PerExpertExperts(fused))
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path, raw=True)  # reads its own codes
     with ckpt.reading():
         for name, bits in _targets(plan, adapter).items():
             parent, _, attr = name.rpartition(".")

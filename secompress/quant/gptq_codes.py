@@ -61,7 +61,7 @@ def load_gptq_codes(model, plan: QuantPlan, path: str | Path) -> None:
     if qcfg.get("checkpoint_format", qcfg.get("format")) != "gptq" or qcfg.get("desc_act"):
         raise SecompressError(f"'{path}': only gptq-format checkpoints without desc_act are read here")
     adapter = check_model(model)
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path, raw=True)  # reads its own codes
 
     experts = f".{adapter.moe_block}.{adapter.experts}."
 

@@ -166,8 +166,7 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         timings[name] = round(time.time() - since, 2)
         return time.time()
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
-    model = load_model(recipe.model.id, dtype, recipe.model.revision, recipe.model.trust_remote_code)
+    model = load_model(recipe.model.id, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
     tok = load_tokenizer(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
     calib, eval_ids = _data(recipe, tok)
     t = tick("load", t0)

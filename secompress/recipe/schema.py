@@ -27,7 +27,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from ..errors import SecompressError
 
 SCHEMA_VERSION = 1
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": the checkpoint's own dtype
 # a recipe's name becomes a folder name under the output root: one plain path component only
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -40,7 +40,7 @@ class RecipeError(SecompressError):
 class ModelSpec:
     id: str  # hub id or local folder
     revision: str | None = None
-    dtype: str = "float32"
+    dtype: str = "auto"
     trust_remote_code: bool = False
     model_type: str | None = None  # lets `secompress validate` check the adapter without the network
 
