@@ -70,6 +70,9 @@ def local_checkpoint(model: str | Path, revision: str | None = None) -> Path:
                               f"downloaded ({type(e).__name__}); download them and pass the folder") from e
 
 
+DEQUANTIZED_ON_LOAD = {"mxfp4": "Mxfp4Config"}  # quant_method -> transformers config class with dequantize=True
+
+
 def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: str | None = None,
                trust_remote_code: bool = False, device: str | None = None):
     """Load a supported MoE checkpoint (local folder or hub id) with eager attention.
@@ -79,8 +82,9 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
     (DeepSeek-V3/R1, Qwen3-FP8) is dequantized tensor by tensor on the CPU by
     :class:`~secompress.streaming.Checkpoint` (transformers' CPU fallback derives the block
     from the scale grid and is wrong for partial blocks) and then moved to ``device``; its
-    config loses ``quantization_config`` (the weights in memory are real). Any other
-    quantization_config is refused.
+    config loses ``quantization_config`` (the weights in memory are real). MXFP4 (GPT-OSS) is
+    dequantized by transformers on load (asked explicitly, so a GPU does not keep MXFP4 kernels).
+    Any other quantization_config is refused.
     """
     from transformers import AutoModelForCausalLM
 
@@ -89,16 +93,22 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
     config = load_config(model, revision, trust_remote_code)
     _check_safetensors(model)
     torch_dtype = resolve_dtype(dtype, config)
-    if Path(model).is_dir():
+    qc = getattr(config, "quantization_config", None)
+    extra = {"device_map": device} if device else {}
+    method = (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") if qc is not None else None
+    if method in DEQUANTIZED_ON_LOAD:
+        import transformers
+
+        extra["quantization_config"] = getattr(transformers, DEQUANTIZED_ON_LOAD[method])(dequantize=True)
+    elif BlockFP8.from_config(qc) is not None:  # raises for a quantization we cannot read
+        return _load_fp8(model, config, torch_dtype, revision, device)
+    elif Path(model).is_dir():
         from .streaming import Checkpoint
 
-        Checkpoint(model)  # reads the headers only: refuses FP8 codes without scales
-    if BlockFP8.from_config(getattr(config, "quantization_config", None)) is not None:
-        return _load_fp8(model, config, torch_dtype, revision, device)
+        Checkpoint(model)  # reads the headers only: refuses FP8 codes stored without scales
     m = AutoModelForCausalLM.from_pretrained(
         str(model), config=config, dtype=torch_dtype, revision=revision, use_safetensors=True,
-        trust_remote_code=trust_remote_code, attn_implementation="eager",
-        **({"device_map": device} if device else {}),
+        trust_remote_code=trust_remote_code, attn_implementation="eager", **extra,
     )
     return m.eval()
 

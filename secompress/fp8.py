@@ -47,7 +47,8 @@ class BlockFP8:
         if method != "fp8":
             raise UnsupportedQuantizationError(
                 f"the checkpoint is quantized with '{method or d}'; secompress reads unquantized checkpoints and "
-                "block-scaled FP8 (quant_method fp8, DeepSeek-V3/Qwen3-FP8 style) only: dequantize it first")
+                "block-scaled FP8 (quant_method fp8, DeepSeek-V3/Qwen3-FP8 style) only (MXFP4 in memory only, "
+                "dequantized by transformers): dequantize it first")
         block = d.get("weight_block_size")
         if block is None:
             raise UnsupportedQuantizationError("FP8 checkpoint without weight_block_size (per-tensor FP8) "

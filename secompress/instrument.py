@@ -131,9 +131,11 @@ class Recorder:
 @torch.no_grad()
 def row_stats(act: torch.Tensor, out: torch.Tensor):
     """Per-row reductions of one expert's down_proj: act [c, I], out [c, H] ->
-    max |out| [c], its channel [c], max |act| [c], ||out||_2 [c]."""
+    max |out| [c], its channel [c], max |act| [c], ||out||_2 [c]. Maxima are exact in any dtype; the
+    norm sums squares in float32 (a bfloat16 sum of H squares loses digits), one expert's rows at a time."""
     row_max, row_ch = out.detach().abs().max(dim=-1)
-    return row_max, row_ch, act.detach().abs().amax(dim=-1), torch.linalg.vector_norm(out.detach(), dim=-1)
+    norm = torch.linalg.vector_norm(out.detach(), dim=-1, dtype=torch.float32)
+    return row_max, row_ch, act.detach().abs().amax(dim=-1), norm
 
 
 def _fused_forward(rec: Recorder, layer: int):
