@@ -46,7 +46,7 @@ print(json.dumps({'transformers': transformers.__version__, 'max_abs_diff': floa
 
 def export(arch: str, bits: int, out: Path) -> None:
     from secompress.checkpoints import load_model
-    from secompress.quant.api import QuantConfig, quantize_, save_quantized
+    from secompress.quant.api import save_quantized
     from secompress.testing import make_tiny, plant_super_expert, save_tiny
 
     model = make_tiny(arch)

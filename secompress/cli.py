@@ -8,41 +8,35 @@ import argparse
 import logging
 import sys
 
-from .checkpoints import DTYPE_CHOICES
+from .cli_args import add_command, model_parent, output_parent
 from .errors import SecompressError
 from .prune.cli import COMMAND as PRUNE_COMMAND
 from .quant.cli import COMMAND as QUANTIZE_COMMAND
 from .recipe.cli import COMMAND as RUN_COMMAND
+from .se_rule import SERule
 
 
 def _add_profile(sub) -> None:
-    p = sub.add_parser("profile", help="find the Super Experts of an MoE checkpoint")
-    p.add_argument("model", help="checkpoint folder or hub id")
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--data", default="builtin", help="builtin, a .txt/.jsonl file, or hf:NAME[:CONFIG]:SPLIT")
-    p.add_argument("--samples", type=int, default=32, help="calibration windows")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p = add_command(sub, "profile", "find the Super Experts of an MoE checkpoint",
+                    parents=(model_parent(), output_parent()))
     p.add_argument("--streaming", action="store_true", help="materialise one decoder layer at a time")
-    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="auto: the checkpoint's own dtype")
-    p.add_argument("--layer-fraction", type=float, default=0.75, help="rule looks at this leading share of layers")
-    p.add_argument("--percentile", type=float, default=99.5)
-    p.add_argument("--max-ratio", type=float, default=0.1, help="an SE must exceed this fraction of the max")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--layer-fraction", type=float, default=SERule.layer_fraction,
+                   help="the SE rule looks at this leading share of the layers")
+    p.add_argument("--percentile", type=float, default=SERule.percentile,
+                   help="an SE's max |down_proj output| is above this percentile of all experts'")
+    p.add_argument("--max-ratio", type=float, default=SERule.max_ratio,
+                   help="an SE must exceed this fraction of the largest max")
+    p.add_argument("--no-plots", action="store_true", help="skip se_heatmap.png and layers.png")
 
 
 def _profile(args) -> int:
     from .outputs import check_output_dir
     from .profile import ProfileConfig, profile
     from .profile_io import save_profile, summary_table
-    from .se_rule import SERule
 
     check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
     cfg = ProfileConfig(
-        rule=SERule(args.layer_fraction, args.percentile, args.max_ratio), num_samples=args.samples,
+        rule=SERule(args.layer_fraction, args.percentile, args.max_ratio), num_samples=args.num_samples,
         seq_len=args.seq_len, batch_size=args.batch_size, streaming=args.streaming, dtype=args.dtype)
     result = profile(args.model, data=args.data, config=cfg, revision=args.revision,
                      trust_remote_code=args.trust_remote_code)
@@ -63,7 +57,7 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="secompress", description="Super-Expert-aware MoE compression")
-    ap.add_argument("-v", "--verbose", action="store_true")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
     sub = ap.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
         add(sub)

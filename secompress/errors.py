@@ -38,3 +38,34 @@ def require(module: str, extra: str, what: str):
         if e.name and e.name.split(".")[0] == module.split(".")[0]:
             raise MissingExtraError(module, extra, what) from None
         raise
+
+
+# ---- advice spelled the way the user gave the setting ---------------------------------------
+_STYLE: list[str] = ["api"]  # innermost last: "api" | "cli" | "recipe"
+
+
+class option_style:
+    """Within the block, :func:`option` spells settings as CLI flags or recipe keys (default: Python)."""
+
+    def __init__(self, style: str):
+        if style not in ("api", "cli", "recipe"):
+            raise ValueError(f"style must be api, cli or recipe, got {style!r}")
+        self.style = style
+
+    def __enter__(self):
+        _STYLE.append(self.style)
+        return self
+
+    def __exit__(self, *exc):
+        _STYLE.pop()
+
+
+def option(key: str, value, stage: str = "quantize") -> str:
+    """``key`` set to ``value`` as the user types it: ``--fallback rtn``, ``stages.quantize.fallback: rtn``
+    or ``fallback='rtn'``."""
+    style = _STYLE[-1]
+    if style == "cli":
+        return f"--{key.replace('_', '-')} {value}"
+    if style == "recipe":
+        return f"stages.{stage}.{key}: {value}"
+    return f"{key}={value!r}"

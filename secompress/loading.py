@@ -5,30 +5,17 @@ from pathlib import Path
 
 
 def load(path: str | Path, dtype="auto", device: str | None = None, trust_remote_code: bool = False):
-    """A secompress RTN export comes back with its real integer-coded modules
-    (``secompress.quant.load_quantized``); a bitsandbytes export with real ``Linear4bit`` /
-    ``Linear8bitLt`` modules (``secompress.quant.bnb_export.load_bnb``); a GPTQ export through
+    """A quantized export comes back through the backend that wrote it (each backend's
+    ``detect``/``load`` in :mod:`secompress.quant.backends`): RTN with its real integer-coded
+    modules, bitsandbytes with real ``Linear4bit`` / ``Linear8bitLt`` modules, GPTQ through
     ``GPTQModel.load`` (which patches transformers' MoE classes in this process: import order
-    matters for other models); anything
-    else (a pruned or untouched checkpoint) through ``AutoModelForCausalLM`` with safetensors only
-    and eager attention."""
+    matters for other models); anything else (a pruned or untouched checkpoint) through
+    ``AutoModelForCausalLM`` with safetensors only and eager attention."""
     from .checkpoints import load_model
-    from .quant.api import CODES_NAME, PLAN_NAME, load_quantized
-    from .quant.bnb_export import FORMAT as BNB_FORMAT, load_bnb
+    from .quant.export import backend_of
 
-    p = Path(path)
-    if (p / CODES_NAME).is_file() and (p / PLAN_NAME).is_file():
-        return load_quantized(p, device=device)[0]
-    if (p / PLAN_NAME).is_file() and _export_format(p / PLAN_NAME) == BNB_FORMAT:
-        return load_bnb(p, device=device)[0]
-    if (p / "quantize_config.json").is_file():  # written by gptqmodel
-        from .errors import require
-
-        return require("gptqmodel", "gptq", "Loading a GPTQ checkpoint").GPTQModel.load(str(p), device=device)
-    return load_model(p, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-
-
-def _export_format(plan_path: Path) -> str | None:
-    import json
-
-    return json.loads(plan_path.read_text()).get("export", {}).get("format")
+    backend = backend_of(path)
+    if backend is not None:
+        return backend.load(Path(path), device=device)[0]
+    return load_model(Path(path), dtype=dtype, device=device,
+                      trust_remote_code=trust_remote_code)

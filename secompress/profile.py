@@ -23,29 +23,31 @@ from .adapters import MoEAdapter
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, SecompressError
 from .instrument import Recorder, instrument
-from .checkpoints import (DTYPE_CHOICES, DTYPES, check_model, load_config, load_model, load_tokenizer,
-                          local_checkpoint, resolve_dtype)
+from .checkpoints import check_model, load_config, load_model, load_tokenizer, local_checkpoint, resolve_dtype
+from .dtypes import DEFAULT_DTYPE, check_dtype
 from .se_rule import SERule, find_super_experts, massive_ratio
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
+DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE = 32, 512, 8  # calibration defaults of every entry point
 
 
 @dataclass(frozen=True)
 class ProfileConfig:
     rule: SERule = SERule()
-    num_samples: int = 32
-    seq_len: int = 512
-    batch_size: int = 8
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = DEFAULT_BATCH_SIZE
     streaming: bool = False
-    dtype: str = "auto"  # "auto": the checkpoint's own dtype
+    dtype: str = DEFAULT_DTYPE  # "auto": the checkpoint's own dtype
     attention: bool = True  # measure attention-sink mass (needs eager attention)
 
     def __post_init__(self):
         if self.num_samples < 1 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("num_samples and batch_size must be >= 1, seq_len >= 2")
-        if self.dtype not in DTYPE_CHOICES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got '{self.dtype}'")
+        if not isinstance(self.rule, SERule):
+            raise ValueError("rule must be a SERule")
+        check_dtype(self.dtype)
 
 
 @dataclass
@@ -132,6 +134,7 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
     """
     from .streaming import Checkpoint, build_skeleton, run_streaming
 
+    hf_config = None
     name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
     if isinstance(model, (str, Path)):
         hf_config = load_config(model, revision, trust_remote_code)
@@ -175,6 +178,37 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
         super_experts_normalised=find_super_experts(arrays["out_max"], config.rule, normalise=True),
         timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def check_profile_matches(profile: ProfileResult, model) -> None:
+    """SecompressError unless ``profile`` was made on a model of ``model``'s type and shape."""
+    adapter = check_model(model)
+    E, L = adapter.num_experts(model.config), len(adapter.layers(model))
+    if profile.model_type != model.config.model_type or profile.num_experts != E or profile.num_layers != L:
+        raise SecompressError(f"the profile is of a {profile.model_type} model with {profile.num_layers} layers "
+                              f"x {profile.num_experts} experts, this model is {model.config.model_type} "
+                              f"with {L} x {E}")
+
+
+def profile_for(model, profile: ProfileResult | None = None, tokenizer=None,
+                data: str | Path | CalibrationData = "builtin", config: ProfileConfig | None = None,
+                progress: bool = False) -> ProfileResult:
+    """The profile a stage uses for ``model``: ``profile`` checked against the model, or a new one.
+
+    A new one is profiled on ``data`` (text: ``config``'s windows; CalibrationData: as given)
+    with ``tokenizer``; the prune and quantize stages both come here.
+    """
+    if profile is not None:
+        check_profile_matches(profile, model)
+        return profile
+    if tokenizer is None and not isinstance(data, CalibrationData):
+        raise SecompressError("Super-Expert protection and bit allocation need a profile: pass profile= "
+                              "(secompress.load_profile) or tokenizer= to profile now")
+    config = config or ProfileConfig(num_samples=16, seq_len=256, batch_size=4)  # CalibrationData: as given
+    return _profile(model, tokenizer, data=data, config=config, progress=progress)
+
+
+_profile = profile  # profile_for's argument shadows the name
 
 
 class _eager_attention:

@@ -116,7 +116,7 @@ def test_save_and_load_round_trip_with_schema(tmp_path, tokenizer):
 
 def test_cli_profile_end_to_end(tmp_path, tiny_dir, capsys):
     out = tmp_path / "p"
-    assert main(["profile", str(tiny_dir("olmoe")), "--out", str(out), "--samples", "4", "--seq-len", "32",
+    assert main(["profile", str(tiny_dir("olmoe")), "--out", str(out), "--num-samples", "4", "--seq-len", "32",
                  "--no-plots"]) == 0
     assert (out / "super_experts.json").is_file()
     assert "first-token" in capsys.readouterr().out
@@ -151,7 +151,7 @@ def test_nan_activations_are_reported_and_nothing_is_written(tmp_path, tiny_dir)
         get_adapter(model.config).experts_of(model.model.layers[1].mlp).down_proj[:] = float("nan")
     path = save_tiny(model, tmp_path / "nan")
     out = tmp_path / "out"
-    assert main(["profile", str(path), "--out", str(out), "--samples", "2", "--seq-len", "16"]) == 2
+    assert main(["profile", str(path), "--out", str(out), "--num-samples", "2", "--seq-len", "16"]) == 2
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
     with pytest.raises(CalibrationError, match="non-finite"):
         profile(str(path), config=SMALL, progress=False)
@@ -161,7 +161,7 @@ def test_existing_output_dir_needs_overwrite_and_is_kept(tmp_path, tiny_dir, cap
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main(["profile", str(tiny_dir("qwen3_moe")), "--out", str(out), "--samples", "2", "--seq-len", "16"]) == 2
+    assert main(["profile", str(tiny_dir("qwen3_moe")), "--out", str(out), "--num-samples", "2", "--seq-len", "16"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
     r = profile(tiny_dir("qwen3_moe"), config=SMALL, progress=False)

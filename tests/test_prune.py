@@ -248,10 +248,10 @@ def test_ratio_that_would_remove_a_super_expert_is_rejected(tiny_dir, tmp_path, 
     save_profile(prof, tmp_path / "prof", plots=False)
     out = tmp_path / "out"
     args = ["prune", str(path), "--ratio", "0.75", "--profile", str(tmp_path / "prof"), "--out", str(out),
-            "--samples", "4", "--eval-samples", "2", "--seq-len", "48"]
+            "--num-samples", "4", "--eval-samples", "2", "--seq-len", "48"]
     assert main(args) == 2
     assert "Super Experts" in capsys.readouterr().err and not out.exists()
-    assert main(args + ["--no-se-protection"]) == 0  # explicit opt-out: the same request goes through
+    assert main(args + ["--no-protect-super-experts"]) == 0  # explicit opt-out: the same request goes through
     report = json.loads((out / REPORT_NAME).read_text())
     assert report["num_experts_after"] == 2 and report["config"]["protect_super_experts"] is False
 
@@ -259,7 +259,7 @@ def test_ratio_that_would_remove_a_super_expert_is_rejected(tiny_dir, tmp_path, 
 def test_cli_prunes_and_refuses_to_overwrite(tiny_dir, tmp_path, capsys):
     out = tmp_path / "pruned"
     args = ["prune", str(tiny_dir("deepseek_v2")), "--ratio", "0.25", "--method", "easy_ep", "--out", str(out),
-            "--samples", "4", "--eval-samples", "2", "--seq-len", "48"]
+            "--num-samples", "4", "--eval-samples", "2", "--seq-len", "48"]
     assert main(args) == 0
     assert "held-out perplexity" in capsys.readouterr().out
     report = json.loads((out / REPORT_NAME).read_text())

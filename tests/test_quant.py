@@ -295,7 +295,8 @@ def test_all_expert_calibration_keeps_output(base, ids, defuse):
 def test_cli_quantize(tiny_dir, tmp_path, capsys):
     out = tmp_path / "q"
     args = ["quantize", str(tiny_dir("qwen3_moe")), "--method", "rtn", "--bits", "4", "--group-size", "32",
-            "--se-precision", "8", "--se-mode", "layer", "--dtype", "float32", "--out", str(out)]
+            "--se-bits", "8", "--se-mode", "layer", "--dtype", "float32", "--num-samples", "8", "--seq-len", "64",
+            "--out", str(out)]
     assert main(args) == 0
     assert "vllm-fused-moe  yes" in capsys.readouterr().out
     plan = json.loads((out / PLAN_NAME).read_text())

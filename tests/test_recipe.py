@@ -45,24 +45,24 @@ def test_every_recipe_validates_and_has_an_adapter(path):
 def test_good_recipe_parses_with_defaults():
     r = parse_recipe(GOOD, "g.yaml")
     assert r.stage_names == ["profile", "prune", "export"] and r.stage("prune").method == "reap"
-    assert r.data.calibration == "builtin" and r.stage("profile").percentile == 99.5
+    assert r.data.calibration == "builtin" and r.stage("profile").rule.percentile == 99.5
 
 
 @pytest.mark.parametrize("text, message", [
     (GOOD.replace("name: t", "name: t\ncolour: red"), r"g.yaml:3: unknown top-level key 'colour'"),
     (GOOD.replace("{ratio: 0.25}", "{ratio: 0.25, ratoi: 1}"), r"g.yaml:6: unknown key 'ratoi' in 'stages.prune'"),
-    (GOOD.replace("{ratio: 0.25}", "{ratio: many}"), r"g.yaml:6: 'stages.prune.ratio' must be float"),
+    (GOOD.replace("{ratio: 0.25}", "{ratio: many}"), r"g.yaml:6: stages.prune.ratio: must be float"),
     (GOOD.replace("{ratio: 0.25}", "{ratio: 1.5}"), r"ratio must be in \(0, 1\)"),
     (GOOD.replace("  - profile: {}\n", "") + "  - profile: {}\n", r"g.yaml:7: stage 'profile' must come before"),
     (GOOD + "  - export: {}\n", r"g.yaml:8: stage 'export' appears twice"),
     (GOOD.replace("  - export: {}\n", "  - push: {repo_id: a/b}\n"), r"'push' needs an 'export' stage"),
     (GOOD.replace("version: 1", "version: 7"), r"g.yaml:1: recipe version 7 is not supported"),
     (GOOD.replace("model: {id: some/model, model_type: qwen3_moe}", "model: {model_type: qwen3_moe}"),
-     r"'model' needs id"),
+     r"g.yaml:3: model: needs id"),
     (GOOD.replace("  - export: {}\n", "  - shrink: {}\n"), r"unknown stage 'shrink'"),
     ("- just a list", r"a recipe is a YAML mapping"),
-    (GOOD.replace("  - export: {}\n", "  - quantize: {method: awq}\n"), r"must be 'rtn', 'bnb' or 'gptq'"),
-    (GOOD.replace("  - export: {}\n", "  - quantize: {fallback: zero}\n"), r"fallback must be null or 'rtn'"),
+    (GOOD.replace("  - export: {}\n", "  - quantize: {method: awq}\n"), r"g.yaml:7: stages.quantize.method: unknown method 'awq'"),
+    (GOOD.replace("  - export: {}\n", "  - quantize: {fallback: zero}\n"), r"g.yaml:7: stages.quantize.fallback: fallback must be one of"),
 ])
 def test_bad_recipes_point_at_the_problem(text, message):
     with pytest.raises(RecipeError, match=message):

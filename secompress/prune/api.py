@@ -26,9 +26,10 @@ from ..errors import SecompressError
 from ..perplexity import perplexity
 from ..checkpoints import check_model, write_legacy_config_keys
 from ..outputs import atomic_dir
-from ..profile import ProfileConfig, ProfileResult, profile as run_profile
 from ..streaming import Checkpoint
 from .as_stored import save_as_stored
+from ..profile import (DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, ProfileConfig, ProfileResult,
+                       check_profile_matches, profile_for)
 from .reconstruction import DEFAULT_LIMIT, capture_block_inputs, naee_select
 from .scores import SCORERS, score
 from .select import PrunePlan, ProtectionChange, Selection, make_plan, protected_by_layer, select_by_score
@@ -46,10 +47,10 @@ class PruneConfig:
     method: str = "reap"  # a SCORERS name or "naee"
     protect_super_experts: bool = True
     seed: int = 0  # the random scorer's seed
-    calib_samples: int = 16  # windows for profiling and NAEE
+    calib_samples: int = DEFAULT_NUM_SAMPLES  # windows for profiling and NAEE
     eval_samples: int = 8  # held-out windows for perplexity; 0 = no perplexity
-    seq_len: int = 256
-    batch_size: int = 4
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = DEFAULT_BATCH_SIZE
     naee_samples: int = 4  # of the calibration windows, how many NAEE reconstructs (its inputs are kept in memory)
     naee_limit: int = DEFAULT_LIMIT  # enumerate removal sets up to this many per layer, else greedy
 
@@ -138,14 +139,6 @@ def _split_data(data, eval_data, tokenizer, cfg: PruneConfig) -> tuple[Calibrati
             CalibrationData(ids[cut:], f"{calib_all.source} (held-out windows {cut}..{n - 1})", calib_all.sha256))
 
 
-def _check_profile(p: ProfileResult, model, adapter) -> None:
-    E = adapter.num_experts(model.config)
-    L = len(adapter.layers(model))
-    if p.model_type != model.config.model_type or p.num_experts != E or p.num_layers != L:
-        raise SecompressError(f"the profile is of a {p.model_type} model with {p.num_layers} layers x "
-                              f"{p.num_experts} experts, this model is {model.config.model_type} with {L} x {E}")
-
-
 def plan_for(model, ratio: float) -> PrunePlan:
     """The validated plan for pruning ``model`` by ``ratio`` (raises a clear ValueError otherwise)."""
     adapter = check_model(model)
@@ -167,12 +160,11 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
     adapter = check_model(model)
     plan = plan_for(model, config.ratio)
     if profile is not None:
-        _check_profile(profile, model, adapter)
+        check_profile_matches(profile, model)
     calib, held_out = _split_data(data, eval_data, tokenizer, config)
-    if profile is None:
-        pc = ProfileConfig(num_samples=calib.input_ids.shape[0], seq_len=calib.input_ids.shape[1],
-                           batch_size=config.batch_size)
-        profile = run_profile(model, tokenizer, data=calib, config=pc, progress=progress)
+    pc = ProfileConfig(num_samples=calib.input_ids.shape[0], seq_len=calib.input_ids.shape[1],
+                       batch_size=config.batch_size)
+    profile = profile_for(model, profile, tokenizer, calib, pc, progress)
     E = plan.num_experts
     moe_layers = adapter.moe_layer_indices(model)
     ses = profile.se_ids()

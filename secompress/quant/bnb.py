@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import require
 from ..checkpoints import check_model
 from ..layout import PROJ, PerExpertExperts
-from .api import planned_expert_layers, planned_linears
+from .modules import planned_expert_layers, planned_linears
 from .plan import QuantPlan
 
 BNB_BITS = (4, 8)

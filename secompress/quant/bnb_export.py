@@ -29,7 +29,7 @@ from ..outputs import atomic_dir
 from ..layout import PROJ, PerExpertExperts, refuse_into
 from ..streaming import Checkpoint, build_skeleton, disk_key, materialise_model
 from .bnb import keep_canonical_layout, linear8bit_class
-from .plan import QuantPlan
+from .plan import PLAN_NAME, QuantPlan
 
 log = logging.getLogger(__name__)
 FORMAT = "secompress-bnb"
@@ -138,8 +138,6 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path) -> None:
 @torch.no_grad()
 def save_bnb(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
     """Write a bitsandbytes-quantized model atomically to ``out`` (see the module docstring)."""
-    from .api import PLAN_NAME
-
     adapter = check_model(model)
     spec = _spec(model, plan, adapter)  # fails before anything is written
     qcfg = quantization_config(model, plan, adapter, spec)
@@ -193,8 +191,6 @@ def _bnb_module(lin: nn.Linear, key: str, ckpt: Checkpoint, bits: int, spec: dic
 @torch.no_grad()
 def load_bnb(path: str | Path, device: str | None = None):
     """Load a :func:`save_bnb` checkpoint with its real bitsandbytes modules; returns (model, plan)."""
-    from .api import PLAN_NAME
-
     path = Path(path)
     d = json.loads((path / PLAN_NAME).read_text())
     spec = d.get("export", {})

@@ -1,80 +1,97 @@
 """``secompress quantize``: mixed-precision quantization that keeps Super Experts precise.
 
-    secompress quantize MODEL --method rtn|bnb|gptq --bits 4 --group-size 32 --se-precision 16|8 [--se-mode expert|layer]
-                        [--avg-bits 3.5] [--profile DIR] [--rule NAME=BITS | re:REGEX=BITS ...] --out OUT [--overwrite]
+    secompress quantize MODEL --method rtn|gptq|bnb --bits 4 --group-size 32 --se-bits 16|8 [--se-mode expert|layer]
+                        [--avg-bits 3.5] [--profile DIR] [--rule NAME=BITS | re:REGEX=BITS ...]
+                        [--calibration all-experts] [--option KEY=VALUE ...] --out OUT [--overwrite]
 """
 from __future__ import annotations
 
-from .api import METHODS
+from ..cli_args import add_command, add_profile_arg, add_protection, model_parent, output_parent
+from .backends import BACKENDS
+from .config import CALIBRATIONS
+from .coverage import FALLBACKS
 
 
 def _add_quantize(sub) -> None:
-    p = sub.add_parser("quantize", help="quantize weights, keeping Super Experts at higher precision")
-    p.add_argument("model", help="checkpoint folder or hub id")
-    p.add_argument("--method", default="rtn", choices=list(METHODS))
+    p = add_command(sub, "quantize", "quantize weights, keeping Super Experts at higher precision",
+                    parents=(model_parent(), output_parent()))
+    p.add_argument("--method", default="rtn", choices=list(BACKENDS), help="quantization backend")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="default bits per weight")
     p.add_argument("--group-size", type=int, default=128, help="input features per scale (-1: per row)")
-    p.add_argument("--symmetric", action="store_true")
-    p.add_argument("--se-precision", type=int, default=16, choices=[16, 8], help="bits of the Super Experts")
+    p.add_argument("--symmetric", action="store_true", help="symmetric quantization (zero point fixed mid-range)")
+    p.add_argument("--se-bits", "--se-precision", dest="se_bits", type=int, default=16, choices=[16, 8],
+                   help="bits of the Super Experts (16 keeps them unquantized)")
     p.add_argument("--se-mode", default="expert", choices=["expert", "layer"],
                    help="raise only the SEs, or every expert of an SE's layer (one format per layer, vLLM)")
-    p.add_argument("--no-se-protection", action="store_true", help="quantize Super Experts like the rest")
+    add_protection(p, "quantized like the rest")
     p.add_argument("--avg-bits", type=float, default=None, help="allocate routed experts' bits to this average")
     p.add_argument("--rule", action="append", default=[], help="NAME=BITS or re:REGEX=BITS (16 keeps); repeatable")
-    p.add_argument("--bnb-quant-type", default="nf4", choices=["nf4", "fp4"], help="method bnb, 4-bit: the format")
-    p.add_argument("--fallback", default=None, choices=["rtn"], help="for experts no calibration token reached")
-    p.add_argument("--profile", default=None, help="a profile directory from `secompress profile` (else profile now)")
-    p.add_argument("--data", default="builtin", help="calibration text when profiling now")
-    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+    p.add_argument("--fallback", default=None, choices=[f for f in FALLBACKS if f],
+                   help="calibrated methods: quantize experts no calibration token reached this way")
+    p.add_argument("--calibration", default="routed", choices=list(CALIBRATIONS),
+                   help="calibrated methods: 'all-experts' shows every calibration token to every expert")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method's backend, e.g. quant_type=fp4 for bnb (repeatable)")
+    add_profile_arg(p)
+
+
+def backend_options(method: str, pairs: list[str]):
+    """The backend's options dataclass from ``KEY=VALUE`` strings (values read as YAML scalars)."""
+    import dataclasses
+
+    import yaml
+
+    from .backends import get_backend
+
+    cls = get_backend(method).options
+    names = [f.name for f in dataclasses.fields(cls)]
+    kw = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in names:
+            raise ValueError(f"--option {pair!r}: method '{method}' takes "
+                             f"{', '.join(f'{n}=VALUE' for n in names) or 'no options'}")
+        kw[key] = yaml.safe_load(value)
+    return cls(**kw)
 
 
 def _quantize(args) -> int:
+    import tempfile
+    from pathlib import Path
+
     from ..checkpoints import load_model, load_tokenizer
+    from ..cli_args import check_calibration_args, load_profile_arg
+    from ..data import load_calibration
+    from ..errors import option_style
     from ..outputs import check_output_dir
-    from ..profile import DTYPES
-    from ..profile_io import load_profile
-    from .api import QuantConfig, check_method, quantize_, save_quantized
+    from ..profile import ProfileConfig, profile_for
+    from .apply import needs_profile, quantize_
+    from .config import QuantConfig
+    from .export import save_quantized
     from .plan import Rule
 
-    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
+    out = check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
+    check_calibration_args(args)
     cfg = QuantConfig(bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
-                      symmetric=args.symmetric, se_mode=args.se_mode,
-                      se_bits=None if args.se_precision == 16 else 8, protect_super_experts=not args.no_se_protection,
-                      rules=tuple(Rule.parse(r) for r in args.rule), avg_bits=args.avg_bits, method=args.method,
-                      fallback=args.fallback, bnb_quant_type=args.bnb_quant_type)
-    check_method(cfg.method)
-    prof = load_profile(args.profile) if args.profile else None
-    model = load_model(args.model, DTYPES[args.dtype], args.revision, args.trust_remote_code)
+                      symmetric=args.symmetric, se_mode=args.se_mode, se_bits=args.se_bits,
+                      protect_super_experts=args.protect_super_experts, rules=tuple(Rule.parse(r) for r in args.rule),
+                      avg_bits=args.avg_bits, method=args.method, options=backend_options(args.method, args.option),
+                      fallback=args.fallback, calibration=args.calibration)
+    cfg.backend.require()
+    prof = load_profile_arg(args.profile)
+    model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code)
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
-    if cfg.method == "gptq":  # gptqmodel quantizes from the checkpoint, following our plan
-        from ..data import load_calibration
-        from .api import plan_quantization
-        from .gptq import gptq_quantize
-
-        from ..profile import ProfileConfig, profile as run_profile
-        from .coverage import check_coverage
-
-        calib = load_calibration(args.data, tok, num_samples=32, seq_len=512)
-        prof = prof or run_profile(model, tok, data=calib, config=ProfileConfig(num_samples=32, seq_len=512))
-        check_coverage(prof, cfg.fallback)  # an expert without tokens is an error unless --fallback rtn
-        plan = plan_quantization(model, cfg, profile=prof)
-        calib = calib.input_ids
-        del model
-        gptq_quantize(args.model, tok, plan, calib, args.out, bits=cfg.bits, group_size=cfg.group_size,
-                      symmetric=cfg.symmetric, overwrite=args.overwrite, fallback=cfg.fallback)
-        print(plan.table())
-        print(f"wrote {args.out} (GPTQ checkpoint: load it with GPTQModel.load or vLLM)")
-        return 0
-    plan = quantize_(model, cfg, profile=prof, tokenizer=tok, data=args.data)
-    save_quantized(model, tok, plan, args.out, overwrite=args.overwrite)
+    calib = load_calibration(args.data, tok, args.num_samples, args.seq_len)
+    if needs_profile(cfg):
+        pc = ProfileConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size)
+        prof = profile_for(model, prof, tok, calib, pc, progress=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    source = args.model if Path(args.model).is_dir() else None  # checkpoint backends read it as is
+    with option_style("cli"), tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
+        plan = quantize_(model, cfg, profile=prof, tokenizer=tok, data=calib, work=work, source=source)
+        save_quantized(model, tok, plan, out, overwrite=args.overwrite)
     print(plan.table())
-    what = {"rtn": "dequantized safetensors, quantization_plan.json, secompress_quant.safetensors",
-            "bnb": "bitsandbytes safetensors in the per-expert layout: load with secompress.load"}[cfg.method]
-    print(f"wrote {args.out} ({what})")
+    print(f"wrote {out} (method {cfg.method}; load it with secompress.load)")
     return 0
 
 

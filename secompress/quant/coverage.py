@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import CalibrationError
+from ..errors import CalibrationError, option
 from ..checkpoints import check_model
 from ..experts import expert_forward
 
@@ -48,7 +48,8 @@ def check_coverage(profile, fallback: str | None = None, experts=None) -> list[t
     if missing and fallback is None:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         raise CalibrationError(f"{len(missing)} expert(s) got no calibration token: {shown}. Use more or more "
-                               "varied calibration data, all-expert calibration, or fallback='rtn'")
+                               f"varied calibration data, all-expert calibration "
+                               f"({option('calibration', 'all-experts')}), or {option('fallback', 'rtn')}")
     if missing:
         log.warning("%d uncalibrated expert(s) fall back to %s", len(missing), fallback)
     return missing

@@ -59,7 +59,8 @@ def dynamic_from_plan(plan: QuantPlan, default_bits: int) -> dict[str, dict]:
 
 def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids: torch.Tensor, out: str | Path,
                   bits: int = 4, group_size: int | None = 128, symmetric: bool = True, overwrite: bool = False,
-                  se_aware: bool = True, batch_size: int = 4, fallback: str | None = None) -> dict:
+                  se_aware: bool = True, batch_size: int = 4, fallback: str | None = None,
+                  all_experts: bool = False) -> dict:
     """Quantize the checkpoint at ``model_path`` with GPTQ following ``plan`` and save it to ``out``.
 
     ``calib_ids`` [N, S] are the calibration windows. With ``se_aware=False`` the plan's
@@ -68,21 +69,24 @@ def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids:
     that sees under 0.5% of the calibration tokens, which in a MoE silently catches rare
     experts), so every quantized weight is GPTQ; "rtn" keeps it. Callers check coverage
     first (:func:`~secompress.quant.coverage.check_coverage`): an expert with no token at
-    all is an error unless the fallback is chosen.
+    all is an error unless the fallback is chosen. ``all_experts``: gptqmodel forwards every
+    calibration token through every expert (its ``ExpertsRoutingBypass``, the scheme of
+    :func:`~secompress.quant.coverage.all_expert_calibration`), so no expert lacks statistics.
     gptqmodel patches transformers' MoE classes when it is imported (it defuses experts), so
     it runs in a child process and this process's transformers stays untouched.
     Returns the child's timings and the overrides used.
     """
-    from .api import check_method
+    from .backends import get_backend
 
-    check_method("gptq")  # MissingExtraError naming the extra, without importing gptqmodel here
+    get_backend("gptq").require()  # MissingExtraError naming the extra, without importing gptqmodel here
     adapter = get_adapter(load_config(model_path))
     dynamic = dynamic_from_plan(plan, bits) if se_aware else {}
     with atomic_dir(out, overwrite) as tmp:
         local = Path(model_path)
         job = {"mode": "quantize", "model": str(local.resolve()) if local.exists() else str(model_path),
                "bits": bits, "group_size": group_size or -1, "sym": symmetric, "dynamic": dynamic,
-               "batch_size": batch_size, "out": str((tmp / "model").resolve()), "fallback": fallback}
+               "batch_size": batch_size, "out": str((tmp / "model").resolve()), "fallback": fallback,
+               "all_experts": all_experts}
         work = tmp / ".job"
         work.mkdir()
         torch.save(calib_ids.cpu(), work / "calib.pt")
@@ -101,40 +105,50 @@ def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids:
 
 
 @torch.no_grad()
-def gptq_(model, tokenizer, config, profile, calib, work: str | Path) -> tuple[QuantPlan, Path]:
-    """GPTQ for an in-memory model, the recipe pipeline's quantize stage for method 'gptq'.
+def gptq_(model, tokenizer, plan: QuantPlan, config, profile, calib, work: str | Path,
+          source: str | Path | None = None) -> Path:
+    """GPTQ for an in-memory model following ``plan`` (the ``gptq`` backend's ``apply``).
 
-    ``model`` is saved to ``work/src``, gptqmodel quantizes it into ``work/gptq`` on the
-    windows of ``calib`` (a :class:`~secompress.data.CalibrationData`) following the plan of
-    ``config`` (a :class:`~secompress.quant.api.QuantConfig`), and the GPTQ codes are loaded
-    back into ``model`` as integer-coded modules (:mod:`.gptq_codes`), so it can be evaluated
-    here. ``profile`` (None: profiled now on ``calib``) gives the SEs and the coverage.
-    Returns the plan and the GPTQ folder (what gets exported).
+    gptqmodel quantizes ``source`` (the local checkpoint the model was loaded from, unchanged
+    since) or else ``model`` saved to ``work/src``, into ``work/gptq``, on the windows of
+    ``calib`` (a :class:`~secompress.data.CalibrationData`, or text tokenized now); ``config`` is
+    the :class:`~secompress.quant.config.QuantConfig`. The GPTQ codes are then loaded back into
+    ``model`` as integer-coded modules (:mod:`.gptq_codes`), so it can be evaluated here.
+    ``profile`` gives the coverage: an expert no calibration token reached is an error unless
+    the fallback is 'rtn' or the calibration is 'all-experts'. Returns the GPTQ folder.
     """
     from ..checkpoints import check_model
+    from ..data import CalibrationData, load_calibration
+    from ..profile import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
     from ..streaming import Checkpoint, materialise_model, release
-    from .api import _profile_for, plan_quantization
     from .coverage import check_coverage
     from .gptq_codes import load_gptq_codes
 
     work = Path(work)
-    profile = _profile_for(model, profile, tokenizer, calib, check_model(model))
-    plan = plan_quantization(model, config, profile=profile)
-    check_coverage(profile, config.fallback)  # an expert without tokens: error unless fallback='rtn'
-    src, adapter = work / "src", check_model(model)
-    model.save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    write_legacy_config_keys(src / "config.json", model.config, adapter)
+    all_experts = config.calibration == "all-experts"
+    if not all_experts:
+        check_coverage(profile, config.fallback)  # an expert without tokens: error unless fallback 'rtn'
+    if not isinstance(calib, CalibrationData):
+        calib = load_calibration(calib, tokenizer, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN)
+    adapter = check_model(model)
+    src = Path(source) if source is not None and Path(source).is_dir() else None
+    if src is None:
+        src = work / "src"
+        model.save_pretrained(src)
+        tokenizer.save_pretrained(src)
+        write_legacy_config_keys(src / "config.json", model.config, adapter)
     dtype = model.get_input_embeddings().weight.dtype
     release(model)  # the weights go back to meta while gptqmodel holds its own copy
     try:
         gptq_quantize(src, tokenizer, plan, calib.input_ids, work / "gptq", bits=config.bits,
-                      group_size=config.group_size, symmetric=config.symmetric, fallback=config.fallback)
+                      group_size=config.group_size, symmetric=config.symmetric, fallback=config.fallback,
+                      batch_size=config.options.batch_size, all_experts=all_experts)
     finally:
         materialise_model(model, Checkpoint(src), adapter, dtype)
-    shutil.rmtree(src)
+    if src == work / "src":
+        shutil.rmtree(src)
     load_gptq_codes(model, plan, work / "gptq")
-    return plan, work / "gptq"
+    return work / "gptq"
 
 
 def _run_child(work: Path, job: dict) -> None:
@@ -177,8 +191,13 @@ def _child(work: Path) -> None:
         return
     calib = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in ids]
     fallback = {"strategy": "rtn", "threshold": "0.5%"} if job.get("fallback") == "rtn" else None
+    moe = None
+    if job.get("all_experts"):  # every calibration token through every expert
+        from gptqmodel.quantization.config import ExpertsRoutingBypass, MoEConfig
+
+        moe = MoEConfig(routing=ExpertsRoutingBypass())
     qcfg = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"],
-                          dynamic=job["dynamic"] or None, fallback=fallback)
+                          dynamic=job["dynamic"] or None, fallback=fallback, moe=moe)
     t0 = time.perf_counter()
     model = GPTQModel.load(job["model"], qcfg)
     t1 = time.perf_counter()

@@ -28,6 +28,7 @@ from ..layout import PerExpertExperts
 from .rtn import BITS
 
 PLAN_VERSION = 1
+PLAN_NAME = "quantization_plan.json"  # written next to every quantized export
 SE_MODES = ("expert", "layer")
 RUNTIMES = ("transformers", "gptqmodel", "vllm-fused-moe")
 
@@ -137,6 +138,7 @@ class QuantPlan:
     se_mode: str = "expert"
     se_bits: int | None = None
     meta: dict = field(default_factory=dict)  # method, group_size, symmetric, allocation report
+    artifacts: dict = field(default_factory=dict, repr=False, compare=False)  # backend outputs, not saved
 
     def __post_init__(self):
         if set(self.bits) != set(self.units):
@@ -159,31 +161,9 @@ class QuantPlan:
 
     def compatibility(self) -> dict[str, tuple[bool, str]]:
         """Which runtimes can load the export of this plan's method: runtime -> (ok, why)."""
-        mixed = {l: sorted({bits_label(self.bits[n]) for n in names}, key=int)
-                 for l, names in self.moe_layers().items()}
-        mixed = {l: v for l, v in mixed.items() if len(v) > 1}
-        uniform = (True, "every MoE layer's experts share one format") if not mixed else \
-            (False, "mixed formats inside MoE layers " + ", ".join(f"{l}: {'/'.join(v)}" for l, v in
-                                                                 sorted(mixed.items())) + " (use se_mode='layer')")
-        widths = sorted({b for b in self.bits.values() if b is not None})
-        method = self.meta.get("method", "rtn")
-        if method == "gptq":
-            return {"transformers": (False, "fused experts: load with GPTQModel.load (stock from_pretrained "
-                                            "re-initialises them)"),
-                    "gptqmodel": (True, "per-module bits via `dynamic` overrides (16-bit modules skipped)"),
-                    "vllm-fused-moe": uniform}
-        if method == "bnb":
-            one = len(widths) <= 1
-            return {"transformers": (one, "transformers 4.x from_pretrained (per-expert layout, 16-bit modules "
-                                          "skipped); transformers 5: secompress.load" if one else
-                                          f"bitsandbytes configs hold one width, the plan mixes {widths}: "
-                                          "secompress.load only"),
-                    "gptqmodel": (False, "not a GPTQ checkpoint"),
-                    "vllm-fused-moe": (False, "bitsandbytes: not checked against vLLM here")}
-        return {"transformers": (True, "dequantized 16-bit export: stock from_pretrained loads it; "
-                                       "secompress.load rebuilds the integer codes"),
-                "gptqmodel": (False, "not a GPTQ checkpoint (use method 'gptq')"),
-                "vllm-fused-moe": (True, "loads the dequantized 16-bit weights (no memory saving)")}
+        from .backends import get_backend  # each backend knows its runtimes; imported late: backends import plans
+
+        return get_backend(self.meta.get("method", "rtn")).compatibility(self)
 
     def table(self) -> str:
         """One row per decoder layer: bits of the non-expert weights, histogram of expert bits, SEs."""
@@ -259,7 +239,7 @@ def resolve_plan(model, rules=(), ses=(), se_mode: str = "expert", se_bits: int 
     """The explicit per-unit plan of ``model``: rules, then default, then Super-Expert protection."""
     check_bits(default, "default bits")
     if se_bits not in (8, None):
-        raise ValueError(f"se_bits must be 8 or None (16-bit), got {se_bits!r}")
+        raise ValueError(f"se_bits must be 8 or None (keep 16-bit), got {se_bits!r}")
     units = quantizable_units(model)
     exact: dict[str, Rule] = {}
     for r in rules:

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..cli_args import add_command, output_parent
+
 
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="run a recipe: profile, prune, quantize, evaluate, export, push")
+    p = add_command(sub, "run", "run a recipe: profile, prune, quantize, evaluate, export, push",
+                    parents=(output_parent(required=False, default_help="; default: out/<recipe name>"),))
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
-    p.add_argument("--out", default=None, help="output directory (default: out/<recipe name>)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="change one recipe value, e.g. stages.prune.ratio=0.5 (repeatable)")
-    p.add_argument("--overwrite", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="push: list what would be uploaded, upload nothing")
 
 

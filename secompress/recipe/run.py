@@ -24,7 +24,6 @@ import json
 import logging
 import platform
 import resource
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,13 +34,13 @@ import torch
 from ..data import load_calibration
 from ..errors import SecompressError
 from ..checkpoints import load_model, load_tokenizer
+from ..errors import option_style
 from ..outputs import atomic_dir, check_output_dir
 from ..profile import ProfileConfig, ProfileResult, profile
 from ..profile_io import load_profile, save_profile
-from ..se_rule import SERule
 from .evaluation import Comparison, measure
 from .publish import model_card, push
-from .schema import Recipe
+from .schema import Recipe, check_against_checkpoint
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "SECOMPRESS_CACHE"
@@ -87,10 +86,7 @@ def _profile_key(recipe: Recipe, data_sha: str, cfg: ProfileConfig) -> str:
 
 
 def _cached_profile(recipe: Recipe, model, tok, calib, progress: bool) -> tuple[ProfileResult, bool]:
-    st = recipe.stage("profile")
-    cfg = ProfileConfig(rule=SERule(st.layer_fraction, st.percentile, st.max_ratio),
-                        num_samples=recipe.data.num_samples, seq_len=recipe.data.seq_len,
-                        batch_size=recipe.data.batch_size, streaming=st.streaming, dtype=recipe.model.dtype)
+    st = cfg = recipe.stage("profile")  # a ProfileConfig (calibration sizes and dtype from data / model)
     path = cache_root() / "profiles" / _profile_key(recipe, calib.sha256, cfg)
     if (path / "super_experts.json").is_file():
         log.info("profile cache hit: %s", path)
@@ -115,30 +111,23 @@ def _data(recipe: Recipe, tok):
 
 
 def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, protect: bool, work: Path) -> dict:
-    """Apply the prune and quantize stages in place; returns their results. GPTQ writes its
-    checkpoint under ``work`` (gptqmodel quantizes from a folder) and loads the codes back."""
+    """Apply the prune and quantize stages in place; returns their results. The recipe's stages
+    are the API's configs (``PruneConfig``, ``QuantConfig``); ``protect`` False turns SE
+    protection off for the SE-unaware comparison. Checkpoint-based backends (gptq) write
+    under ``work``."""
     info: dict = {}
     if (st := recipe.stage("prune")) is not None:
-        from ..prune import PruneConfig, prune, remap_profile
+        from ..prune import prune, remap_profile
 
-        r = prune(model, tok, PruneConfig(ratio=st.ratio, method=st.method, protect_super_experts=protect,
-                                           calib_samples=recipe.data.num_samples, eval_samples=0,
-                                           seq_len=recipe.data.seq_len, batch_size=recipe.data.batch_size),
+        r = prune(model, tok, dataclasses.replace(st, protect_super_experts=protect and st.protect_super_experts),
                   profile=prof, data=calib)
         info["prune"] = r
         prof = remap_profile(prof, r) if prof is not None else None  # expert ids moved
     if (st := recipe.stage("quantize")) is not None:
-        from ..quant.api import QuantConfig, quantize_
+        from ..quant.apply import quantize_
 
-        cfg = QuantConfig(method=st.method, bits=st.bits, group_size=st.group_size, symmetric=st.symmetric,
-                          se_mode=st.se_mode, se_bits=st.se_bits, avg_bits=st.avg_bits,
-                          protect_super_experts=protect, fallback=st.fallback)
-        if st.method == "gptq":
-            from ..quant.gptq import gptq_
-
-            info["quantize"], info["gptq_dir"] = gptq_(model, tok, cfg, prof, calib, work / f"gptq-{protect}")
-        else:
-            info["quantize"] = quantize_(model, cfg, profile=prof, tokenizer=tok, data=calib)
+        cfg = dataclasses.replace(st, protect_super_experts=protect and st.protect_super_experts)
+        info["quantize"] = quantize_(model, cfg, profile=prof, tokenizer=tok, data=calib, work=work / f"quant-{protect}")
     return info
 
 
@@ -152,9 +141,11 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: boo
     inputs = (*inputs, recipe.model.id if Path(recipe.model.id).exists() else None,
               *(p for p in (d.calibration, d.eval) if p and Path(p).exists()))
     out = check_output_dir(out, overwrite, inputs=inputs, root=root)  # fail before any compute
+    check_against_checkpoint(recipe)  # recipe values the checkpoint's config refutes, before any weight is read
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
-        return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Path(work))
+        with option_style("recipe"):  # advice in errors names recipe keys
+            return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Path(work))
 
 
 def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: bool, progress: bool,
@@ -212,39 +203,29 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
     return RunResult(Path(out), manifest, comparison, pushed)
 
 
-LOAD_SNIPPETS = {
-    "rtn": "import secompress\nmodel = secompress.load('PATH')  # real quantized modules\n"
-           "# or, dequantized, with stock transformers:\n"
-           "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')",
-    "bnb": "import secompress\nmodel = secompress.load('PATH')  # bitsandbytes Linear4bit / Linear8bitLt modules\n"
-           "# transformers 4.x (one bit-width): AutoModelForCausalLM.from_pretrained('PATH')",
-    "gptq": "import secompress\nmodel = secompress.load('PATH')  # through GPTQModel.load (pip install gptqmodel)\n"
-            "# vLLM: LLM('PATH') when every MoE layer has one format (se_mode: layer)",
-}
+PLAIN_SNIPPET = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')"
 
 
 def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path) -> None:
     plan_text = None
-    if "gptq_dir" in info:  # gptqmodel's checkpoint, as it wrote it (with our plan and legacy config keys)
-        shutil.copytree(info["gptq_dir"], dest)
-        plan_text = info["quantize"].table()
-        snippet = LOAD_SNIPPETS["gptq"]
-    elif "quantize" in info:
-        from ..quant.api import save_quantized
+    if "quantize" in info:  # in the format of the plan's backend
+        from ..quant.backends import get_backend
+        from ..quant.export import save_quantized
 
-        save_quantized(model, tok, info["quantize"], dest)
-        plan_text = info["quantize"].table() if hasattr(info["quantize"], "table") else None
-        snippet = LOAD_SNIPPETS[info["quantize"].meta.get("method", "rtn")]
+        plan = info["quantize"]
+        save_quantized(model, tok, plan, dest)
+        plan_text = plan.table()
+        snippet = get_backend(plan.meta["method"]).load_snippet
     elif "prune" in info:
         from ..prune import save_pruned
 
         save_pruned(model, tok, info["prune"], dest)
-        snippet = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')"
+        snippet = PLAIN_SNIPPET
     else:
         dest.mkdir(parents=True)
         model.save_pretrained(dest)
         tok.save_pretrained(dest)
-        snippet = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')"
+        snippet = PLAIN_SNIPPET
     pr = info.get("prune")
     if pr is not None and not (dest / "prune_report.json").exists():
         (dest / "prune_report.json").write_text(json.dumps(pr.to_json(), indent=1))

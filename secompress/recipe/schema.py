@@ -1,20 +1,24 @@
-"""The recipe file: a versioned YAML schema, validated strictly.
+"""The recipe file: a versioned YAML schema whose stages are the API's own configs.
 
     version: 1
     name: qwen3-30b-a3b-se4bit
     model: {id: Qwen/Qwen3-30B-A3B, revision: main, dtype: bfloat16, model_type: qwen3_moe}
     data: {calibration: builtin, num_samples: 128, seq_len: 512, eval: builtin}
     stages:
-      - profile: {streaming: true}
-      - prune: {ratio: 0.25, method: reap}
-      - quantize: {method: rtn, bits: 4, group_size: 128, se_bits: 16}
+      - profile: {streaming: true}                        # ProfileConfig (+ SERule keys)
+      - prune: {ratio: 0.25, method: reap}               # PruneConfig
+      - quantize: {method: rtn, bits: 4, group_size: 128, se_bits: 16}   # QuantConfig
       - evaluate: {perplexity: true, tasks: [wikitext]}
       - export: {}
       - push: {repo_id: me/model-se4bit, private: true}
 
-Every error names the file, the line and the key: unknown keys, wrong types, and
-impossible combinations (a stage twice, push without export, evaluate before anything
-to evaluate, a prune ratio outside (0, 1), ...).
+``profile``, ``prune`` and ``quantize`` are built straight into
+:class:`~secompress.profile.ProfileConfig`, :class:`~secompress.prune.PruneConfig` and
+:class:`~secompress.quant.config.QuantConfig` (whose ``options`` mapping becomes the
+backend's options dataclass); their calibration sizes and dtype come from ``data`` and
+``model``. Every error names the file, the line and the key: unknown keys, wrong types,
+values the configs refuse, impossible combinations, and (:func:`check_against_checkpoint`,
+before any weight is read) values the checkpoint's config.json refutes.
 """
 from __future__ import annotations
 
@@ -24,10 +28,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from ..dtypes import DEFAULT_DTYPE, check_dtype
 from ..errors import SecompressError
+from ..profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, ProfileConfig
+from ..prune.api import PruneConfig
+from ..quant.backends import get_backend
+from ..quant.config import QuantConfig
+from ..quant.plan import Rule
+from ..se_rule import SERule
 
 SCHEMA_VERSION = 1
-DTYPES = ("auto", "float32", "bfloat16", "float16")  # "auto": the checkpoint's own dtype
 # a recipe's name becomes a folder name under the output root: one plain path component only
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -40,46 +50,29 @@ class RecipeError(SecompressError):
 class ModelSpec:
     id: str  # hub id or local folder
     revision: str | None = None
-    dtype: str = "auto"
+    dtype: str = DEFAULT_DTYPE  # a secompress.dtypes name; "auto": the checkpoint's own
     trust_remote_code: bool = False
-    model_type: str | None = None  # lets `secompress validate` check the adapter without the network
+    model_type: str | None = None  # lets a recipe be checked against its adapter without the network
+
+    def __post_init__(self):
+        check_dtype(self.dtype)
 
 
 @dataclass(frozen=True)
 class DataSpec:
     calibration: str = "builtin"  # builtin | file.txt | file.jsonl | hf:NAME[:CONFIG]:SPLIT
-    num_samples: int = 32
-    seq_len: int = 512
-    batch_size: int = 8
+    num_samples: int = DEFAULT_NUM_SAMPLES
+    seq_len: int = DEFAULT_SEQ_LEN
+    batch_size: int = DEFAULT_BATCH_SIZE
     eval: str | None = None  # held-out text for perplexity; None = windows after the calibration ones
     eval_samples: int = 16
 
-
-@dataclass(frozen=True)
-class ProfileStage:
-    layer_fraction: float = 0.75
-    percentile: float = 99.5
-    max_ratio: float = 0.1
-    streaming: bool = False
-
-
-@dataclass(frozen=True)
-class PruneStage:
-    ratio: float = 0.25
-    method: str = "reap"
-    protect_super_experts: bool = True
-
-
-@dataclass(frozen=True)
-class QuantizeStage:
-    method: str = "rtn"
-    bits: int = 4
-    group_size: int = 128
-    symmetric: bool = True
-    se_mode: str = "expert"  # expert | layer
-    se_bits: int | None = None  # None: SEs stay 16-bit
-    avg_bits: float | None = None
-    fallback: str | None = None  # "rtn": experts without calibration tokens get RTN instead of an error
+    def __post_init__(self):
+        for k in ("num_samples", "batch_size", "eval_samples"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be >= 1, got {getattr(self, k)}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
 
 
 @dataclass(frozen=True)
@@ -90,6 +83,12 @@ class EvaluateStage:
     limit: int | None = None
     compare_se_unaware: bool = True  # also run the same recipe with SE protection off
     recovery_threshold: float | None = None  # fail the run if any metric recovers less than this
+
+    def __post_init__(self):
+        if self.recovery_threshold is not None and not 0 < self.recovery_threshold <= 1:
+            raise ValueError(f"recovery_threshold must be in (0, 1], got {self.recovery_threshold}")
+        if not self.perplexity and not self.tasks:
+            raise ValueError("perplexity is false and tasks is empty: nothing to measure")
 
 
 @dataclass(frozen=True)
@@ -104,8 +103,26 @@ class PushStage:
     commit_message: str = "Upload compressed model (secompress)"
 
 
-STAGES: dict[str, type] = {"profile": ProfileStage, "prune": PruneStage, "quantize": QuantizeStage,
-                           "evaluate": EvaluateStage, "export": ExportStage, "push": PushStage}
+@dataclass(frozen=True)
+class StageSpec:
+    """How a stage's YAML mapping becomes its config: the keys the recipe may set, and the
+    fields the ``data`` / ``model`` sections fill (recipe key -> config field)."""
+
+    cls: type
+    from_data: dict = field(default_factory=dict)  # config field -> data/model attribute (or a constant)
+    inline: tuple[str, type] | None = None  # a nested config whose keys sit in the stage's mapping
+
+
+STAGES: dict[str, StageSpec] = {
+    "profile": StageSpec(ProfileConfig, {"num_samples": "data.num_samples", "seq_len": "data.seq_len",
+                                         "batch_size": "data.batch_size", "dtype": "model.dtype"}, ("rule", SERule)),
+    "prune": StageSpec(PruneConfig, {"calib_samples": "data.num_samples", "seq_len": "data.seq_len",
+                                     "batch_size": "data.batch_size", "eval_samples": 0}),
+    "quantize": StageSpec(QuantConfig),
+    "evaluate": StageSpec(EvaluateStage),
+    "export": StageSpec(ExportStage),
+    "push": StageSpec(PushStage),
+}
 ORDER = list(STAGES)  # stages must appear in this order (each may be left out)
 
 
@@ -117,6 +134,7 @@ class Recipe:
     data: DataSpec = DataSpec()
     stages: tuple[tuple[str, Any], ...] = ()
     source: str = "<recipe>"
+    lines: dict = field(default_factory=dict, compare=False, repr=False)  # dotted key -> "file:line"
 
     def stage(self, name: str):
         return next((cfg for n, cfg in self.stages if n == name), None)
@@ -125,11 +143,29 @@ class Recipe:
     def stage_names(self) -> list[str]:
         return [n for n, _ in self.stages]
 
+    def at(self, key: str) -> str:
+        """``file:line: key`` of a dotted key (the nearest enclosing key with a line)."""
+        k = key
+        while k and k not in self.lines:
+            k = k.rpartition(".")[0]
+        return f"{self.lines.get(k, self.source)}: {key}"
+
 
 # ---- parsing with line numbers ------------------------------------------------------------
 
 def _where(src: str, node) -> str:
-    return f"{src}:{node.start_mark.line + 1}"
+    return f"{src}:{node.start_mark.line + 1}" if getattr(node, "start_mark", None) is not None else src
+
+
+def _value(node, src: str, path: str):
+    """The Python value of a YAML node, safe types only (a ``!!python/...`` tag is an error)."""
+    import yaml
+
+    try:
+        return yaml.safe_load(yaml.serialize(node))
+    except (yaml.YAMLError, RecursionError) as e:
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecipeError(f"{_where(src, node)}: {path}: not a plain YAML value ({what})") from None
 
 
 def _check_type(value, hint, path: str, at: str):
@@ -145,52 +181,98 @@ def _check_type(value, hint, path: str, at: str):
             except RecipeError as e:
                 errors.append(e)
         raise errors[0]
-    if origin is list:
+    if origin in (list, tuple):
         if not isinstance(value, list):
-            raise RecipeError(f"{at}: '{path}' must be a list, got {type(value).__name__}")
-        return [_check_type(v, get_args(hint)[0], f"{path}[{i}]", at) for i, v in enumerate(value)]
+            raise RecipeError(f"{at}: {path}: must be a list, got {type(value).__name__}")
+        out = [_check_type(v, get_args(hint)[0], f"{path}[{i}]", at) for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if hint is Rule:
+        value = _check_type(value, str, path, at)
+        try:
+            return Rule.parse(value)
+        except ValueError as e:
+            raise RecipeError(f"{at}: {path}: {e}") from None
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise RecipeError(f"{at}: '{path}' must be {hint.__name__}, got {type(value).__name__} ({value!r})")
+        raise RecipeError(f"{at}: {path}: must be {hint.__name__}, got {type(value).__name__} ({value!r})")
     return value
 
 
-def _build(cls, node, src: str, path: str):
+def _mapping(node, src: str, path: str):
     import yaml
 
-    if node is None:
-        node = yaml.MappingNode("tag:yaml.org,2002:map", [])
+    if node is None or (isinstance(node, yaml.ScalarNode) and node.value in ("", "null", "~")):
+        return yaml.MappingNode("tag:yaml.org,2002:map", [])
     if not isinstance(node, yaml.MappingNode):
-        raise RecipeError(f"{_where(src, node)}: '{path}' must be a mapping")
+        raise RecipeError(f"{_where(src, node)}: {path}: must be a mapping")
+    return node
+
+
+def _blame(e: Exception, given: dict[str, str], fallback: str) -> str:
+    """The ``file:line: key`` a config's error is about: the given key its message names first."""
+    msg = str(e)
+    hits = [(m.start(), k) for k in given for m in [re.search(rf"\b{re.escape(k)}\b", msg)] if m]
+    return given[min(hits)[1]] if hits else fallback
+
+
+def _build(cls, node, src: str, path: str, lines: dict, fixed: dict | None = None,
+           inline: tuple[str, type] | None = None):
+    """``cls(**mapping)`` from a YAML mapping node, each value type-checked against the field's hint."""
+    node = _mapping(node, src, path)
     hints = get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    kwargs = {}
+    fixed = fixed or {}
+    names = [f.name for f in fields(cls) if f.name not in fixed and (inline is None or f.name != inline[0])]
+    sub_names = [f.name for f in fields(inline[1])] if inline else []
+    sub_hints = get_type_hints(inline[1]) if inline else {}
+    kwargs: dict[str, Any] = {}
+    sub: dict[str, Any] = {}
+    given: dict[str, str] = {}
+    nodes: dict[str, Any] = {}
+    lines[path] = _where(src, node)
     for k_node, v_node in node.value:
         key = k_node.value
-        if key not in names:
+        if key in given:
+            raise RecipeError(f"{_where(src, k_node)}: {path}.{key}: given twice")
+        if key not in names and key not in sub_names:
             raise RecipeError(f"{_where(src, k_node)}: unknown key '{key}' in '{path}' "
-                              f"(allowed: {', '.join(sorted(names))})")
-        kwargs[key] = _check_type(yaml.safe_load(yaml.serialize(v_node)), hints[key], f"{path}.{key}",
-                                  _where(src, v_node))
-    missing = [f.name for f in fields(cls) if f.name not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise RecipeError(f"{_where(src, node)}: '{path}' needs {', '.join(missing)}")
+                              f"(allowed: {', '.join(sorted(names + sub_names))})")
+        at = _where(src, v_node)
+        given[key], nodes[key], lines[f"{path}.{key}"] = f"{at}: {path}.{key}", v_node, at
+        if cls is QuantConfig and key == "options":
+            continue  # built below, once the method (and so the options class) is known
+        target, hint = (sub, sub_hints[key]) if key in sub_names else (kwargs, hints[key])
+        target[key] = _check_type(_value(v_node, src, f"{path}.{key}"), hint, f"{path}.{key}", at)
     try:
-        return cls(**kwargs), node
+        if inline and sub:
+            kwargs[inline[0]] = inline[1](**sub)
+        if "options" in nodes:
+            backend = get_backend(kwargs.get("method", "rtn"))
+            kwargs["options"] = _build(backend.options, nodes["options"], src, f"{path}.options", lines)
+        missing = [f.name for f in fields(cls) if f.name not in kwargs and f.name not in fixed
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise RecipeError(f"{_where(src, node)}: {path}: needs {', '.join(missing)}")
+        return cls(**kwargs, **fixed)
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"{_where(src, node)}: '{path}': {e}") from None
+        raise RecipeError(f"{_blame(e, given, f'{_where(src, node)}: {path}')}: {e}") from None
 
 
-def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = ()) -> Recipe:
+def _compose(text: str, source: str):
+    import yaml
+
+    try:
+        return yaml.compose(text)
+    except (yaml.YAMLError, RecursionError) as e:
+        what = str(e).splitlines()[0] if isinstance(e, yaml.YAMLError) and str(e) else "nested too deeply"
+        raise RecipeError(f"{source}: not valid YAML: {what}") from None
+
+
+def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Parse and validate a recipe's YAML text; ``overrides`` are ``dotted.key=value`` strings."""
     import yaml
 
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError as e:
-        raise RecipeError(f"{source}: not valid YAML: {e}") from None
+    root = _compose(text, source)
     if root is None or not isinstance(root, yaml.MappingNode):
         raise RecipeError(f"{source}: a recipe is a YAML mapping with version, name, model and stages")
     for ov in overrides:
@@ -203,28 +285,32 @@ def parse_recipe(text: str, source: str = "<recipe>", overrides: list[str] = ())
     for key in ("version", "name", "model"):
         if key not in top:
             raise RecipeError(f"{source}: missing top-level key '{key}'")
-    version = yaml.safe_load(yaml.serialize(top["version"][1]))
+    version = _value(top["version"][1], source, "version")
     if version != SCHEMA_VERSION:
         raise RecipeError(f"{_where(source, top['version'][1])}: recipe version {version!r} is not supported "
                           f"(this secompress reads version {SCHEMA_VERSION})")
-    name = _check_type(yaml.safe_load(yaml.serialize(top["name"][1])), str, "name", _where(source, top["name"][1]))
+    name = _check_type(_value(top["name"][1], source, "name"), str, "name", _where(source, top["name"][1]))
     if not NAME_PATTERN.fullmatch(name) or ".." in name:
         raise RecipeError(f"{_where(source, top['name'][1])}: 'name' must be one plain folder name (letters, digits, "
                           f"'.', '_', '-'; no '/' or '..'), got {name!r}: it names the output folder")
-    model, _ = _build(ModelSpec, top["model"][1], source, "model")
-    data, _ = _build(DataSpec, top["data"][1], source, "data") if "data" in top else (DataSpec(), None)
-    stages = _parse_stages(top.get("stages", (None, None))[1], source)
-    recipe = Recipe(version, name, model, data, tuple(stages), source)
-    _check_combinations(recipe, model, data)
+    lines: dict[str, str] = {}
+    model = _build(ModelSpec, top["model"][1], source, "model", lines)
+    data = _build(DataSpec, top["data"][1], source, "data", lines) if "data" in top else DataSpec()
+    stages = _parse_stages(top.get("stages", (None, None))[1], source, model, data, lines)
+    recipe = Recipe(version, name, model, data, tuple(stages), source, lines)
+    if "push" in recipe.stage_names and "export" not in recipe.stage_names:
+        raise RecipeError(f"{recipe.at('stages.push')}: stage 'push' needs an 'export' stage before it")
     return recipe
 
 
-def _parse_stages(node, src: str) -> list[tuple[str, Any]]:
+def _parse_stages(node, src: str, model: ModelSpec, data: DataSpec, lines: dict) -> list[tuple[str, Any]]:
     import yaml
 
     if node is None or not isinstance(node, yaml.SequenceNode) or not node.value:
         raise RecipeError(f"{src}: 'stages' must be a non-empty list such as [profile: {{}}, export: {{}}]")
-    out, last = [], -1
+    sections = {"data": data, "model": model}
+    out: list[tuple[str, Any]] = []
+    last = -1
     for item in node.value:
         if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
             raise RecipeError(f"{_where(src, item)}: each stage is a one-key mapping, e.g. '- prune: {{ratio: 0.25}}'")
@@ -238,39 +324,12 @@ def _parse_stages(node, src: str) -> list[tuple[str, Any]]:
             raise RecipeError(f"{_where(src, k_node)}: stage '{name}' must come before '{ORDER[last]}' "
                               f"(order: {' -> '.join(ORDER)})")
         last = ORDER.index(name)
-        cfg, _ = _build(STAGES[name], v_node if not (isinstance(v_node, yaml.ScalarNode) and v_node.value in
-                                                     ("", "null", "~")) else None, src, f"stages.{name}")
-        out.append((name, cfg))
+        spec = STAGES[name]
+        fixed = {f: (getattr(sections[v.split(".")[0]], v.split(".")[1]) if isinstance(v, str) else v)
+                 for f, v in spec.from_data.items()}
+        lines[f"stages.{name}"] = _where(src, k_node)
+        out.append((name, _build(spec.cls, v_node, src, f"stages.{name}", lines, fixed, spec.inline)))
     return out
-
-
-def _check_combinations(r: Recipe, model: ModelSpec, data: DataSpec) -> None:
-    names = r.stage_names
-    src = r.source
-    if "push" in names and "export" not in names:
-        raise RecipeError(f"{src}: stage 'push' needs an 'export' stage before it")
-    if model.dtype not in DTYPES:
-        raise RecipeError(f"{src}: model.dtype must be one of {', '.join(DTYPES)}, got '{model.dtype}'")
-    if data.num_samples < 1 or data.seq_len < 2 or data.batch_size < 1 or data.eval_samples < 1:
-        raise RecipeError(f"{src}: data.num_samples, batch_size and eval_samples must be >= 1, seq_len >= 2")
-    pr = r.stage("prune")
-    if pr is not None and not 0.0 < pr.ratio < 1.0:
-        raise RecipeError(f"{src}: stages.prune.ratio must be in (0, 1), got {pr.ratio}")
-    q = r.stage("quantize")
-    if q is not None:
-        if q.se_mode not in ("expert", "layer"):
-            raise RecipeError(f"{src}: stages.quantize.se_mode must be 'expert' or 'layer', got '{q.se_mode}'")
-        if q.method not in ("rtn", "bnb", "gptq"):
-            raise RecipeError(f"{src}: stages.quantize.method must be 'rtn', 'bnb' or 'gptq', got '{q.method}'")
-        if q.fallback not in (None, "rtn"):
-            raise RecipeError(f"{src}: stages.quantize.fallback must be null or 'rtn', got {q.fallback!r}")
-        if q.se_bits not in (None, 8, 16):
-            raise RecipeError(f"{src}: stages.quantize.se_bits must be 8, 16 or null, got {q.se_bits}")
-    ev = r.stage("evaluate")
-    if ev is not None and ev.recovery_threshold is not None and not 0 < ev.recovery_threshold <= 1:
-        raise RecipeError(f"{src}: stages.evaluate.recovery_threshold must be in (0, 1]")
-    if ev is not None and not ev.perplexity and not ev.tasks:
-        raise RecipeError(f"{src}: stages.evaluate has nothing to measure (perplexity: false and no tasks)")
 
 
 def _apply_override(root, override: str, src: str):
@@ -294,7 +353,7 @@ def _apply_override(root, override: str, src: str):
             raise RecipeError(f"override '{override}': '{'.'.join(keys[:i])}' is not a mapping")
         child = next((v for k, v in node.value if k.value == key), None)
         if i == len(keys) - 1:
-            new = yaml.compose(value) or yaml.ScalarNode("tag:yaml.org,2002:null", "null")
+            new = _compose(value, f"override {override[:60]!r}") or yaml.ScalarNode("tag:yaml.org,2002:null", "null")
             pairs = [(k, v) for k, v in node.value if k.value != key]
             node.value = pairs + [(yaml.ScalarNode("tag:yaml.org,2002:str", key, start_mark=root.start_mark), new)]
             if new.start_mark is None:
@@ -306,8 +365,52 @@ def _apply_override(root, override: str, src: str):
     return root
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe '{path}' does not exist")
     return parse_recipe(p.read_text(encoding="utf-8"), str(p), list(overrides))
+
+
+def check_against_checkpoint(recipe: Recipe) -> None:
+    """Refuse (RecipeError with file:line: key) what a local checkpoint's config.json refutes, reading no
+    weight: ``model.model_type``, a prune ratio the router cannot take, quantization rules and group
+    sizes that do not fit the weights (checked on a meta-device skeleton). A hub id is checked by
+    ``model.model_type`` alone (its adapter), as the config is not fetched here."""
+    import json
+
+    from transformers import AutoConfig
+
+    from ..adapters import get_adapter
+
+    m = recipe.model
+    cfg_file = Path(m.id) / "config.json"
+    if not cfg_file.is_file():
+        if m.model_type is not None:
+            try:
+                get_adapter(AutoConfig.for_model(m.model_type))
+            except (ValueError, KeyError, SecompressError) as e:
+                raise RecipeError(f"{recipe.at('model.model_type')}: {e}") from None
+        return
+    config = AutoConfig.from_pretrained(str(m.id), trust_remote_code=m.trust_remote_code)
+    get_adapter(config)  # UnsupportedModelError naming the supported types
+    found = json.loads(cfg_file.read_text()).get("model_type")
+    if m.model_type is not None and m.model_type != found:
+        raise RecipeError(f"{recipe.at('model.model_type')}: '{m.model_type}' but {cfg_file} says '{found}'")
+    from ..prune.api import plan_for
+    from ..quant.plan import resolve_plan
+    from ..streaming import build_skeleton
+
+    skeleton = build_skeleton(config)  # parameters on the meta device: nothing is read
+    if (pr := recipe.stage("prune")) is not None:
+        try:
+            plan_for(skeleton, pr.ratio)
+        except (ValueError, SecompressError) as e:
+            raise RecipeError(f"{recipe.at('stages.prune.ratio')}: {e}") from None
+    if (q := recipe.stage("quantize")) is not None:
+        try:
+            plan = resolve_plan(skeleton, q.rules, (), q.se_mode, q.se_bits, q.bits, {"method": q.method})
+            q.backend.check_plan(plan, q)
+        except (ValueError, SecompressError) as e:
+            key = "rules" if "rule" in str(e) else "group_size" if "group_size" in str(e) else "bits"
+            raise RecipeError(f"{recipe.at(f'stages.quantize.{key}')}: {e}") from None

@@ -1,0 +1,120 @@
+"""What a quantization backend is: one object per method, looked up by name in the registry.
+
+A backend holds its own options dataclass (frozen, validated in ``__post_init__``), the
+optional package it needs, and the steps every entry point (``quantize_``,
+``save_quantized``, ``secompress.load``, the CLI and the recipe pipeline) calls by name:
+
+    validate(config)            config-level checks, before any model is loaded
+    check_plan(plan, config)    plan-level checks, before any weight changes
+    apply(model, plan, config, ctx) -> plan     quantize ``model`` in place
+    save(model, tokenizer, plan, out, overwrite) -> out
+    detect(path) / load(path, device) -> (model, plan | None)     for ``secompress.load``
+    compatibility(plan) -> {runtime: (ok, why)}                   for the plan table and card
+    load_snippet                                                  for the model card
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ...errors import MissingExtraError, require
+from ..plan import PLAN_NAME, QuantPlan
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A backend without options of its own."""
+
+
+@dataclass
+class QuantContext:
+    """What ``apply`` may need besides the model and the plan."""
+
+    tokenizer: Any = None
+    profile: Any = None  # a ProfileResult (resolved before apply when the backend needs one)
+    data: Any = "builtin"  # calibration text or CalibrationData
+    work: Path | None = None  # a scratch folder that outlives apply (checkpoint-based backends)
+    source: Path | None = None  # the local checkpoint ``model`` was loaded from, untouched since (or None)
+
+
+def installed(package: str) -> bool:
+    if package in sys.modules:
+        return sys.modules[package] is not None
+    return importlib.util.find_spec(package) is not None
+
+
+def plan_export_format(path: Path) -> str | None:
+    """``export.format`` of the quantization plan stored in ``path``, if any."""
+    f = Path(path) / PLAN_NAME
+    if not f.is_file():
+        return None
+    return json.loads(f.read_text()).get("export", {}).get("format")
+
+
+def layer_uniformity(plan: QuantPlan) -> tuple[bool, str]:
+    """Whether every MoE layer's experts share one format (what fused-MoE kernels such as vLLM's need)."""
+    from ..plan import bits_label
+
+    mixed = {l: sorted({bits_label(plan.bits[n]) for n in names}, key=int) for l, names in plan.moe_layers().items()}
+    mixed = {l: v for l, v in mixed.items() if len(v) > 1}
+    if not mixed:
+        return True, "every MoE layer's experts share one format"
+    return False, ("mixed formats inside MoE layers " + ", ".join(f"{l}: {'/'.join(v)}" for l, v in
+                                                                  sorted(mixed.items())) + " (use se_mode 'layer')")
+
+
+class Backend:
+    name: ClassVar[str]
+    options: ClassVar[type] = NoOptions
+    package: ClassVar[str | None] = None  # the optional package it drives
+    extra: ClassVar[str | None] = None  # its pip extra: pip install 'secompress[EXTRA]'
+    import_package: ClassVar[bool] = True  # False: only check it is installed (gptqmodel patches on import)
+    calibrated: ClassVar[bool] = False  # uses calibration statistics: needs a profile for coverage
+    load_snippet: ClassVar[str] = ""  # model card code; PATH is replaced by the repo id or folder
+
+    def require(self) -> None:
+        """MissingExtraError naming the extra when the package is not installed."""
+        if self.package is None:
+            return
+        what = f"quantization method '{self.name}'"
+        if self.import_package:
+            require(self.package, self.extra or self.name, what)
+        elif not installed(self.package):
+            raise MissingExtraError(self.package, self.extra or self.name, what)
+
+    def validate(self, config) -> None:
+        """Config-level checks (ValueError); nothing is loaded yet."""
+
+    def check_plan(self, plan: QuantPlan, config) -> None:
+        """Plan-level checks (ValueError) before any weight changes."""
+
+    def apply(self, model, plan: QuantPlan, config, ctx: QuantContext) -> QuantPlan:
+        raise NotImplementedError
+
+    def save(self, model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
+        raise NotImplementedError
+
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` holds a checkpoint this backend wrote."""
+        return False
+
+    def load(self, path: str | Path, device: str | None = None):
+        """(model, plan or None) of a checkpoint :meth:`detect` accepted."""
+        raise NotImplementedError
+
+    def compatibility(self, plan: QuantPlan) -> dict[str, tuple[bool, str]]:
+        return {}
+
+
+def check_group_sizes(plan: QuantPlan, group_size: int | None) -> None:
+    """Every planned weight's input features split into whole groups (ValueError naming the weight)."""
+    from .. import rtn
+
+    for name, b in plan.bits.items():
+        if b is not None:
+            for n_in in plan.units[name].in_features:
+                rtn.check_args(b, group_size, n_in, f"'{name}' (set its bits with a rule, or pick another group_size)")

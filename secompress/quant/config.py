@@ -1,0 +1,70 @@
+"""``QuantConfig``: what ``quantize_`` does, validated when it is built (before any model is loaded)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .backends import get_backend
+from .coverage import FALLBACKS
+from .plan import SE_MODES, Rule, check_bits
+
+CALIBRATIONS = ("routed", "all-experts")
+KEEP_16 = 16  # se_bits 16 (or None) keeps the Super Experts in 16 bit; the one spelling of CLI and recipes
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    bits: int = 4  # default bits of every quantizable weight
+    group_size: int | None = 128  # input features per scale; None = one group per row
+    symmetric: bool = False  # the default of the API, the CLI and recipes alike
+    se_mode: str = "expert"  # "expert": only SEs raised; "layer": every expert of an SE's layer
+    se_bits: int | None = None  # Super Experts' bits: 8, or 16 / None = keep 16-bit (stored as None)
+    protect_super_experts: bool = True
+    rules: tuple[Rule, ...] = ()  # exact names beat regexes beat `bits`
+    avg_bits: float | None = None  # target parameter-weighted average over routed experts -> allocation
+    candidate_bits: tuple[int, ...] = (2, 3, 4, 8, 16)  # allocation choices (16 = keep)
+    method: str = "rtn"  # a registered backend: secompress.quant.backends.BACKENDS
+    options: Any = None  # the backend's own options dataclass (None: its defaults), e.g. BnbOptions
+    fallback: str | None = None  # for experts without calibration tokens: None = error, "rtn"
+    calibration: str = "routed"  # calibrated methods: "all-experts" shows every token to every expert
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise ValueError(f"group_size must be a positive int or None, got {self.group_size!r}")
+        if self.se_mode not in SE_MODES:
+            raise ValueError(f"se_mode must be one of {SE_MODES}, got '{self.se_mode}'")
+        if self.se_bits == KEEP_16 and not isinstance(self.se_bits, bool):
+            object.__setattr__(self, "se_bits", None)
+        if self.se_bits not in (8, None) or isinstance(self.se_bits, bool):
+            raise ValueError(f"se_bits must be 8 or 16 (keep 16-bit), got {self.se_bits!r}")
+        if not isinstance(self.symmetric, bool) or not isinstance(self.protect_super_experts, bool):
+            raise ValueError("symmetric and protect_super_experts must be true or false")
+        object.__setattr__(self, "rules", tuple(self.rules))
+        if not all(isinstance(r, Rule) for r in self.rules):
+            raise ValueError("rules must be Rule objects (Rule.parse('NAME=BITS') builds one)")
+        for b in self.candidate_bits:
+            if b != 16:
+                check_bits(b, "candidate bits")
+        if self.avg_bits is not None and (isinstance(self.avg_bits, bool) or
+                                          not (isinstance(self.avg_bits, (int, float)) and self.avg_bits > 0)):
+            raise ValueError(f"avg_bits must be a positive number, got {self.avg_bits!r}")
+        if self.fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        backend = get_backend(self.method)  # ValueError naming the known methods
+        if self.options is None:
+            object.__setattr__(self, "options", backend.options())
+        if type(self.options) is not backend.options:
+            raise ValueError(f"method '{self.method}' takes options {backend.options.__name__}, "
+                             f"got {type(self.options).__name__}")
+        if self.calibration != "routed" and not backend.calibrated:
+            raise ValueError(f"calibration '{self.calibration}' applies to calibrated methods; "
+                             f"'{self.method}' uses no calibration data")
+        backend.validate(self)
+
+    @property
+    def backend(self):
+        return get_backend(self.method)
