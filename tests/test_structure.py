@@ -150,6 +150,7 @@ def test_invalid_recipe_values_fail_before_any_weight_is_read(change, where, tin
         monkeypatch.setattr(mod, name, no)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(BASE.format(model=tiny_dir("qwen3_moe"), **{**GOODV, **change}))
+    capsys.readouterr()  # the fixture's own output
     assert main(["run", str(recipe), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert where in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
@@ -159,6 +160,7 @@ def test_invalid_recipe_values_fail_before_any_weight_is_read(change, where, tin
 def test_bad_overrides_and_deep_yaml_are_one_clean_error(tiny_dir, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(BASE.format(model=tiny_dir("qwen3_moe"), **GOODV))
+    capsys.readouterr()
     for extra in (["--override", "stages.prune.ratio=!!python/object/apply:os.system ['true']"],
                   ["--override", "stages.prune.ratio=" + "[" * 5000]):
         assert main(["run", str(recipe), "--out", str(tmp_path / "out")] + extra) == 2

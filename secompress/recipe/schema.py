@@ -412,5 +412,5 @@ def check_against_checkpoint(recipe: Recipe) -> None:
             plan = resolve_plan(skeleton, q.rules, (), q.se_mode, q.se_bits, q.bits, {"method": q.method})
             q.backend.check_plan(plan, q)
         except (ValueError, SecompressError) as e:
-            key = "rules" if "rule" in str(e) else "group_size" if "group_size" in str(e) else "bits"
+            key = "group_size" if "group_size" in str(e) else "rules" if "rule" in str(e) else "bits"
             raise RecipeError(f"{recipe.at(f'stages.quantize.{key}')}: {e}") from None
