@@ -9,7 +9,14 @@ from .dtypes import DEFAULT_DTYPE
 from .errors import SecompressError
 from .profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 
-FORMATTER = argparse.ArgumentDefaultsHelpFormatter  # --help shows every default
+class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default that says something (not None, off or empty)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d is argparse.SUPPRESS or (isinstance(d, list) and not d):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def model_parent() -> argparse.ArgumentParser:
@@ -42,7 +49,7 @@ def add_protection(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--protect-super-experts", action=argparse.BooleanOptionalAction, default=True,
                    help=f"keep Super Experts from being {what}")
     p.add_argument("--no-se-protection", dest="protect_super_experts", action="store_false",
-                   help="the same as --no-protect-super-experts")
+                   default=argparse.SUPPRESS, help="the same as --no-protect-super-experts")
 
 
 def add_profile_arg(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """GPTQ through gptqmodel: the plan's Super Expert stays 16-bit, the rest is GPTQ-packed."""
 import importlib.util
+import json
 
 import pytest
 import torch
@@ -106,8 +107,14 @@ def test_gptq_refuses_uncalibrated_experts(tmp_path, capsys):
     save_profile(dataclasses.replace(prof, arrays={**prof.arrays, "tokens": tokens}), tmp_path / "prof")
     assert main(["quantize", str(src), "--method", "gptq", "--group-size", "32", "--profile", str(tmp_path / "prof"),
                  "--out", str(tmp_path / "q")]) == 2
-    assert "got no calibration token: (2, 5)" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "got no calibration token: (2, 5)" in err and "--fallback rtn" in err and "--calibration all-experts" in err
     assert not (tmp_path / "q").exists()
+    # all-expert calibration: gptqmodel forwards every calibration token through every expert
+    assert main(["quantize", str(src), "--method", "gptq", "--group-size", "32", "--profile", str(tmp_path / "prof"),
+                 "--calibration", "all-experts", "--num-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "q")]) == 0
+    qcfg = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
+    assert qcfg["meta"]["moe"]["routing"]["class"] == "ExpertsRoutingBypass"
 
 
 def test_uncalibrated_expert_with_explicit_rtn_fallback(tmp_path):

@@ -187,3 +187,13 @@ def test_every_module_imports_alone():
             "        print(f'{m}: {type(e).__name__}: {e}')\n")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0 and not res.stdout.strip(), res.stdout + res.stderr
+
+
+def test_a_missing_profile_is_named_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+    import secompress.checkpoints
+
+    monkeypatch.setattr(secompress.checkpoints, "load_model", lambda *a, **k: pytest.fail("loaded"))
+    for cmd in (["quantize"], ["prune", "--ratio", "0.25"]):
+        assert main(cmd + [str(tiny_dir("qwen3_moe")), "--profile", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "o")]) == 2
+        assert f"--profile '{tmp_path / 'nope'}' does not exist" in capsys.readouterr().err
