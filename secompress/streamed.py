@@ -160,8 +160,10 @@ def code_specs(plan, group_size: int | None) -> tuple[list[TensorSpec], dict[str
     return specs, shapes
 
 
-def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: bool = True) -> StreamedPlan:
-    """Decide everything on the meta skeleton (no weights read); raises before any compute."""
+def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: bool | None = None) -> StreamedPlan:
+    """Decide everything on the meta skeleton (no weights read); raises before any compute.
+
+    ``protect`` overrides both configs' ``protect_super_experts`` (False: the SE-unaware variant)."""
     from .prune.api import plan_for, score_selection
     from .prune.structural import remove_experts
 
@@ -176,7 +178,7 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
     if job.prune is not None:
         if profile is None:
             raise SecompressError("streamed pruning needs the streamed profile's statistics: profile first")
-        pcfg = dataclasses.replace(job.prune, protect_super_experts=protect)
+        pcfg = job.prune if protect is None else dataclasses.replace(job.prune, protect_super_experts=protect)
         pplan = plan_for(model, pcfg.ratio)
         selection = score_selection(pplan, adapter.moe_layer_indices(model), pcfg, profile)
         removal = remove_experts(model, adapter, selection.removed)  # on meta: shapes and sizes only
@@ -184,7 +186,7 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
     if job.quant is not None:
         from .quant.api import plan_quantization
 
-        qcfg = dataclasses.replace(job.quant, protect_super_experts=protect)
+        qcfg = job.quant if protect is None else dataclasses.replace(job.quant, protect_super_experts=protect)
         if removal is not None and prof is not None:
             prof = _remapped(prof, removal)
         qplan = plan_quantization(model, qcfg, profile=prof)

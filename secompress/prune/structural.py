@@ -90,7 +90,7 @@ def remove_layer_experts(block: nn.Module, adapter: MoEAdapter, layer: int, keep
     The one per-layer step of :func:`remove_experts`, also used layer by layer by the streamed engine.
     """
     experts, router = adapter.experts_of(block), adapter.router_of(block)
-    idx = torch.tensor(keep, dtype=torch.long, device=router.weight.device)
+    idx = torch.tensor(keep, dtype=torch.long, device="cpu")  # host index list; moved to each tensor's device
     path, sliced = adapter.block_path(layer), []
     for name in [n for n, _ in experts.named_parameters(recurse=False)] + \
             [n for n, _ in experts.named_buffers(recurse=False)]:
