@@ -110,8 +110,9 @@ def _dtype_bytes(info: dict, dtype: torch.dtype) -> int:
     return n * (torch.empty((), dtype=dtype, device="meta").element_size() if floating else 1)
 
 
-def checkpoint_sizes(path: str | Path, layers_path: str, dtype: torch.dtype) -> tuple[int, int, int]:
-    """From the safetensors headers: (bytes on disk, largest decoder layer and everything else in ``dtype``)."""
+def checkpoint_sizes(path: str | Path, layers_path: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """From the safetensors headers: (bytes on disk, largest decoder layer, everything outside the layers,
+    the whole model), the last three in ``dtype``."""
     ck = Checkpoint(path)
     disk = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
     per_layer: dict[str, int] = {}
@@ -124,7 +125,7 @@ def checkpoint_sizes(path: str | Path, layers_path: str, dtype: torch.dtype) -> 
             per_layer[idx] = per_layer.get(idx, 0) + b
         else:
             rest += b
-    return disk, max(per_layer.values(), default=0), rest
+    return disk, max(per_layer.values(), default=0), rest, rest + sum(per_layer.values())
 
 
 def _cast_meta(model, dtype: torch.dtype) -> None:
@@ -172,7 +173,7 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
     model = build_skeleton(copy.deepcopy(config))  # pruning changes the skeleton's config
     adapter = check_model(model)
     _cast_meta(model, job.dtype)
-    disk, layer_b, rest_b = checkpoint_sizes(path, adapter.layers_path, job.dtype)
+    disk, layer_b, rest_b, _ = checkpoint_sizes(path, adapter.layers_path, job.dtype)
     kept = removal = selection = qplan = None
     prof = profile
     if job.prune is not None:

@@ -140,3 +140,42 @@ def test_refusals_before_compute(tmp_path, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(SecompressError, match="no CUDA"):
             resolve_device("cuda:0")
+
+
+def test_run_recipe_streamed_matches_in_memory(tmp_path, monkeypatch):
+    from secompress.recipe import streamed_run
+    from secompress.recipe.run import run_recipe
+    from secompress.recipe.schema import parse_recipe
+
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
+    m = make_tiny("qwen2_moe", num_hidden_layers=3)
+    plant_super_expert(m, layer=1, expert=3)
+    src = save_tiny(m, tmp_path / "tiny")
+    text = f"""\
+version: 1
+name: tiny
+model: {{id: {src}, model_type: qwen2_moe}}
+data: {{num_samples: 4, seq_len: 32, batch_size: 4, eval_samples: 4}}
+stages:
+  - profile: {{}}
+  - prune: {{ratio: 0.25, method: reap}}
+  - quantize: {{method: rtn, bits: 4, group_size: 16, se_mode: layer}}
+  - evaluate: {{perplexity: true}}
+  - export: {{}}
+"""
+    recipe = parse_recipe(text, "t.yaml")
+    said = []
+    mem = run_recipe(recipe, text, tmp_path / "mem", progress=False, announce=said.append)
+    assert mem.manifest["mode"] == "in memory" and "memory_share" in mem.manifest["mode_reason"]
+    monkeypatch.setattr(streamed_run, "available_memory", lambda: 1000)  # auto: the checkpoint no longer fits
+    st = run_recipe(recipe, text, tmp_path / "st", progress=False, announce=said.append)
+    assert st.manifest["mode"] == "streamed" and said[-1].startswith("plan: streamed layer by layer on cpu")
+    assert st.manifest["plan"]["estimated_peak_bytes"] > 0
+    assert st.comparison.rows == mem.comparison.rows and st.comparison.rows["perplexity"]["se_unaware"]
+    a, b = _tensors(tmp_path / "mem" / "model"), _tensors(tmp_path / "st" / "model")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for f in ("prune_report.json", "README.md", "quantization_plan.json"):
+        assert (tmp_path / "st" / "model" / f).is_file()
+    ra = json.loads((tmp_path / "mem" / "model" / "prune_report.json").read_text())
+    rb = json.loads((tmp_path / "st" / "model" / "prune_report.json").read_text())
+    assert ra["layers"] == rb["layers"] and ra["parameters"] == rb["parameters"]

@@ -86,18 +86,20 @@ def _profile_key(recipe: Recipe, data_sha: str, cfg: ProfileConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _cached_profile(recipe: Recipe, model, tok, calib, progress: bool) -> tuple[ProfileResult, bool]:
+def _cached_profile(recipe: Recipe, model, tok, calib, progress: bool, streaming: bool = False,
+                    device: str = "cpu") -> tuple[ProfileResult, bool]:
     st = recipe.stage("profile")
     cfg = ProfileConfig(rule=SERule(st.layer_fraction, st.percentile, st.max_ratio),
                         num_samples=recipe.data.num_samples, seq_len=recipe.data.seq_len,
-                        batch_size=recipe.data.batch_size, streaming=st.streaming, dtype=recipe.model.dtype)
+                        batch_size=recipe.data.batch_size, streaming=st.streaming or streaming,
+                        dtype=recipe.model.dtype)
     path = cache_root() / "profiles" / _profile_key(recipe, calib.sha256, cfg)
     if (path / "super_experts.json").is_file():
         log.info("profile cache hit: %s", path)
         return load_profile(path), True
-    src = recipe.model.id if st.streaming else model
+    src = recipe.model.id if cfg.streaming else model
     result = profile(src, tok, data=calib, config=cfg, revision=recipe.model.revision,
-                     trust_remote_code=recipe.model.trust_remote_code, progress=progress)
+                     trust_remote_code=recipe.model.trust_remote_code, progress=progress, device=device)
     save_profile(result, path, overwrite=True)
     return result, False
 
@@ -144,21 +146,30 @@ def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, pro
 
 def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: bool = False,
                dry_run: bool = False, progress: bool = True, root: str | Path | None = None,
-               inputs=()) -> RunResult:
+               inputs=(), announce=None) -> RunResult:
     """Run ``recipe`` into ``out``. ``root``: the folder ``out`` must stay inside (the CLI's ``out/``
     when the folder comes from the recipe's name); ``inputs``: paths the output must not replace
-    (the model folder and data files of the recipe are always added)."""
+    (the model folder and data files of the recipe are always added); ``announce``: called with the plan
+    (in memory or streamed, device, estimated peak memory) before any compute."""
     d = recipe.data
     inputs = (*inputs, recipe.model.id if Path(recipe.model.id).exists() else None,
               *(p for p in (d.calibration, d.eval) if p and Path(p).exists()))
     out = check_output_dir(out, overwrite, inputs=inputs, root=root)  # fail before any compute
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
-        return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Path(work))
+        return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Path(work), announce or log.info)
 
 
 def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: bool, progress: bool,
-         work: Path) -> RunResult:
+         work: Path, announce) -> RunResult:
+    from ..devices import resolve_device
+    from .streamed_run import choose_mode, run_streamed
+
+    streamed, reason = choose_mode(recipe)
+    device = resolve_device(recipe.model.device)
+    if streamed:
+        return run_streamed(recipe, recipe_text, out, overwrite, dry_run, progress, reason, announce)
+    announce(f"plan: in memory on {device} ({reason})")
     t0 = time.time()
     timings: dict[str, float] = {}
 
@@ -167,7 +178,8 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         return time.time()
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[recipe.model.dtype]
-    model = load_model(recipe.model.id, dtype, recipe.model.revision, recipe.model.trust_remote_code)
+    model = load_model(recipe.model.id, dtype, recipe.model.revision, recipe.model.trust_remote_code,
+                       device=None if device.type == "cpu" else str(device))
     tok = load_tokenizer(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
     calib, eval_ids = _data(recipe, tok)
     t = tick("load", t0)
@@ -193,6 +205,7 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         t = tick("evaluate", t)
         comparison.check(ev.recovery_threshold)  # raises before anything is written
     manifest = _manifest(recipe, prof, cache_hit, timings, info)
+    manifest.update(mode="in memory", mode_reason=reason, device=str(device))
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "recipe.yaml").write_text(recipe_text)
         if prof is not None:
@@ -205,12 +218,17 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         manifest["wall_seconds"] = round(time.time() - t0, 2)
         manifest["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    return RunResult(Path(out), manifest, comparison, finish_push(recipe, out, manifest, dry_run))
+
+
+def finish_push(recipe: Recipe, out: Path, manifest: dict, dry_run: bool) -> list[str]:
+    """The push stage, after the output is in place (a failed upload keeps the export)."""
     pushed: list[str] = []
-    if (st := recipe.stage("push")) is not None:  # after the rename: a failed upload keeps the export
+    if (st := recipe.stage("push")) is not None:
         pushed = push(Path(out) / "model", st, dry_run)
         manifest["push"] = {"repo_id": st.repo_id, "dry_run": dry_run, "files": pushed}
         (Path(out) / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-    return RunResult(Path(out), manifest, comparison, pushed)
+    return pushed
 
 
 LOAD_SNIPPETS = {

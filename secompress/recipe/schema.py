@@ -43,6 +43,9 @@ class ModelSpec:
     dtype: str = "float32"
     trust_remote_code: bool = False
     model_type: str | None = None  # lets `secompress validate` check the adapter without the network
+    streaming: bool | None = None  # layer by layer; None: when the checkpoint exceeds memory_share x available memory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: CUDA when present)
+    memory_share: float = 0.25  # an in-memory run holds 2.5-4x the checkpoint (deep copy for the SE-unaware pass)
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,12 @@ def _check_combinations(r: Recipe, model: ModelSpec, data: DataSpec) -> None:
         raise RecipeError(f"{src}: stage 'push' needs an 'export' stage before it")
     if model.dtype not in DTYPES:
         raise RecipeError(f"{src}: model.dtype must be one of {', '.join(DTYPES)}, got '{model.dtype}'")
+    import re
+
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", model.device):
+        raise RecipeError(f"{src}: model.device must be auto, cpu, cuda or cuda:N, got '{model.device}'")
+    if not 0.0 < model.memory_share <= 1.0:
+        raise RecipeError(f"{src}: model.memory_share must be in (0, 1], got {model.memory_share}")
     if data.num_samples < 1 or data.seq_len < 2 or data.batch_size < 1 or data.eval_samples < 1:
         raise RecipeError(f"{src}: data.num_samples, batch_size and eval_samples must be >= 1, seq_len >= 2")
     pr = r.stage("prune")
