@@ -188,7 +188,7 @@ def main() -> None:
     with PeakRSS() as p:
         t0 = time.perf_counter()
         prof = profile(str(src), tok, data=calib, config=ProfileConfig(num_samples=a.samples, seq_len=a.seq_len,
-                       batch_size=4, streaming=True, dtype="bfloat16"), progress=False)
+                       batch_size=4, streaming=True, dtype="bfloat16"), progress=True)
     results.append(report("profile", time.perf_counter() - t0, p.peak, super_experts=prof.se_ids()))
 
     if a.mode == "streamed":
@@ -197,7 +197,7 @@ def main() -> None:
             t0 = time.perf_counter()
             plan = plan_streamed(src, job, prof)
             print(plan.describe(*eval_ids.shape), flush=True)
-            res = compress_streamed(plan, eval_ids, out, tok, overwrite=True, progress=False)
+            res = compress_streamed(plan, eval_ids, out, tok, overwrite=True, progress=True)
             dt = time.perf_counter() - t0
         results.append(report("compress+export+ppl", dt, p.peak, estimated_peak_gib=round(
             plan.peak_bytes(*eval_ids.shape) / 2**30, 2), ppl_before=res.perplexity_before,
@@ -206,7 +206,7 @@ def main() -> None:
         with PeakRSS() as p:
             t0 = time.perf_counter()
             plan_u = plan_streamed(src, job, prof, protect=False)
-            res_u = compress_streamed(plan_u, eval_ids, None, baseline=False, progress=False)
+            res_u = compress_streamed(plan_u, eval_ids, None, baseline=False, progress=True)
         results.append(report("se_unaware_pass", time.perf_counter() - t0, p.peak,
                               ppl_after=res_u.perplexity_after))
         kept = plan.kept

@@ -23,6 +23,7 @@ def _add_profile(sub) -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--streaming", action="store_true", help="materialise one decoder layer at a time")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="compute device")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--layer-fraction", type=float, default=0.75, help="rule looks at this leading share of layers")
     p.add_argument("--percentile", type=float, default=99.5)
@@ -44,7 +45,7 @@ def _profile(args) -> int:
         rule=SERule(args.layer_fraction, args.percentile, args.max_ratio), num_samples=args.samples,
         seq_len=args.seq_len, batch_size=args.batch_size, streaming=args.streaming, dtype=args.dtype)
     result = profile(args.model, data=args.data, config=cfg, revision=args.revision,
-                     trust_remote_code=args.trust_remote_code)
+                     trust_remote_code=args.trust_remote_code, device=args.device)
     save_profile(result, args.out, overwrite=args.overwrite, plots=not args.no_plots)
     print(summary_table(result))
     print(f"wrote {args.out}/super_experts.json, expert_stats.csv" +

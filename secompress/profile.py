@@ -119,7 +119,7 @@ def _run_in_memory(model, adapter: MoEAdapter, chunks, rec: Recorder, attention:
 
 def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin",
             config: ProfileConfig = ProfileConfig(), revision: str | None = None,
-            trust_remote_code: bool = False, progress: bool = True, device: str = "cpu") -> ProfileResult:
+            trust_remote_code: bool = False, progress: bool = True, device: str = "auto") -> ProfileResult:
     """Run calibration text through an MoE and identify its Super Experts.
 
     ``model`` is a checkpoint folder, a hub id, or an in-memory transformers model.
@@ -158,7 +158,9 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
                           device=resolve_device(device))
         live = skeleton
     else:
-        live = load_model(model, dtype, revision, trust_remote_code) if isinstance(model, (str, Path)) else model
+        dev = resolve_device(device)
+        live = load_model(model, dtype, revision, trust_remote_code, device=None if dev.type == "cpu" else str(dev)) \
+            if isinstance(model, (str, Path)) else model
         adapter = check_model(live)
         with _eager_attention(live, config.attention):
             _run_in_memory(live, adapter, chunks, rec, config.attention, progress)

@@ -300,9 +300,10 @@ def check_disk(out: Path, need: int) -> None:
 
 def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, out: str | Path | None = None,
                       tokenizer=None, baseline: bool = True, overwrite: bool = False, progress: bool = True,
-                      extra_files: dict[str, str] | None = None) -> StreamedResult:
+                      extra_files=None) -> StreamedResult:
     """One streamed pass: baseline and compressed perplexity over ``eval_ids`` [N, S] (when given) and the
-    export into ``out`` (when given; atomic, with the tokenizer, config, plan, codes and ``extra_files``)."""
+    export into ``out`` (when given; atomic, with the tokenizer, config, plan, codes and the files
+    ``extra_files(result) -> {name: text}`` gives once the perplexities are known)."""
     t0 = time.perf_counter()
     job = plan.job
     if out is not None:
@@ -346,7 +347,7 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
             writer.close()
             if codes is not None:
                 codes.close()
-            _write_side_files(plan, folder, tokenizer, extra_files or {})
+            _write_side_files(plan, folder, tokenizer, extra_files(res) if extra_files else {})
 
     if out is None:
         one_pass(None)
@@ -372,3 +373,52 @@ def _write_side_files(plan: StreamedPlan, folder: Path, tokenizer, extra_files: 
         (folder / PLAN_NAME).write_text(json.dumps(plan.quant_plan.to_json(), indent=2) + "\n")
     for name, text in extra_files.items():
         (folder / name).write_text(text)
+
+
+def run_cli(args, prune_cfg=None, quant_cfg=None) -> int:
+    """``secompress prune|quantize --streaming``: profile (streamed, unless --profile), one streamed pass, export."""
+    from .checkpoints import load_tokenizer
+    from .data import load_calibration
+    from .devices import resolve_device
+    from .profile import DTYPES, ProfileConfig, profile
+    from .profile_io import load_profile
+
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
+    device = resolve_device(args.device)
+    job = StreamedJob(prune=prune_cfg, quant=quant_cfg, dtype=DTYPES[args.dtype], device=str(device),
+                      batch_size=getattr(args, "batch_size", 8))
+    tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
+    n_eval = getattr(args, "eval_samples", 0) if prune_cfg is not None else 0
+    samples = getattr(args, "samples", 16)
+    seq_len = getattr(args, "seq_len", 256)
+    both = load_calibration(args.data, tok, samples + n_eval, seq_len)
+    eval_ids = both.input_ids[samples:] if n_eval else None
+    if args.profile:
+        prof = load_profile(args.profile)
+    else:
+        from .data import CalibrationData
+
+        calib = CalibrationData(both.input_ids[:samples], both.source, both.sha256)
+        prof = profile(args.model, tok, data=calib, device=str(device),
+                       config=ProfileConfig(num_samples=samples, seq_len=seq_len, streaming=True, dtype=args.dtype,
+                                            batch_size=getattr(args, "batch_size", 4)))
+    plan = plan_streamed(args.model, job, prof)
+    print(plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0))))
+
+    def side(res: StreamedResult) -> dict[str, str]:
+        if plan.removal is None:
+            return {}
+        from .prune.api import REPORT_NAME, build_result
+
+        pr = build_result(prune_cfg, plan.model, plan.removal, plan.selection, prof, sorted(plan.kept),
+                          both.source, None, (res.perplexity_before, res.perplexity_after), res.seconds)
+        pr.model = str(args.model)
+        return {REPORT_NAME: json.dumps(pr.to_json(), indent=2) + "\n"}
+
+    res = compress_streamed(plan, eval_ids, args.out, tok, overwrite=args.overwrite, extra_files=side)
+    if plan.quant_plan is not None:
+        print(plan.quant_plan.table())
+    if res.loss_before is not None:
+        print(f"held-out perplexity {res.perplexity_before:.3f} -> {res.perplexity_after:.3f}")
+    print(f"wrote {args.out} (streamed layer by layer on {device})")
+    return 0

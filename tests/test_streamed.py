@@ -179,3 +179,24 @@ stages:
     ra = json.loads((tmp_path / "mem" / "model" / "prune_report.json").read_text())
     rb = json.loads((tmp_path / "st" / "model" / "prune_report.json").read_text())
     assert ra["layers"] == rb["layers"] and ra["parameters"] == rb["parameters"]
+
+
+def test_cli_prune_and_quantize_streaming_match_in_memory(tmp_path, capsys):
+    from secompress.cli import main
+
+    m = make_tiny("olmoe", num_hidden_layers=3)
+    plant_super_expert(m, 1, 3)
+    src = str(save_tiny(m, tmp_path / "in"))
+    common = ["--ratio", "0.25", "--samples", "4", "--eval-samples", "2", "--seq-len", "32", "--device", "cpu"]
+    assert main(["prune", src, *common, "--out", str(tmp_path / "pm")]) == 0
+    assert main(["prune", src, *common, "--streaming", "--out", str(tmp_path / "ps")]) == 0
+    assert "streamed layer by layer" in capsys.readouterr().out
+    a, b = (json.loads((tmp_path / d / "prune_report.json").read_text()) for d in ("pm", "ps"))
+    assert a["layers"] == b["layers"] and a["perplexity"]["after"] == b["perplexity"]["after"]
+    ta, tb = _tensors(tmp_path / "pm"), _tensors(tmp_path / "ps")
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    q = ["quantize", src, "--bits", "4", "--group-size", "16", "--no-se-protection", "--dtype", "float32"]
+    assert main([*q, "--out", str(tmp_path / "qm")]) == 0
+    assert main([*q, "--streaming", "--out", str(tmp_path / "qs")]) == 0
+    ta, tb = _tensors(tmp_path / "qm"), _tensors(tmp_path / "qs")
+    assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)

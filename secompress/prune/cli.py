@@ -28,6 +28,9 @@ def _add_prune(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--revision", default=None)
     p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+    p.add_argument("--streaming", action="store_true",
+                   help="one decoder layer at a time (models larger than memory; score methods / rtn only)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="compute device")
 
 
 def _prune(args) -> int:
@@ -41,8 +44,12 @@ def _prune(args) -> int:
     cfg = PruneConfig(ratio=args.ratio, method=args.method, protect_super_experts=not args.no_se_protection,
                       seed=args.seed, calib_samples=args.samples, eval_samples=args.eval_samples,
                       seq_len=args.seq_len, batch_size=args.batch_size)
+    if args.streaming:
+        from ..streamed import run_cli
+
+        return run_cli(args, prune_cfg=cfg)
     prof = load_profile(args.profile) if args.profile else None
-    model = load_model(args.model, DTYPES[args.dtype], args.revision, args.trust_remote_code)
+    model = load_model(args.model, DTYPES[args.dtype], args.revision, args.trust_remote_code, device=_device(args))
     plan_for(model, cfg.ratio)  # a ratio the router cannot take fails before the tokenizer and data
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
     result = prune(model, tok, cfg, profile=prof, data=args.data, eval_data=args.eval_data, progress=True)
@@ -50,6 +57,14 @@ def _prune(args) -> int:
     print(summary_table(result))
     print(f"wrote {args.out} (safetensors, config.json, tokenizer, prune_report.json)")
     return 0
+
+
+def _device(args) -> str | None:
+    """In memory: the device_map for load_model (None: the CPU as before)."""
+    from ..devices import resolve_device
+
+    d = resolve_device(args.device)
+    return None if d.type == "cpu" else str(d)
 
 
 COMMAND = (_add_prune, _prune)  # the entry of secompress.cli.COMMANDS

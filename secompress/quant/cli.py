@@ -30,6 +30,9 @@ def _add_quantize(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--revision", default=None)
     p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+    p.add_argument("--streaming", action="store_true",
+                   help="one decoder layer at a time (models larger than memory; score methods / rtn only)")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N", help="compute device")
 
 
 def _quantize(args) -> int:
@@ -47,8 +50,14 @@ def _quantize(args) -> int:
                       rules=tuple(Rule.parse(r) for r in args.rule), avg_bits=args.avg_bits, method=args.method,
                       fallback=args.fallback, bnb_quant_type=args.bnb_quant_type)
     check_method(cfg.method)
+    if args.streaming:
+        from ..streamed import run_cli
+
+        return run_cli(args, quant_cfg=cfg)
     prof = load_profile(args.profile) if args.profile else None
-    model = load_model(args.model, DTYPES[args.dtype], args.revision, args.trust_remote_code)
+    from ..prune.cli import _device
+
+    model = load_model(args.model, DTYPES[args.dtype], args.revision, args.trust_remote_code, device=_device(args))
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
     if cfg.method == "gptq":  # gptqmodel quantizes from the checkpoint, following our plan
         from ..data import load_calibration

@@ -93,6 +93,14 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Flatten uint8 codes into a dense little-endian bit stream [ceil(n * bits / 8)] uint8."""
+    if 8 % bits == 0:  # 2, 4, 8 bits: whole codes per byte, code k of a byte at bit k * bits (same stream)
+        per = 8 // bits
+        flat = codes.reshape(-1).to(torch.uint8)
+        flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).reshape(-1, per)  # [n / per, per]
+        out = flat[:, 0].clone()
+        for k in range(1, per):
+            out |= flat[:, k] << (k * bits)
+        return out
     flat = codes.reshape(-1).to(torch.int32)
     shifts = torch.arange(bits, dtype=torch.int32, device=codes.device)
     bitmat = ((flat[:, None] >> shifts) & 1).reshape(-1)  # [n * bits]
