@@ -160,3 +160,15 @@ def write_legacy_config_keys(config_path: Path, config, adapter: MoEAdapter) -> 
     if isinstance(rope, dict) and "rope_theta" in rope and "rope_theta" not in d:
         d["rope_theta"] = rope["rope_theta"]
     config_path.write_text(json.dumps(d, indent=2) + "\n")
+
+
+def as_saved(model, state_dict: dict) -> dict:
+    """``state_dict`` (all or part of ``model``'s, full names) as ``save_pretrained`` writes it: keys to
+    ignore dropped, tied aliases dropped, transformers' weight conversions reverted (fused experts ->
+    the per-expert keys of the original checkpoint format). Works on meta tensors."""
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    sd = {k: v for k, v in state_dict.items() if k not in (getattr(model, "_keys_to_ignore_on_save", None) or ())}
+    sd = remove_tied_weights_from_state_dict(sd, model)
+    return revert_weight_conversion(model, sd)

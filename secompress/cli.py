@@ -39,7 +39,7 @@ def _profile(args) -> int:
         rule=SERule(args.layer_fraction, args.percentile, args.max_ratio), num_samples=args.num_samples,
         seq_len=args.seq_len, batch_size=args.batch_size, streaming=args.streaming, dtype=args.dtype)
     result = profile(args.model, data=args.data, config=cfg, revision=args.revision,
-                     trust_remote_code=args.trust_remote_code)
+                     trust_remote_code=args.trust_remote_code, device=args.device)
     save_profile(result, args.out, overwrite=args.overwrite, plots=not args.no_plots)
     print(summary_table(result))
     print(f"wrote {args.out}/super_experts.json, expert_stats.csv" +

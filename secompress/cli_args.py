@@ -33,6 +33,8 @@ def model_parent() -> argparse.ArgumentParser:
                    help="dtype to load the weights in ('auto': the checkpoint's own)")
     p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of MODEL")
     p.add_argument("--trust-remote-code", action="store_true", help="run the checkpoint's own Python code")
+    p.add_argument("--device", default="auto", metavar="auto|cpu|cuda|cuda:N",
+                   help="compute device ('auto': CUDA when present; recipe: model.device)")
     return p
 
 
@@ -75,6 +77,14 @@ def load_profile_arg(path: str | None):
         what = "does not exist" if not p.exists() else f"holds no {' or '.join(missing)}"
         raise SecompressError(f"--profile '{path}' {what}: give a folder written by `secompress profile`")
     return load_profile(path)
+
+
+def device_map_arg(args) -> str | None:
+    """``--device`` as load_model's device_map for the in-memory path (None: the CPU)."""
+    from .devices import resolve_device
+
+    d = resolve_device(args.device)
+    return None if d.type == "cpu" else str(d)
 
 
 def add_command(sub, name: str, help: str, parents=()) -> argparse.ArgumentParser:

@@ -46,9 +46,9 @@ class ExpertStats:
 
     def __post_init__(self):
         for name in ("out_max", "in_max", "gate_sum", "norm_sum", "gated_norm_sum"):
-            setattr(self, name, torch.zeros(self.n, dtype=torch.float64))
+            setattr(self, name, torch.zeros(self.n, dtype=torch.float64, device="cpu"))  # host statistics
         for name in ("out_channel", "out_pos", "tokens"):
-            setattr(self, name, torch.zeros(self.n, dtype=torch.long))
+            setattr(self, name, torch.zeros(self.n, dtype=torch.long, device="cpu"))
 
 
 @dataclass
@@ -81,19 +81,22 @@ class Recorder:
         """Vectorised update from per-row reductions ([S] each, see :func:`row_stats`)."""
         if col.numel() == 0:
             return
+        col, token_idx, row_max, row_ch, row_in, row_norm = (  # per-row reductions: small, to the host
+            t.detach().cpu() for t in (col, token_idx, row_max, row_ch, row_in, row_norm))
+        weights = None if weights is None else weights.detach().cpu()
         st = self.stats(layer, num_experts)
         n = st.n
         row_max = row_max.double()
-        seg_max = torch.zeros(n, dtype=torch.float64).scatter_reduce(0, col, row_max, "amax")  # [n]
-        in_max = torch.zeros(n, dtype=torch.float64).scatter_reduce(0, col, row_in.double(), "amax")
+        seg_max = torch.zeros(n, dtype=torch.float64, device="cpu").scatter_reduce(0, col, row_max, "amax")  # [n]
+        in_max = torch.zeros(n, dtype=torch.float64, device="cpu").scatter_reduce(0, col, row_in.double(), "amax")
         if not (torch.isfinite(seg_max).all() and torch.isfinite(in_max).all()):
             bad = sorted(set(col[~torch.isfinite(row_max)].tolist()) or {-1})
             raise CalibrationError(f"non-finite expert activation in layer {layer} (expert column {bad}): "
                                    "check the model's weights and dtype and the calibration data")
         # the first row reaching each column's max gives its channel and position
-        rows = torch.arange(len(col))
+        rows = torch.arange(len(col), device="cpu")
         hit = row_max == seg_max[col]
-        first = torch.full((n,), len(col), dtype=torch.long).scatter_reduce(0, col[hit], rows[hit], "amin")
+        first = torch.full((n,), len(col), dtype=torch.long, device="cpu").scatter_reduce(0, col[hit], rows[hit], "amin")
         improved = (seg_max > st.out_max) & (first < len(col))
         idx = first[improved]
         st.out_max[improved] = seg_max[improved]
@@ -180,7 +183,7 @@ def _per_expert_hooks(rec: Recorder, layer: int, experts: nn.Module, E: int):
 def _shared_hook(rec: Recorder, layer: int, E: int):
     def hook(mod, inp, out):
         y = out.reshape(-1, out.shape[-1])  # [T, H]
-        tok = torch.arange(y.shape[0])
+        tok = torch.arange(y.shape[0], device=y.device)
         rec.observe_experts(layer, E, torch.full_like(tok, E), tok, inp[0].reshape(-1, inp[0].shape[-1]), y, None)
     return hook
 

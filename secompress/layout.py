@@ -34,7 +34,9 @@ class ExpertMLP(nn.Module):
 class PerExpertExperts(nn.Module):
     """Drop-in replacement for a fused experts module: same forward signature and result."""
 
-    def __init__(self, fused: nn.Module):
+    def __init__(self, fused: nn.Module, no_weights: frozenset[int] = frozenset()):
+        """``no_weights``: experts whose weights stay on ``meta`` (a caller replaces their Linear
+        layers, e.g. by quantized ones); their biases are copied."""
         super().__init__()
         self.num_experts = fused.num_experts
         self.is_concatenated = layout_of(fused).concatenated
@@ -42,13 +44,17 @@ class PerExpertExperts(nn.Module):
         lay = layout_of(fused)
         gu = fused.gate_up_proj  # [E, 2I, H] (transposed: [E, H, 2I])
         H, I2 = (gu.shape[1], gu.shape[2]) if lay.transposed else (gu.shape[2], gu.shape[1])
-        self.per_expert = nn.ModuleList(
-            ExpertMLP(H, I2 // 2, lay.has_bias, gu.dtype, gu.device) for _ in range(self.num_experts))
+        self.per_expert = nn.ModuleList(  # built on meta (no random init), then given copies of the weights
+            ExpertMLP(H, I2 // 2, lay.has_bias, gu.dtype, "meta") for _ in range(self.num_experts))
         with torch.no_grad():
             for e, m in enumerate(self.per_expert):
                 for name, w in expert_weights(fused, e).items():  # gate_proj, ..., down_proj_bias
+                    is_bias = name.endswith("_bias")
+                    if e in no_weights and not is_bias:
+                        continue
                     lin = getattr(m, name.removesuffix("_bias"))
-                    (lin.bias if name.endswith("_bias") else lin.weight).copy_(w)
+                    setattr(lin, "bias" if is_bias else "weight",
+                            nn.Parameter(w.detach().clone(memory_format=torch.contiguous_format)))
         self.train(fused.training)  # new modules start in training mode; follow the module replaced
         self.current_tokens: torch.Tensor | None = None  # [c] token ids of the expert running now
         self.current_weights: torch.Tensor | None = None  # [c] their routing weights

@@ -121,7 +121,7 @@ def _run_in_memory(model, adapter: MoEAdapter, chunks, rec: Recorder, attention:
 
 def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin",
             config: ProfileConfig = ProfileConfig(), revision: str | None = None,
-            trust_remote_code: bool = False, progress: bool = True) -> ProfileResult:
+            trust_remote_code: bool = False, progress: bool = True, device: str = "auto") -> ProfileResult:
     """Run calibration text through an MoE and identify its Super Experts.
 
     ``model`` is a checkpoint folder, a hub id, or an in-memory transformers model.
@@ -129,9 +129,10 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
     output| with its hidden channel and token position, the max |down_proj input|,
     routed-token counts and routing-weighted output norms; per layer, the max |hidden|,
     the max |hidden| at the first token, the median |hidden| and the attention mass on
-    the first token. SEs are then found with the rule of Su et al. 2025 (arXiv
+    the first token. Streaming runs on ``device`` (auto | cpu | cuda | cuda:N). SEs are then found with the rule of Su et al. 2025 (arXiv
     2507.23279) and with its layer-normalised variant.
     """
+    from .devices import resolve_device
     from .streaming import Checkpoint, build_skeleton, run_streaming
 
     hf_config = None
@@ -156,10 +157,12 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
                 tqdm(total=len(adapter.layers(skeleton)), desc="profile (streaming)", unit="layer",
                      disable=not progress) as bar:
             run_streaming(skeleton, adapter, Checkpoint(local), chunks, resolve_dtype(config.dtype, hf_config),
-                          progress=bar)
+                          progress=bar, device=resolve_device(device))
         live = skeleton
     else:
-        live = load_model(model, config.dtype, revision, trust_remote_code) if isinstance(model, (str, Path)) else model
+        dev = resolve_device(device)
+        live = load_model(model, config.dtype, revision, trust_remote_code,
+                          device=None if dev.type == "cpu" else str(dev)) if isinstance(model, (str, Path)) else model
         adapter = check_model(live)
         with _eager_attention(live, config.attention):
             _run_in_memory(live, adapter, chunks, rec, config.attention, progress)

@@ -100,14 +100,19 @@ class Checkpoint:
         """Whether ``key`` is a block-scaled FP8 weight (stored codes + ``<key>_scale_inv``)."""
         return self.fp8 is not None and key + SCALE_SUFFIX in self.where
 
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor's real values: FP8 weights dequantized (float32), everything else as stored."""
+    def nbytes(self, key: str) -> int:
+        start, end = self.where[key][2]["data_offsets"]
+        return end - start
+
+    def get(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The tensor's real values on ``device``: FP8 weights dequantized (float32), everything else as stored."""
         if self.is_fp8(key):
-            return fp8.dequantize(self.get_stored(key), self.get_stored(key + SCALE_SUFFIX), self.fp8.block)
-        t = self.get_stored(key)
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not self.raw:
-            raise SecompressError(self._codes_error(key))
-        return t
+            t = fp8.dequantize(self.get_stored(key), self.get_stored(key + SCALE_SUFFIX), self.fp8.block)
+        else:
+            t = self.get_stored(key)
+            if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not self.raw:
+                raise SecompressError(self._codes_error(key))
+        return t if torch.device(device).type == "cpu" else t.to(device)
 
     def get_stored(self, key: str) -> torch.Tensor:
         """The tensor exactly as stored (FP8 codes stay codes)."""
@@ -115,7 +120,7 @@ class Checkpoint:
             raise RuntimeError("Checkpoint.get outside 'with checkpoint.reading()'")
         f, base, info = self.where[key]
         start, end = info["data_offsets"]
-        t = torch.empty(info["shape"], dtype=self.stored_dtype(key))
+        t = torch.empty(info["shape"], dtype=self.stored_dtype(key), device="cpu")  # host staging: file reads
         if end > start:
             if f not in self._open:
                 self._open[f] = open(f, "rb")
@@ -154,7 +159,7 @@ def build_skeleton(config):
 
 
 def _expert_tensor(ckpt: Checkpoint, adapter: MoEAdapter, layer_prefix: str, experts: nn.Module,
-                   pname: str, shape: tuple, dtype) -> torch.Tensor | None:
+                   pname: str, shape: tuple, dtype, device) -> torch.Tensor | None:
     """Fill a fused [E, ...] tensor from per-expert checkpoint keys (one copy), or None if absent."""
     gate_n, up_n, down_n = adapter.ckpt_expert_names
     base = f"{layer_prefix}{adapter.ckpt_block}.{adapter.experts}"
@@ -163,9 +168,9 @@ def _expert_tensor(ckpt: Checkpoint, adapter: MoEAdapter, layer_prefix: str, exp
     parts = (gate_n, up_n) if pname.startswith("gate_up_proj") else (down_n,)
     if f"{base}.0.{parts[0]}.{suffix}" not in ckpt:
         return None
-    out = torch.empty(shape, dtype=dtype)  # [E, 2I, H] / [E, H, I] (transposed: last two swapped)
+    out = torch.empty(shape, dtype=dtype, device=device)  # [E, 2I, H] / [E, H, I] (transposed: last two swapped)
     for e in range(shape[0]):
-        ws = [ckpt.get(f"{base}.{e}.{n}.{suffix}") for n in parts]  # [I, H] each, or [H, I]
+        ws = [ckpt.get(f"{base}.{e}.{n}.{suffix}", device) for n in parts]  # [I, H] each, or [H, I]
         if len(ws) == 2:
             w = join_gate_up(*ws, layout_of(experts).concatenated)
         else:
@@ -201,13 +206,15 @@ def disk_key(adapter: MoEAdapter, name: str) -> str:
 
 
 @torch.no_grad()
-def materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEAdapter, dtype) -> None:
-    """Load every parameter (and stored buffer) of ``module`` from the checkpoint."""
+def materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEAdapter, dtype,
+                device: torch.device | str = "cpu") -> None:
+    """Load every parameter (and stored buffer) of ``module`` from the checkpoint onto ``device``."""
     with ckpt.reading():
-        _materialise(module, prefix, ckpt, adapter, dtype)
+        _materialise(module, prefix, ckpt, adapter, dtype, device)
 
 
-def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEAdapter, dtype) -> None:
+def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEAdapter, dtype,
+                 device: torch.device | str = "cpu") -> None:
     for mod_name, mod in module.named_modules():
         rel_mod = f"{mod_name}." if mod_name else ""
         for pname, p in list(mod._parameters.items()):
@@ -217,11 +224,11 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEA
             t, owned = None, False
             if pname in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias") and \
                     hasattr(mod, "num_experts") and f"{prefix}{rel}" not in ckpt:
-                t, owned = _expert_tensor(ckpt, adapter, prefix, mod, pname, tuple(p.shape), dtype), True
+                t, owned = _expert_tensor(ckpt, adapter, prefix, mod, pname, tuple(p.shape), dtype, device), True
             else:
                 for key in (f"{prefix}{rel}", f"{prefix}{disk_name(adapter, rel)}", disk_key(adapter, prefix + rel)):
                     if key in ckpt:
-                        t = ckpt.get(key)
+                        t = ckpt.get(key, device)
                         break
             if t is None:
                 raise SecompressError(f"checkpoint '{ckpt.path}' has no tensor for '{prefix}{rel}'")
@@ -235,7 +242,7 @@ def _materialise(module: nn.Module, prefix: str, ckpt: Checkpoint, adapter: MoEA
             alt = f"{prefix}{disk_name(adapter, rel_mod + bname)}"
             for k in (key, alt, disk_key(adapter, key)):
                 if b is not None and k in ckpt:
-                    mod._buffers[bname] = ckpt.get(k).to(b.dtype)
+                    mod._buffers[bname] = ckpt.get(k, device).to(b.dtype)
                     break
 
 
@@ -245,17 +252,36 @@ def materialise_model(model: nn.Module, ckpt: Checkpoint, adapter: MoEAdapter, d
     with ckpt.reading():
         for i, layer in enumerate(adapter.layers(model)):
             _materialise(layer, f"{adapter.layers_path}.{i}.", ckpt, adapter, dtype)
-        for name, mod in model.named_modules():
-            for pname, p in list(mod._parameters.items()):
-                key = disk_key(adapter, f"{name}.{pname}" if name else pname)
-                if p is not None and p.device.type == "meta" and key in ckpt:
-                    t = ckpt.get(key)
-                    mod._parameters[pname] = nn.Parameter(t.to(dtype) if t.is_floating_point() else t,
-                                                          requires_grad=False)
+        materialise_rest(model, ckpt, adapter, dtype)
     model.tie_weights()  # tied output embeddings are not stored
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if missing:
         raise SecompressError(f"checkpoint '{ckpt.path}' has no tensor for '{missing[0]}'")
+
+
+def materialise_rest(model: nn.Module, ckpt: Checkpoint, adapter: MoEAdapter, dtype,
+                     device: torch.device | str = "cpu", skip: set[int] = frozenset()) -> None:
+    """Inside ``ckpt.reading()``: every stored parameter still on meta outside the modules ``skip``
+    (ids), by its checkpoint name; real buffers (rotary frequencies) are moved to ``device``.
+    Tied parameters are not stored: call ``model.tie_weights()`` after."""
+    for name, mod in model.named_modules():
+        if id(mod) in skip:
+            continue
+        for bname, b in list(mod._buffers.items()):
+            if b is not None and b.device.type != "meta" and b.device != torch.device(device):
+                mod._buffers[bname] = b.to(device)
+        for pname, p in list(mod._parameters.items()):
+            key = disk_key(adapter, f"{name}.{pname}" if name else pname)
+            if p is not None and p.device.type == "meta" and key in ckpt:
+                t = ckpt.get(key, device)
+                mod._parameters[pname] = nn.Parameter(t.to(dtype) if t.is_floating_point() else t,
+                                                      requires_grad=False)
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """One decoder layer on one chunk's hidden states [B, S, H] with the arguments it was captured with."""
+    out = layer(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
 
 
 def release(module: nn.Module) -> None:
@@ -318,21 +344,18 @@ def capture_layer_inputs(model, adapter: MoEAdapter, chunks: list[torch.Tensor])
 
 @torch.no_grad()
 def run_streaming(model, adapter: MoEAdapter, ckpt: Checkpoint, chunks: list[torch.Tensor], dtype,
-                  progress=None) -> None:
-    """Run ``chunks`` through the skeleton ``model`` one materialised decoder layer at a time."""
-    layers_parent = adapter.layers_path.rpartition(".")[0]
-    base = model.get_submodule(layers_parent)
-    for name, child in base.named_children():  # embeddings, final norm, rotary: small, load once
-        if name != adapter.layers_path.rpartition(".")[2]:
-            materialise(child, f"{layers_parent}.{name}.", ckpt, adapter, dtype)
-    hidden, layer_args = capture_layer_inputs(model, adapter, chunks)
+                  progress=None, device: torch.device | str = "cpu") -> None:
+    """Run ``chunks`` through the skeleton ``model`` one materialised decoder layer at a time on ``device``."""
     layers = adapter.layers(model)
+    base = {id(m) for m in model.get_submodule(adapter.layers_path.rpartition(".")[0]).modules()}
+    skip = {id(m) for m in layers.modules()} | {id(m) for m in model.modules() if id(m) not in base}
+    with ckpt.reading():  # embeddings, final norm, rotary: small, load once (no output head)
+        materialise_rest(model, ckpt, adapter, dtype, device, skip=skip)
+    hidden, layer_args = capture_layer_inputs(model, adapter, [c.to(device) for c in chunks])
     for i, layer in enumerate(layers):
-        materialise(layer, f"{adapter.layers_path}.{i}.", ckpt, adapter, dtype)
+        materialise(layer, f"{adapter.layers_path}.{i}.", ckpt, adapter, dtype, device)
         for c in range(len(chunks)):
-            a, kw = layer_args[i][c]
-            out = layer(hidden[c], *a, **kw)
-            hidden[c] = out[0] if isinstance(out, tuple) else out
+            hidden[c] = run_layer(layer, hidden[c], *layer_args[i][c])
         release(layer)
         if progress is not None:
             progress.update(1)

@@ -165,7 +165,6 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
     pc = ProfileConfig(num_samples=calib.input_ids.shape[0], seq_len=calib.input_ids.shape[1],
                        batch_size=config.batch_size)
     profile = profile_for(model, profile, tokenizer, calib, pc, progress)
-    E = plan.num_experts
     moe_layers = adapter.moe_layer_indices(model)
     ses = profile.se_ids()
     protect = config.protect_super_experts
@@ -174,8 +173,7 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
 
     extra: dict = {}
     if config.method in SCORERS:
-        stats = {k: v[:, :E] for k, v in profile.arrays.items() if np.ndim(v) == 2}  # [L, E]
-        selection = select_by_score(score(config.method, stats, config.seed), plan, moe_layers, ses, protect)
+        selection = score_selection(plan, moe_layers, config, profile)
     else:
         for layer in moe_layers:  # fail before any compute
             if protect:
@@ -186,19 +184,38 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
     ppl_before = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
     rep: RemovalReport = remove_experts(model, adapter, selection.removed)
     ppl_after = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
+    return build_result(config, model, rep, selection, profile, moe_layers, calib.source, held_out,
+                        (ppl_before, ppl_after), time.perf_counter() - t0, extra)
+
+
+def score_selection(plan: PrunePlan, moe_layers: list[int], config: PruneConfig, profile: ProfileResult
+                    ) -> Selection:
+    """The experts a registered score removes, from the profile's statistics (SEs spared unless told)."""
+    E = plan.num_experts
+    stats = {k: v[:, :E] for k, v in profile.arrays.items() if np.ndim(v) == 2}  # [L, E]
+    return select_by_score(score(config.method, stats, config.seed), plan, moe_layers, profile.se_ids(),
+                           config.protect_super_experts)
+
+
+def build_result(config: PruneConfig, model, rep: RemovalReport, selection: Selection, profile: ProfileResult,
+                 moe_layers: list[int], data_source: str, held_out: CalibrationData | None,
+                 ppl: tuple[float | None, float | None], seconds: float, extra: dict | None = None) -> PruneResult:
+    """The :class:`PruneResult` of a removal (in memory or streamed)."""
+    ses = profile.se_ids()
     routed_ses = protected_by_layer(ses)
     removed_ses = sorted((l, e) for l, v in selection.removed.items() for e in v if e in routed_ses.get(l, ()))
     return PruneResult(
         config=config, model=str(getattr(model, "name_or_path", "") or type(model).__name__),
-        model_type=model.config.model_type, num_experts_before=E, num_experts_after=rep.num_experts_after,
+        model_type=model.config.model_type, num_experts_before=rep.num_experts_before,
+        num_experts_after=rep.num_experts_after,
         moe_layers=moe_layers, kept=rep.kept, removed=rep.removed, super_experts=ses,
         removed_super_experts=removed_ses, protection_changes=selection.protection_changes,
         params_before=rep.params_before, params_after=rep.params_after, bytes_before=rep.bytes_before,
-        bytes_after=rep.bytes_after, perplexity_before=ppl_before, perplexity_after=ppl_after,
-        data_source=calib.source, eval_source=held_out.source if held_out is not None else "",
+        bytes_after=rep.bytes_after, perplexity_before=ppl[0], perplexity_after=ppl[1],
+        data_source=data_source, eval_source=held_out.source if held_out is not None else "",
         eval_tokens=held_out.num_tokens if held_out is not None else 0,
         profile_source=f"{profile.data_source} ({profile.num_tokens} tokens)",
-        seconds=time.perf_counter() - t0, extra=extra)
+        seconds=seconds, extra=extra or {})
 
 
 @torch.no_grad()

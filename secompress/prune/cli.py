@@ -4,7 +4,8 @@
 """
 from __future__ import annotations
 
-from ..cli_args import add_command, add_profile_arg, add_protection, model_parent, output_parent
+from ..cli_args import (add_command, add_profile_arg, add_protection, device_map_arg, model_parent,
+                        output_parent)
 from .api import RECONSTRUCTION_METHODS
 from .scores import SCORERS
 
@@ -21,6 +22,8 @@ def _add_prune(sub) -> None:
                                                      "after the calibration ones)")
     p.add_argument("--eval-samples", type=int, default=8, help="held-out windows (0: no perplexity)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
+    p.add_argument("--streaming", action="store_true",
+                   help="one decoder layer at a time (models larger than memory; score methods only)")
 
 
 def _prune(args) -> int:
@@ -34,8 +37,12 @@ def _prune(args) -> int:
     cfg = PruneConfig(ratio=args.ratio, method=args.method, protect_super_experts=args.protect_super_experts,
                       seed=args.seed, calib_samples=args.num_samples, eval_samples=args.eval_samples,
                       seq_len=args.seq_len, batch_size=args.batch_size)
+    if args.streaming:
+        from ..streamed import run_cli
+
+        return run_cli(args, prune_cfg=cfg)
     prof = load_profile_arg(args.profile)
-    model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code)
+    model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code, device=device_map_arg(args))
     plan_for(model, cfg.ratio)  # a ratio the router cannot take fails before the tokenizer and data
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
     result = prune(model, tok, cfg, profile=prof, data=args.data, eval_data=args.eval_data, progress=True)

@@ -84,6 +84,27 @@ def _set_count(module: nn.Module, E_new: int) -> None:
 
 
 @torch.no_grad()
+def remove_layer_experts(block: nn.Module, adapter: MoEAdapter, layer: int, keep: list[int], E: int) -> list[str]:
+    """Keep only experts ``keep`` (original ids, in order) of one MoE block, in place; the names sliced.
+
+    The one per-layer step of :func:`remove_experts`, also used layer by layer by the streamed engine.
+    """
+    experts, router = adapter.experts_of(block), adapter.router_of(block)
+    idx = torch.tensor(keep, dtype=torch.long, device="cpu")  # host index list; moved to each tensor's device
+    path, sliced = adapter.block_path(layer), []
+    for name in [n for n, _ in experts.named_parameters(recurse=False)] + \
+            [n for n, _ in experts.named_buffers(recurse=False)]:
+        _slice_tensor(experts, name, idx, E, f"{path}.{adapter.experts}")
+        sliced.append(f"{path}.{adapter.experts}.{name}")
+    for name in ("weight", *adapter.router_per_expert):
+        _slice_tensor(router, name, idx, E, f"{path}.{adapter.router}")
+        sliced.append(f"{path}.{adapter.router}.{name}")
+    for m in (experts, router, block):
+        _set_count(m, len(keep))
+    return sliced
+
+
+@torch.no_grad()
 def remove_experts(model: nn.Module, adapter: MoEAdapter, removed: dict[int, list[int]]) -> RemovalReport:
     """Remove ``removed[layer]`` (original expert ids) from every MoE layer, in place.
 
@@ -113,22 +134,8 @@ def remove_experts(model: nn.Module, adapter: MoEAdapter, removed: dict[int, lis
     params_before, bytes_before = model_size(model)
     kept, sliced = {}, []
     for layer in moe_layers:
-        gone = {int(e) for e in removed[layer]}
-        keep = [e for e in range(E) if e not in gone]
-        idx = torch.tensor(keep, dtype=torch.long)
-        block = adapter.block_of(layers[layer])
-        experts, router = adapter.experts_of(block), adapter.router_of(block)
-        path = adapter.block_path(layer)
-        for name in [n for n, _ in experts.named_parameters(recurse=False)] + \
-                [n for n, _ in experts.named_buffers(recurse=False)]:
-            _slice_tensor(experts, name, idx, E, f"{path}.{adapter.experts}")
-            sliced.append(f"{path}.{adapter.experts}.{name}")
-        for name in ("weight", *adapter.router_per_expert):
-            _slice_tensor(router, name, idx, E, f"{path}.{adapter.router}")
-            sliced.append(f"{path}.{adapter.router}.{name}")
-        for m in (experts, router, block):
-            _set_count(m, E_new)
-        kept[layer] = keep
+        kept[layer] = [e for e in range(E) if e not in {int(x) for x in removed[layer]}]
+        sliced += remove_layer_experts(adapter.block_of(layers[layer]), adapter, layer, kept[layer], E)
     _set_count(model, E_new)
     setattr(model.config, adapter.num_experts_key, E_new)
     if adapter.num_experts(model.config) != E_new:

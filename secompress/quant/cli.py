@@ -33,6 +33,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the method's backend, e.g. quant_type=fp4 for bnb (repeatable)")
     add_profile_arg(p)
+    p.add_argument("--streaming", action="store_true",
+                   help="one decoder layer at a time (models larger than memory; method rtn only)")
 
 
 def backend_options(method: str, pairs: list[str]):
@@ -60,7 +62,7 @@ def _quantize(args) -> int:
     from pathlib import Path
 
     from ..checkpoints import load_model, load_tokenizer
-    from ..cli_args import check_calibration_args, load_profile_arg
+    from ..cli_args import check_calibration_args, device_map_arg, load_profile_arg
     from ..data import load_calibration
     from ..errors import option_style
     from ..outputs import check_output_dir
@@ -78,8 +80,12 @@ def _quantize(args) -> int:
                       avg_bits=args.avg_bits, method=args.method, options=backend_options(args.method, args.option),
                       fallback=args.fallback, calibration=args.calibration)
     cfg.backend.require()
+    if args.streaming:
+        from ..streamed import run_cli
+
+        return run_cli(args, quant_cfg=cfg)
     prof = load_profile_arg(args.profile)
-    model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code)
+    model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code, device=device_map_arg(args))
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
     calib = load_calibration(args.data, tok, args.num_samples, args.seq_len)
     if needs_profile(cfg):

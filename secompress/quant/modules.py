@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from ..checkpoints import check_model
 from ..errors import SecompressError
+from ..experts import expert_weights
 from ..layout import PROJ, PerExpertExperts, refuse_into
 from . import rtn
 from .plan import QuantPlan
@@ -65,7 +66,7 @@ class QuantizedExperts(PerExpertExperts):
     """
 
     def __init__(self, fused: nn.Module, quantized: dict[int, dict[str, rtn.QTensor]]):
-        super().__init__(fused)
+        super().__init__(fused, no_weights=frozenset(quantized))
         for e, qts in quantized.items():
             m = self.per_expert[e]
             for proj, qt in qts.items():
@@ -124,10 +125,10 @@ def apply_plan(model, plan: QuantPlan, make) -> None:
     for name, parent, attr, lin, b in list(planned_linears(model, plan)):
         setattr(parent, attr, QuantizedLinear.from_linear(lin, make(name, lin.weight, b)))
     for block, experts, todo in list(planned_expert_layers(model, plan, adapter)):
-        per = PerExpertExperts(experts)  # to read the per-expert weights
-        quantized = {e: {p: make(f"{n}.{p}", getattr(per.per_expert[e], p).weight, bits) for p in PROJ}
-                     for e, (n, bits) in todo.items()}
-        del per
+        quantized = {}
+        for e, (n, bits) in todo.items():
+            ws = expert_weights(experts, e)  # views [I, H] / [H, I], no copy of the layer
+            quantized[e] = {p: make(f"{n}.{p}", ws[p], bits) for p in PROJ}
         setattr(block, adapter.experts, QuantizedExperts(experts, quantized))
 
 

@@ -152,6 +152,12 @@ class QuantPlan:
         total = sum(u.params for u in us)
         return sum(u.params * (self.bits[u.name] or 16) for u in us) / max(1, total)
 
+    def layer(self, index: int) -> "QuantPlan":
+        """The part of the plan for decoder layer ``index`` (the streamed engine applies it layer by layer)."""
+        names = [n for n, u in self.units.items() if u.layer == index]
+        return QuantPlan({n: self.bits[n] for n in names}, {n: self.units[n] for n in names},
+                         {n: self.source[n] for n in names}, self.super_experts, self.se_mode, self.se_bits, self.meta)
+
     def moe_layers(self) -> dict[int, list[str]]:
         out: dict[int, list[str]] = {}
         for u in self.units.values():

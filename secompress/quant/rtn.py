@@ -55,7 +55,7 @@ def check_args(bits: int, group_size: int | None, in_features: int, what: str = 
 def _round_up_fp16(s: torch.Tensor) -> torch.Tensor:
     h = s.to(SCALE_DTYPE)
     low = h.float() < s
-    return torch.where(low, torch.nextafter(h, torch.tensor(float("inf"), dtype=SCALE_DTYPE)), h)
+    return torch.where(low, torch.nextafter(h, torch.tensor(float("inf"), dtype=SCALE_DTYPE, device=h.device)), h)
 
 
 @torch.no_grad()
@@ -93,12 +93,20 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Flatten uint8 codes into a dense little-endian bit stream [ceil(n * bits / 8)] uint8."""
+    if 8 % bits == 0:  # 2, 4, 8 bits: whole codes per byte, code k of a byte at bit k * bits (same stream)
+        per = 8 // bits
+        flat = codes.reshape(-1).to(torch.uint8)
+        flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % per)]).reshape(-1, per)  # [n / per, per]
+        out = flat[:, 0].clone()
+        for k in range(1, per):
+            out |= flat[:, k] << (k * bits)
+        return out
     flat = codes.reshape(-1).to(torch.int32)
-    shifts = torch.arange(bits, dtype=torch.int32)
+    shifts = torch.arange(bits, dtype=torch.int32, device=codes.device)
     bitmat = ((flat[:, None] >> shifts) & 1).reshape(-1)  # [n * bits]
     pad = (-bitmat.numel()) % 8
     bitmat = torch.cat([bitmat, bitmat.new_zeros(pad)]).reshape(-1, 8)
-    return (bitmat << torch.arange(8, dtype=torch.int32)).sum(-1).to(torch.uint8)
+    return (bitmat << torch.arange(8, dtype=torch.int32, device=codes.device)).sum(-1).to(torch.uint8)
 
 
 def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Tensor:
@@ -106,6 +114,6 @@ def unpack(packed: torch.Tensor, bits: int, shape: tuple[int, ...]) -> torch.Ten
     n = 1
     for d in shape:
         n *= d
-    bitmat = (packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32)) & 1
+    bitmat = (packed.to(torch.int32)[:, None] >> torch.arange(8, dtype=torch.int32, device=packed.device)) & 1
     bitmat = bitmat.reshape(-1)[: n * bits].reshape(n, bits)
-    return (bitmat << torch.arange(bits, dtype=torch.int32)).sum(-1).to(torch.uint8).reshape(shape)
+    return (bitmat << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1).to(torch.uint8).reshape(shape)

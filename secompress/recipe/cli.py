@@ -13,21 +13,32 @@ def _add_run(sub) -> None:
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="change one recipe value, e.g. stages.prune.ratio=0.5 (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="push: list what would be uploaded, upload nothing")
+    p.add_argument("--device", default=None, metavar="auto|cpu|cuda|cuda:N",
+                   help="compute device (overrides model.device; auto: CUDA when present)")
+    p.add_argument("--streaming", default=None, choices=("auto", "on", "off"),
+                   help="layer by layer (on), in memory (off) or by size (auto; overrides model.streaming)")
 
 
 def _run(args) -> int:
     from .run import run_recipe
     from .schema import load_recipe
 
-    recipe = load_recipe(args.recipe, args.override)
+    overrides = list(args.override)
+    if args.device:
+        overrides.append(f"model.device={args.device}")
+    if args.streaming:
+        overrides.append("model.streaming=" + {"auto": "null", "on": "true", "off": "false"}[args.streaming])
+    recipe = load_recipe(args.recipe, overrides)
     text = Path(args.recipe).read_text()
     if args.override:
         text += "\n# overrides: " + ", ".join(args.override) + "\n"
     out, root = (args.out, None) if args.out else (Path("out") / recipe.name, Path("out"))
     res = run_recipe(recipe, text, out, overwrite=args.overwrite, dry_run=args.dry_run, root=root,
-                     inputs=(args.recipe,))
+                     inputs=(args.recipe,), announce=print)
     m = res.manifest
-    print(f"recipe {recipe.name}: stages {' -> '.join(m['stages'])}")
+    print(f"recipe {recipe.name}: stages {' -> '.join(m['stages'])} ({m['mode']} on {m['device']})")
+    for note in m.get("notes", []):
+        print(f"note: {note}")
     print(f"Super Experts: {m['super_experts'] or 'none'} (profile cache {'hit' if m['profile_cache_hit'] else 'miss'})")
     if res.comparison is not None:
         print(res.comparison.markdown())

@@ -85,15 +85,18 @@ def _profile_key(recipe: Recipe, data_sha: str, cfg: ProfileConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _cached_profile(recipe: Recipe, model, tok, calib, progress: bool) -> tuple[ProfileResult, bool]:
-    st = cfg = recipe.stage("profile")  # a ProfileConfig (calibration sizes and dtype from data / model)
+def _cached_profile(recipe: Recipe, model, tok, calib, progress: bool, streaming: bool = False,
+                    device: str = "cpu") -> tuple[ProfileResult, bool]:
+    cfg = recipe.stage("profile")  # a ProfileConfig (calibration sizes and dtype from data / model)
+    if streaming and not cfg.streaming:
+        cfg = dataclasses.replace(cfg, streaming=True)
     path = cache_root() / "profiles" / _profile_key(recipe, calib.sha256, cfg)
     if (path / "super_experts.json").is_file():
         log.info("profile cache hit: %s", path)
         return load_profile(path), True
-    src = recipe.model.id if st.streaming else model
+    src = recipe.model.id if cfg.streaming else model
     result = profile(src, tok, data=calib, config=cfg, revision=recipe.model.revision,
-                     trust_remote_code=recipe.model.trust_remote_code, progress=progress)
+                     trust_remote_code=recipe.model.trust_remote_code, progress=progress, device=device)
     save_profile(result, path, overwrite=True)
     return result, False
 
@@ -133,10 +136,11 @@ def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, pro
 
 def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: bool = False,
                dry_run: bool = False, progress: bool = True, root: str | Path | None = None,
-               inputs=()) -> RunResult:
+               inputs=(), announce=None) -> RunResult:
     """Run ``recipe`` into ``out``. ``root``: the folder ``out`` must stay inside (the CLI's ``out/``
     when the folder comes from the recipe's name); ``inputs``: paths the output must not replace
-    (the model folder and data files of the recipe are always added)."""
+    (the model folder and data files of the recipe are always added); ``announce``: called with the plan
+    (in memory or streamed, device, estimated peak memory) before any compute."""
     d = recipe.data
     inputs = (*inputs, recipe.model.id if Path(recipe.model.id).exists() else None,
               *(p for p in (d.calibration, d.eval) if p and Path(p).exists()))
@@ -145,11 +149,19 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
         with option_style("recipe"):  # advice in errors names recipe keys
-            return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Path(work))
+            return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Path(work), announce or log.info)
 
 
 def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: bool, progress: bool,
-         work: Path) -> RunResult:
+         work: Path, announce) -> RunResult:
+    from ..devices import resolve_device
+    from .streamed_run import choose_mode, run_streamed
+
+    streamed, reason = choose_mode(recipe)
+    device = resolve_device(recipe.model.device)
+    if streamed:
+        return run_streamed(recipe, recipe_text, out, overwrite, dry_run, progress, reason, announce)
+    announce(f"plan: in memory on {device} ({reason})")
     t0 = time.time()
     timings: dict[str, float] = {}
 
@@ -157,7 +169,8 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         timings[name] = round(time.time() - since, 2)
         return time.time()
 
-    model = load_model(recipe.model.id, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code)
+    model = load_model(recipe.model.id, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code,
+                       device=None if device.type == "cpu" else str(device))
     tok = load_tokenizer(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
     calib, eval_ids = _data(recipe, tok)
     t = tick("load", t0)
@@ -183,6 +196,7 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         t = tick("evaluate", t)
         comparison.check(ev.recovery_threshold)  # raises before anything is written
     manifest = _manifest(recipe, prof, cache_hit, timings, info)
+    manifest.update(mode="in memory", mode_reason=reason, device=str(device))
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "recipe.yaml").write_text(recipe_text)
         if prof is not None:
@@ -195,12 +209,17 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         manifest["wall_seconds"] = round(time.time() - t0, 2)
         manifest["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    return RunResult(Path(out), manifest, comparison, finish_push(recipe, out, manifest, dry_run))
+
+
+def finish_push(recipe: Recipe, out: Path, manifest: dict, dry_run: bool) -> list[str]:
+    """The push stage, after the output is in place (a failed upload keeps the export)."""
     pushed: list[str] = []
-    if (st := recipe.stage("push")) is not None:  # after the rename: a failed upload keeps the export
+    if (st := recipe.stage("push")) is not None:
         pushed = push(Path(out) / "model", st, dry_run)
         manifest["push"] = {"repo_id": st.repo_id, "dry_run": dry_run, "files": pushed}
         (Path(out) / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-    return RunResult(Path(out), manifest, comparison, pushed)
+    return pushed
 
 
 PLAIN_SNIPPET = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')"

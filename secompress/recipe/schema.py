@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from ..devices import check_device
 from ..dtypes import DEFAULT_DTYPE, check_dtype
 from ..errors import SecompressError
 from ..profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, ProfileConfig
@@ -53,9 +54,15 @@ class ModelSpec:
     dtype: str = DEFAULT_DTYPE  # a secompress.dtypes name; "auto": the checkpoint's own
     trust_remote_code: bool = False
     model_type: str | None = None  # lets a recipe be checked against its adapter without the network
+    streaming: bool | None = None  # layer by layer; None: when the checkpoint exceeds memory_share x available memory
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (auto: CUDA when present)
+    memory_share: float = 0.25  # an in-memory run holds 2.5-4x the checkpoint (deep copy for the SE-unaware pass)
 
     def __post_init__(self):
         check_dtype(self.dtype)
+        check_device(self.device)
+        if not 0.0 < self.memory_share <= 1.0:
+            raise ValueError(f"memory_share must be in (0, 1], got {self.memory_share}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,262 @@
+"""Benchmark (not a test): the full recipe on checkpoints with the real shapes of OLMoE-1B-7B and
+Qwen1.5-MoE-A2.7B, random weights, larger than (or close to) this machine's memory.
+
+    python evals/bench_scale.py --shape olmoe --dir /work/scale [--layers N] [--mode streamed|memory]
+    python evals/bench_scale.py --shape qwen15 --dir /work/scale
+
+Steps, each timed with its peak resident memory (sampled from /proc every 0.1 s):
+  generate  the checkpoint written shard by shard from random weights (never the whole model in
+            memory); one Super Expert planted in layer 1 by scaling one down_proj channel
+  profile   streamed SE profile (secompress.profile(..., streaming=True))
+  compress  one streamed pass: baseline perplexity, prune 25% REAP, RTN 4-bit (group 128) with the
+            SE's layer kept 16-bit (se_mode layer), export, perplexity of the compressed model
+  unaware   the SE-unaware pass (protection off): perplexity only, no deep copy
+  checks    the planted SE bit-identical in the export; the export loads with stock transformers on
+            the meta device with no missing/unexpected keys; spot checks of dequantized tensors
+  disk      raw read throughput of one shard (plain file read) vs the engine's read throughput
+``--mode memory`` runs the same recipe in memory (load_model, prune, quantize_, save_quantized) for the
+side-by-side figure (only for cuts that fit). Prints one JSON line per step and a summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+SHAPES = {
+    "olmoe": dict(model_type="olmoe", hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                  num_experts=64, num_experts_per_tok=8, num_attention_heads=16, num_key_value_heads=16,
+                  vocab_size=50304, max_position_embeddings=4096, tie_word_embeddings=False),
+    "qwen15": dict(model_type="qwen2_moe", hidden_size=2048, intermediate_size=5632, num_hidden_layers=24,
+                   num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
+                   shared_expert_intermediate_size=5632, num_attention_heads=16, num_key_value_heads=16,
+                   vocab_size=151936, max_position_embeddings=8192, tie_word_embeddings=False),
+}
+SE_LAYER, SE_EXPERT, SE_CHANNEL, SE_SCALE = 1, 5, 7, 300.0
+
+
+class PeakRSS:
+    """Peak resident memory of this process inside the block (sampled)."""
+
+    def __enter__(self):
+        self.peak, self._stop = _rss(), False
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def _loop(self):
+        while not self._stop:
+            self.peak = max(self.peak, _rss())
+            time.sleep(0.1)
+
+    def __exit__(self, *exc):
+        self._stop = True
+        self._t.join()
+        self.peak = max(self.peak, _rss())
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def report(step: str, seconds: float, peak: int, **kw) -> dict:
+    d = {"step": step, "seconds": round(seconds, 1), "peak_rss_gib": round(peak / 2**30, 2), **kw}
+    print(json.dumps(d), flush=True)
+    return d
+
+
+def config_of(shape: str, layers: int | None):
+    from transformers import AutoConfig
+
+    from secompress.bytetok import BOS_ID, EOS_ID, PAD_ID
+
+    kw = dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    mt = kw.pop("model_type")
+    return AutoConfig.for_model(mt, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, **kw)
+
+
+@torch.no_grad()
+def generate(folder: Path, config) -> str:
+    """Random bf16 weights written tensor by tensor into <= 5 GB shards; returns the SE's key."""
+    from secompress.bytetok import build_byte_tokenizer
+    from secompress.checkpoints import as_saved
+    from secompress.shards import ShardWriter, specs_of
+    from secompress.streaming import build_skeleton
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = build_skeleton(config)
+    sd = {k: torch.empty_like(v, dtype=torch.bfloat16, device="meta") for k, v in model.state_dict().items()}
+    specs = specs_of(as_saved(model, sd))
+    w = ShardWriter(folder, specs)
+    g = torch.Generator().manual_seed(0)
+    se_key = f"model.layers.{SE_LAYER}.mlp.experts.{SE_EXPERT}.down_proj.weight"
+    P = 1 << 24  # a pool of N(0, std) values; each tensor copies pieces from random offsets (cheap on 2 cores)
+    pool = (torch.randn(2 * P, generator=g) * config.initializer_range).to(torch.bfloat16)
+    for s in specs:
+        if s.name.endswith("norm.weight") or "layernorm" in s.name:
+            t = torch.ones(s.shape, dtype=torch.bfloat16)
+        else:
+            t = torch.empty(s.shape, dtype=torch.bfloat16)
+            flat = t.view(-1)
+            for pos in range(0, flat.numel(), P):
+                k = min(P, flat.numel() - pos)
+                off = int(torch.randint(0, P, (1,), generator=g))
+                flat[pos:pos + k].copy_(pool[off:off + k])
+        if s.name == se_key:
+            t[SE_CHANNEL, :] *= SE_SCALE  # [H, I]: one output channel -> a massive activation
+        w.write(s.name, t)
+        del t
+    w.close()
+    config.dtype = torch.bfloat16
+    config.save_pretrained(folder)
+    build_byte_tokenizer().save_pretrained(folder)
+    return se_key
+
+
+def raw_read_gbps(path: Path, limit: int = 4 * 2**30) -> float:
+    """Plain sequential read of a file (page cache not dropped: an upper bound when cached)."""
+    buf = bytearray(64 * 2**20)
+    n, t0 = 0, time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while n < limit:
+            k = f.readinto(buf)
+            if not k:
+                break
+            n += k
+    return n / (time.perf_counter() - t0) / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
+    ap.add_argument("--dir", default="/work/scale")
+    ap.add_argument("--layers", type=int, default=None, help="cut the model to this many layers")
+    ap.add_argument("--mode", choices=("streamed", "memory"), default="streamed")
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--eval-samples", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--keep", action="store_true", help="keep the export")
+    ap.add_argument("--generate-only", action="store_true")
+    a = ap.parse_args()
+
+    from secompress.checkpoints import load_tokenizer
+    from secompress.data import CalibrationData, load_calibration
+    from secompress.profile import ProfileConfig, profile
+    from secompress.prune import PruneConfig
+    from secompress.quant.api import QuantConfig
+    from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+
+    base = Path(a.dir) / f"{a.shape}-{a.layers or 'full'}"
+    src, out = base / "input", base / f"export-{a.mode}"
+    config = config_of(a.shape, a.layers)
+    results = []
+    with PeakRSS() as p:
+        t0 = time.perf_counter()
+        if not (src / "config.json").is_file():
+            generate(src, config)
+        size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    results.append(report("generate", time.perf_counter() - t0, p.peak, checkpoint_gb=round(size / 1e9, 2),
+                          layers=config.num_hidden_layers))
+    se_key = f"model.layers.{SE_LAYER}.mlp.experts.{SE_EXPERT}.down_proj.weight"
+    if a.generate_only:
+        return
+
+    tok = load_tokenizer(src)
+    both = load_calibration("builtin", tok, a.samples + a.eval_samples, a.seq_len)
+    calib = CalibrationData(both.input_ids[: a.samples], both.source, both.sha256)
+    eval_ids = both.input_ids[a.samples:]
+    pc = PruneConfig(ratio=0.25, method="reap", eval_samples=0)
+    qc = QuantConfig(bits=4, group_size=128, se_mode="layer", se_bits=None)
+
+    with PeakRSS() as p:
+        t0 = time.perf_counter()
+        prof = profile(str(src), tok, data=calib, config=ProfileConfig(num_samples=a.samples, seq_len=a.seq_len,
+                       batch_size=4, streaming=True, dtype="bfloat16"), progress=True)
+    results.append(report("profile", time.perf_counter() - t0, p.peak, super_experts=prof.se_ids()))
+
+    if a.mode == "streamed":
+        job = StreamedJob(prune=pc, quant=qc, dtype=torch.bfloat16, device="cpu", batch_size=4)
+        with PeakRSS() as p:
+            t0 = time.perf_counter()
+            plan = plan_streamed(src, job, prof)
+            print(plan.describe(*eval_ids.shape), flush=True)
+            res = compress_streamed(plan, eval_ids, out, tok, overwrite=True, progress=True)
+            dt = time.perf_counter() - t0
+        results.append(report("compress+export+ppl", dt, p.peak, estimated_peak_gib=round(
+            plan.peak_bytes(*eval_ids.shape) / 2**30, 2), ppl_before=res.perplexity_before,
+            ppl_after=res.perplexity_after, read_gbps=round(size / dt / 1e9, 3),
+            layer_gib=round(plan.layer_bytes / 2**30, 3), rest_gib=round(plan.rest_bytes / 2**30, 3)))
+        with PeakRSS() as p:
+            t0 = time.perf_counter()
+            plan_u = plan_streamed(src, job, prof, protect=False)
+            res_u = compress_streamed(plan_u, eval_ids, None, baseline=False, progress=True)
+        results.append(report("se_unaware_pass", time.perf_counter() - t0, p.peak,
+                              ppl_after=res_u.perplexity_after))
+        kept = plan.kept
+    else:
+        from secompress.checkpoints import load_model
+        from secompress.perplexity import perplexity
+        from secompress.prune import prune, remap_profile
+        from secompress.quant.api import quantize_, save_quantized
+
+        with PeakRSS() as p:
+            t0 = time.perf_counter()
+            model = load_model(src, torch.bfloat16)
+            before = perplexity(model, eval_ids, 4)
+            r = prune(model, tok, pc, profile=prof, data=calib)
+            qp = quantize_(model, qc, profile=remap_profile(prof, r))
+            after = perplexity(model, eval_ids, 4)
+            save_quantized(model, tok, qp, out, overwrite=True)
+            del model
+        results.append(report("compress+export+ppl (in memory)", time.perf_counter() - t0, p.peak,
+                              ppl_before=before, ppl_after=after))
+        kept = r.kept
+
+    # checks on the export
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from secompress.streaming import Checkpoint
+
+    new_e = kept[SE_LAYER].index(SE_EXPERT)
+    ck_in, ck_out = Checkpoint(src), Checkpoint(out)
+    with ck_in.reading(), ck_out.reading():
+        se_in = ck_in.get(se_key)
+        se_out = ck_out.get(se_key.replace(f"experts.{SE_EXPERT}.", f"experts.{new_e}."))
+        se_identical = bool(torch.equal(se_in, se_out))
+        k_attn = f"model.layers.{config.num_hidden_layers - 1}.self_attn.q_proj.weight"
+        err = float((ck_in.get(k_attn).float() - ck_out.get(k_attn).float()).abs().max())
+    m, info = AutoModelForCausalLM.from_pretrained(out, device_map="meta", output_loading_info=True)
+    with safe_open(str(out / "secompress_quant.safetensors"), "pt") as f:
+        shapes = json.loads(f.metadata()["shapes"])
+    results.append(report("checks", 0, _rss(), se_bit_identical=se_identical,
+                          missing=len(info["missing_keys"]), unexpected=len(info["unexpected_keys"]),
+                          experts_after=m.config.num_experts, attn_max_abs_err=err, code_tensors=len(shapes)))
+    del m
+    shard = max(src.glob("*.safetensors"), key=lambda f: f.stat().st_size)
+    results.append(report("disk", 0, _rss(), raw_read_gbps=round(raw_read_gbps(shard), 3)))
+    print(json.dumps({"summary": results, "ru_maxrss_gib": round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
+    if not a.keep:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

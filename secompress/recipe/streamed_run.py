@@ -1,0 +1,159 @@
+"""``secompress run`` for checkpoints larger than memory: the recipe on the layer-by-layer engine.
+
+:func:`choose_mode` picks in memory or streamed (``model.streaming`` forces it; otherwise streamed
+when the checkpoint, in the compute dtype, exceeds ``model.memory_share`` of the available memory)
+and says why. :func:`run_streamed` then runs the same stages as the in-memory run, as passes over
+the shards (:mod:`secompress.streamed`): the streamed SE profile (cached like the in-memory one);
+one pass with the baseline perplexity, pruning, RTN, the SE-aware perplexity and the export; one
+SE-unaware pass (perplexity only, never a copy of the model). Everything is planned and checked
+(methods, disk space) before the first pass. lm-eval tasks need the model in memory: in streamed
+mode they are skipped with a warning and the manifest says so (run them on the export).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from ..devices import resolve_device
+from ..errors import SecompressError
+from .schema import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); the physical memory size where that is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_mode(recipe: Recipe) -> tuple[bool, str]:
+    """(streamed?, the reason, for the console and the manifest)."""
+    m = recipe.model
+    if m.streaming is not None:
+        return m.streaming, f"model.streaming: {str(m.streaming).lower()}"
+    if not Path(m.id).is_dir():
+        return False, f"'{m.id}' is not a local folder (size unknown): in memory; set model.streaming to choose"
+    from ..adapters import get_adapter
+    from ..checkpoints import load_config, resolve_dtype
+    from ..streamed import checkpoint_sizes
+
+    config = load_config(m.id, m.revision, m.trust_remote_code)
+    total = checkpoint_sizes(m.id, get_adapter(config).layers_path, resolve_dtype(m.dtype, config))[3]
+    avail = available_memory()
+    streamed = total > m.memory_share * avail
+    return streamed, (f"the checkpoint takes {total / 2**30:.2f} GiB in {m.dtype}, "
+                      f"{'more' if streamed else 'not more'} than model.memory_share {m.memory_share} x "
+                      f"{avail / 2**30:.1f} GiB available")
+
+
+def _configs(recipe: Recipe):
+    """The recipe's PruneConfig and QuantConfig (None where the stage is absent); perplexity is the pass's own."""
+    import dataclasses
+
+    pc = recipe.stage("prune")
+    return (dataclasses.replace(pc, eval_samples=0) if pc is not None else None), recipe.stage("quantize")
+
+
+def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: bool, progress: bool,
+                 reason: str, announce=log.info):
+    """The recipe as streamed passes; returns a :class:`~secompress.recipe.run.RunResult`."""
+    from ..checkpoints import load_tokenizer
+    from ..outputs import atomic_dir
+    from ..profile_io import save_profile
+    from ..prune.api import REPORT_NAME, build_result
+    from ..streamed import StreamedJob, compress_streamed, plan_streamed
+    from .evaluation import Comparison
+    from .publish import model_card
+    from ..checkpoints import load_config, resolve_dtype
+    from ..quant.backends import get_backend
+    from .run import PLAIN_SNIPPET, RunResult, _cached_profile, _data, _manifest, finish_push
+
+    t0 = time.time()
+    timings: dict[str, float] = {}
+    m = recipe.model
+    device = resolve_device(m.device)
+    tok = load_tokenizer(m.id, m.revision, m.trust_remote_code)
+    calib, eval_ids = _data(recipe, tok)
+    ev = recipe.stage("evaluate")
+    notes = []
+    if ev is not None and ev.tasks:
+        notes.append(f"lm-eval tasks {ev.tasks} skipped: they need the model in memory; run them on the export")
+        log.warning(notes[-1])
+    pc, qc = _configs(recipe)
+    dtype = resolve_dtype(m.dtype, load_config(m.id, m.revision, m.trust_remote_code))
+    job = StreamedJob(prune=pc, quant=qc, dtype=dtype, device=str(device))  # checks methods
+    if (pc is not None or (qc is not None and qc.avg_bits is not None)) and recipe.stage("profile") is None:
+        raise SecompressError("streamed pruning and bit allocation need the profile stage")
+    prof, cache_hit = (None, False)
+    t = time.time()
+    if recipe.stage("profile") is not None:
+        prof, cache_hit = _cached_profile(recipe, None, tok, calib, progress, streaming=True, device=str(device))
+    timings["profile"] = round(time.time() - t, 2)
+    plan = plan_streamed(m.id, job, prof)
+    compare = ev is not None and ev.compare_se_unaware and prof is not None
+    plan_u = plan_streamed(m.id, job, prof, protect=False) if compare else None
+    measure = ev is not None and ev.perplexity
+    announce(f"{plan.describe(*(eval_ids.shape if measure else (0, 0)))} ({reason})")
+    export = recipe.stage("export") is not None
+
+    with atomic_dir(out, overwrite) as tmp:
+        t = time.time()
+        res = compress_streamed(plan, eval_ids if measure else None, tmp / "model" if export else None, tok,
+                                progress=progress)
+        timings["compress_export"] = round(time.time() - t, 2)
+        comparison = None
+        if ev is not None:
+            t = time.time()
+            aware = {"perplexity": res.perplexity_after} if measure else {}
+            unaware = None
+            if plan_u is not None and measure:
+                unaware = {"perplexity": compress_streamed(plan_u, eval_ids, None, baseline=False,
+                                                           progress=progress).perplexity_after}
+            comparison = Comparison.build({"perplexity": res.perplexity_before} if measure else {}, aware, unaware)
+            timings["evaluate_se_unaware"] = round(time.time() - t, 2)
+            comparison.check(ev.recovery_threshold)
+        info = {}
+        pr = None
+        if plan.removal is not None:
+            pr = build_result(pc, plan.model, plan.removal, plan.selection, prof, sorted(plan.removal.kept),
+                              calib.source, None, (None, None), res.seconds)
+            pr.model = m.id
+            info["prune"] = pr
+        (tmp / "recipe.yaml").write_text(recipe_text)
+        if prof is not None:
+            save_profile(prof, tmp / "profile")
+        if comparison is not None:
+            comparison.save(tmp)
+        if export:
+            dest = tmp / "model"
+            if pr is not None:
+                (dest / REPORT_NAME).write_text(json.dumps(pr.to_json(), indent=1))
+            prune_info = None if pr is None else {"method": pr.config.method, "num_experts_after": pr.num_experts_after,
+                                                  "removed_per_layer": pr.num_experts_before - pr.num_experts_after}
+            snippet = get_backend("rtn").load_snippet if plan.quant_plan is not None else PLAIN_SNIPPET
+            (dest / "README.md").write_text(model_card(
+                recipe, recipe_text, prof.se_ids() if prof is not None else [], comparison,
+                plan.quant_plan.table() if plan.quant_plan is not None else None, prune_info, snippet))
+        manifest = _manifest(recipe, prof, cache_hit, timings, info)
+        manifest.update(mode="streamed", mode_reason=reason, device=str(device), notes=notes,
+                        plan={"checkpoint_bytes": plan.checkpoint_bytes, "largest_layer_bytes": plan.layer_bytes,
+                              "embeddings_head_bytes": plan.rest_bytes, "output_bytes": plan.output_bytes,
+                              "estimated_peak_bytes": plan.peak_bytes(*(eval_ids.shape if measure else (0, 0)))})
+        manifest["wall_seconds"] = round(time.time() - t0, 2)
+        import resource
+
+        manifest["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
+    pushed = finish_push(recipe, out, manifest, dry_run)
+    return RunResult(Path(out), manifest, comparison, pushed)

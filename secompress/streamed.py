@@ -1,0 +1,424 @@
+"""Prune, quantize, export and evaluate a checkpoint layer by layer (see :mod:`secompress.engine`).
+
+    plan = plan_streamed("ckpt/", StreamedJob(prune=PruneConfig(0.25), quant=QuantConfig(bits=4)), profile)
+    print(plan.describe())            # streamed, device, estimated peak memory and output size
+    res = compress_streamed(plan, eval_ids, out="out/model", tokenizer=tok)
+
+Two passes over the checkpoint make a compress run: the streamed profile (the Super-Expert
+rule compares maxima across layers, so every layer must be seen before any is changed), then
+this pass. Everything that does not need weights is decided first, on the meta skeleton: the
+experts to remove (score-based methods from the profile's statistics), the pruned config and
+shapes, the quantization plan, every output tensor's name, dtype and shape, the size on disk
+(checked against the free space) and the peak memory. Then one pass per decoder layer:
+materialise, run the evaluation windows through the original layer (baseline perplexity),
+remove the experts (:func:`~secompress.prune.structural.remove_layer_experts`), quantize
+(:func:`~secompress.quant.api.apply_plan` on the layer's part of the plan), run the windows
+through the compressed layer, write its dequantized tensors and packed codes, drop it. The
+results are bit-identical to the in-memory path (tests on all seven architectures).
+NAEE (it reconstructs layer outputs from many candidate sets), GPTQ and bitsandbytes stay
+in memory only.
+Legend: N windows, S sequence length, H hidden size, L decoder layers.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoints import as_saved, check_model, load_config, write_legacy_config_keys
+from .engine import LayerEngine, LayerInputs, Stream
+from .errors import SecompressError
+from .outputs import atomic_dir, check_output_dir
+from .shards import ShardWriter, TensorSpec, specs_of
+from .streaming import Checkpoint, build_skeleton
+
+log = logging.getLogger(__name__)
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class StreamedJob:
+    prune: object | None = None  # PruneConfig (a score method)
+    quant: object | None = None  # QuantConfig (method rtn)
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"  # resolved already (secompress.devices.resolve_device)
+    batch_size: int = 8  # evaluation windows per chunk (as secompress.perplexity.mean_loss)
+
+    def __post_init__(self):
+        if self.prune is not None and self.prune.method == "naee":
+            raise SecompressError("pruning method 'naee' reconstructs whole layers from many candidate sets and "
+                                  "runs in memory only; use a score method (reap, frequency, easy_ep, random) "
+                                  "with streaming, or model.streaming: false")
+        if self.quant is not None and self.quant.method != "rtn":
+            raise SecompressError(f"quantization method '{self.quant.method}' runs in memory only; streaming "
+                                  "supports method 'rtn' (or set model.streaming: false)")
+
+
+@dataclass
+class StreamedPlan:
+    """Everything decided before any weight is read."""
+
+    path: Path
+    job: StreamedJob
+    config: object  # the input's transformers config
+    model: object  # the compressed model's skeleton (meta)
+    kept: dict[int, list[int]] | None  # MoE layer -> kept original expert ids
+    removal: object | None  # RemovalReport (sizes from the meta skeletons)
+    selection: object | None
+    quant_plan: object | None
+    out_specs: list[TensorSpec]
+    code_specs: list[TensorSpec]
+    code_shapes: dict[str, list]
+    checkpoint_bytes: int
+    layer_bytes: int  # the largest decoder layer in the compute dtype
+    rest_bytes: int  # embeddings, final norm, output head
+    profile: object | None = None
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(s.nbytes for s in self.out_specs) + sum(s.nbytes for s in self.code_specs)
+
+    def peak_bytes(self, num_windows: int = 0, seq_len: int = 0, streams: int = 2) -> int:
+        """Estimated peak memory: the embeddings and head, a layer materialised plus what quantization
+        makes of it (per-expert copy and codes, about 2.5 layers at the worst moment), the streams'
+        hidden states [N, S, H] in float32 and one chunk's attention scores."""
+        H = int(getattr(self.config, "hidden_size", 0))
+        heads = int(getattr(self.config, "num_attention_heads", 1))
+        hidden = streams * num_windows * seq_len * H * 4
+        attn = self.job.batch_size * heads * seq_len * seq_len * 4 * 2
+        factor = 2.5 if self.job.quant is not None else 1.5
+        return int(self.rest_bytes + factor * self.layer_bytes + hidden + attn)
+
+    def describe(self, num_windows: int = 0, seq_len: int = 0) -> str:
+        return (f"plan: streamed layer by layer on {self.job.device}; checkpoint {self.checkpoint_bytes / GiB:.2f} "
+                f"GiB, largest layer {self.layer_bytes / GiB:.2f} GiB, embeddings+head {self.rest_bytes / GiB:.2f} "
+                f"GiB; estimated peak memory {self.peak_bytes(num_windows, seq_len) / GiB:.2f} GiB; "
+                f"output {self.output_bytes / GiB:.2f} GiB")
+
+
+def _dtype_bytes(info: dict, dtype: torch.dtype) -> int:
+    n = math.prod(info["shape"])
+    floating = info["dtype"].startswith(("F", "BF"))
+    return n * (torch.empty((), dtype=dtype, device="meta").element_size() if floating else 1)
+
+
+def checkpoint_sizes(path: str | Path, layers_path: str, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """From the safetensors headers: (bytes on disk, largest decoder layer, everything outside the layers,
+    the whole model), the last three in ``dtype``."""
+    ck = Checkpoint(path)
+    disk = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    per_layer: dict[str, int] = {}
+    rest = 0
+    head = layers_path + "."
+    for k, (_, _, info) in ck.where.items():
+        b = _dtype_bytes(info, dtype)
+        if k.startswith(head):
+            idx = k[len(head):].split(".", 1)[0]
+            per_layer[idx] = per_layer.get(idx, 0) + b
+        else:
+            rest += b
+    return disk, max(per_layer.values(), default=0), rest, rest + sum(per_layer.values())
+
+
+def _cast_meta(model, dtype: torch.dtype) -> None:
+    """Parameters of a meta skeleton to the compute dtype (what materialise gives them)."""
+    for mod in model.modules():
+        for n, p in list(mod._parameters.items()):
+            if p is not None and p.is_floating_point():
+                mod._parameters[n] = torch.nn.Parameter(torch.empty_like(p, dtype=dtype, device="meta"),
+                                                        requires_grad=False)
+
+
+def code_specs(plan, group_size: int | None) -> tuple[list[TensorSpec], dict[str, list]]:
+    """Names, dtypes and shapes of the packed codes file (as :func:`secompress.quant.api.quantized_tensors`)."""
+    from .layout import PROJ
+    from .quant import rtn
+
+    specs, shapes = [], {}
+    for name, b in plan.bits.items():
+        if b is None:
+            continue
+        u = plan.units[name]
+        if u.expert is None:
+            mats = {name: (u.params // u.in_features[0], u.in_features[0])}  # [O, In]
+        else:
+            H, I = u.in_features  # gate/up read H, down reads I
+            mats = {f"{name}.{p}": ((H, I) if p == "down_proj" else (I, H)) for p in PROJ}
+        for key, (O, In) in mats.items():
+            G = In // rtn.check_args(b, group_size, In, key)
+            specs += [TensorSpec(f"{key}.qweight", torch.uint8, ((O * In * b + 7) // 8,)),
+                      TensorSpec(f"{key}.scales", rtn.SCALE_DTYPE, (O, G)),
+                      TensorSpec(f"{key}.zeros", torch.uint8, ((O * G * b + 7) // 8,))]
+            shapes[key] = [[O, In], [O, G], b]
+    return specs, shapes
+
+
+def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: bool | None = None) -> StreamedPlan:
+    """Decide everything on the meta skeleton (no weights read); raises before any compute.
+
+    ``protect`` overrides both configs' ``protect_super_experts`` (False: the SE-unaware variant)."""
+    from .prune.api import plan_for, score_selection
+    from .prune.structural import remove_experts
+
+    path = Path(path)
+    config = load_config(path)
+    model = build_skeleton(copy.deepcopy(config))  # pruning changes the skeleton's config
+    adapter = check_model(model)
+    _cast_meta(model, job.dtype)
+    disk, layer_b, rest_b, _ = checkpoint_sizes(path, adapter.layers_path, job.dtype)
+    kept = removal = selection = qplan = None
+    prof = profile
+    if job.prune is not None:
+        if profile is None:
+            raise SecompressError("streamed pruning needs the streamed profile's statistics: profile first")
+        pcfg = job.prune if protect is None else dataclasses.replace(job.prune, protect_super_experts=protect)
+        pplan = plan_for(model, pcfg.ratio)
+        selection = score_selection(pplan, adapter.moe_layer_indices(model), pcfg, profile)
+        removal = remove_experts(model, adapter, selection.removed)  # on meta: shapes and sizes only
+        kept = removal.kept
+    if job.quant is not None:
+        from .quant.api import plan_quantization
+
+        qcfg = job.quant if protect is None else dataclasses.replace(job.quant, protect_super_experts=protect)
+        if removal is not None and prof is not None:
+            prof = _remapped(prof, removal)
+        qplan = plan_quantization(model, qcfg, profile=prof)
+    sd = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
+    out_specs = specs_of(as_saved(model, sd))
+    cspecs, cshapes = code_specs(qplan, job.quant.group_size) if qplan is not None else ([], {})
+    return StreamedPlan(path, job, config, model, kept, removal, selection, qplan, out_specs, cspecs, cshapes,
+                        disk, layer_b, rest_b, profile)
+
+
+def _remapped(prof, removal):
+    """The profile with the pruned model's expert numbering (as the in-memory run passes it to quantize)."""
+    from .prune.api import remap_profile
+
+    class _R:  # remap_profile reads only these
+        num_experts_after = removal.num_experts_after
+        kept = removal.kept
+
+    return remap_profile(prof, _R)
+
+
+# ---- per-layer callbacks ------------------------------------------------------------------------------
+class PruneLayers:
+    """Remove the planned experts of each MoE layer as it comes (same slicing as the in-memory path)."""
+
+    def __init__(self, eng: LayerEngine, kept: dict[int, list[int]], num_experts: int):
+        self.eng, self.kept, self.E = eng, kept, num_experts
+
+    def on_layer(self, index: int, layer, inputs: LayerInputs) -> None:
+        from .prune.structural import remove_layer_experts
+
+        if index in self.kept:
+            remove_layer_experts(self.eng.adapter.block_of(layer), self.eng.adapter, index, self.kept[index], self.E)
+
+
+class QuantizeLayers:
+    """RTN-quantize the layer's part of the plan, on the device the layer lives on."""
+
+    def __init__(self, eng: LayerEngine, plan, group_size, symmetric: bool):
+        from .quant import rtn
+
+        self.eng, self.plan = eng, plan
+        self.make = lambda key, w, bits: rtn.quantize(w, bits, group_size, symmetric)
+
+    def on_layer(self, index: int, layer, inputs: LayerInputs) -> None:
+        from .quant.api import apply_plan
+
+        sub = self.plan.layer(index)
+        if any(b is not None for b in sub.bits.values()):
+            apply_plan(self.eng.model, sub, self.make)
+
+
+class ExportLayers:
+    """Write the layer's tensors (dequantized where quantized) as save_pretrained names them, and its codes."""
+
+    def __init__(self, eng: LayerEngine, writer: ShardWriter, codes: ShardWriter | None, plan):
+        self.eng, self.writer, self.codes, self.plan = eng, writer, codes, plan
+
+    def write_rest(self) -> None:
+        head = self.eng.adapter.layers_path + "."
+        sd = {k: v for k, v in self.eng.model.state_dict().items() if not k.startswith(head)}
+        for k, v in as_saved(self.eng.model, sd).items():
+            self.writer.write(k, v)
+
+    def on_layer(self, index: int, layer, inputs: LayerInputs) -> None:
+        from .quant.api import dequantized, quantized_tensors
+
+        prefix = self.eng.layer_prefix(index)
+        with dequantized(self.eng.model):
+            sd = {prefix + k: v for k, v in self.eng.layers[index].state_dict().items()}
+            for k, v in as_saved(self.eng.model, sd).items():
+                self.writer.write(k, v)
+            del sd
+        if self.codes is not None:
+            tensors, _ = quantized_tensors(self.eng.model, self.plan.layer(index))
+            for k, v in tensors.items():
+                self.codes.write(k, v)
+
+
+# ---- the pass -----------------------------------------------------------------------------------------
+@dataclass
+class StreamedResult:
+    plan: StreamedPlan
+    loss_before: float | None = None
+    loss_after: float | None = None
+    out: Path | None = None
+    seconds: float = 0.0
+    prune_result: object | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def perplexity_before(self) -> float | None:
+        return None if self.loss_before is None else math.exp(self.loss_before)
+
+    @property
+    def perplexity_after(self) -> float | None:
+        return None if self.loss_after is None else math.exp(self.loss_after)
+
+
+def check_disk(out: Path, need: int) -> None:
+    """Refuse (before any compute) when the output's file system lacks ``need`` bytes (+ 1% margin)."""
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if free < need * 1.01:
+        raise SecompressError(f"the export needs {need / GiB:.2f} GiB but '{parent}' has {free / GiB:.2f} GiB free; "
+                              "free space or write elsewhere")
+
+
+def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, out: str | Path | None = None,
+                      tokenizer=None, baseline: bool = True, overwrite: bool = False, progress: bool = True,
+                      extra_files=None) -> StreamedResult:
+    """One streamed pass: baseline and compressed perplexity over ``eval_ids`` [N, S] (when given) and the
+    export into ``out`` (when given; atomic, with the tokenizer, config, plan, codes and the files
+    ``extra_files(result) -> {name: text}`` gives once the perplexities are known)."""
+    t0 = time.perf_counter()
+    job = plan.job
+    if out is not None:
+        out = check_output_dir(out, overwrite)
+        check_disk(out, plan.output_bytes)
+    eng = LayerEngine(plan.path, job.dtype, torch.device(job.device), plan.config)
+    callbacks = []
+    if plan.kept is not None:
+        callbacks.append(PruneLayers(eng, plan.kept, plan.removal.num_experts_before))
+    if plan.quant_plan is not None:
+        callbacks.append(QuantizeLayers(eng, plan.quant_plan, job.quant.group_size, job.quant.symmetric))
+    streams = {}
+    chunks = list(eval_ids.split(job.batch_size)) if eval_ids is not None else []
+    if chunks:
+        if baseline:
+            streams["before"] = Stream(chunks, before=True)
+        streams["after"] = Stream(chunks)
+    res = StreamedResult(plan)
+    log.info("%s", plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0))))
+
+    def one_pass(folder: Path | None):
+        writer = codes = None
+        if folder is not None:
+            writer = ShardWriter(folder, plan.out_specs)
+            if plan.code_specs:
+                from .quant.api import CODES_NAME
+
+                codes = ShardWriter(folder, plan.code_specs, stem=CODES_NAME.removesuffix(".safetensors"),
+                                    max_shard_bytes=1 << 62, metadata={"format": "secompress-rtn", "version": "1",
+                                                                       "shapes": json.dumps(plan.code_shapes)})
+            exporter = ExportLayers(eng, writer, codes, plan.quant_plan)
+            eng.load_rest()
+            exporter.write_rest()
+            callbacks.append(exporter)
+        final = eng.run(streams, callbacks, progress=progress, desc="compress (streaming)")
+        if "before" in final:
+            res.loss_before = eng.mean_loss(final.pop("before"), chunks)
+        if "after" in final:
+            res.loss_after = eng.mean_loss(final.pop("after"), chunks)
+        if writer is not None:
+            writer.close()
+            if codes is not None:
+                codes.close()
+            _write_side_files(plan, folder, tokenizer, extra_files(res) if extra_files else {})
+
+    if out is None:
+        one_pass(None)
+    else:
+        with atomic_dir(out, overwrite) as tmp:
+            one_pass(tmp)
+        res.out = out
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def _write_side_files(plan: StreamedPlan, folder: Path, tokenizer, extra_files: dict[str, str]) -> None:
+    from .quant.api import PLAN_NAME
+
+    model = plan.model
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(folder)
+    write_legacy_config_keys(folder / "config.json", model.config, check_model(model))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if plan.quant_plan is not None:
+        (folder / PLAN_NAME).write_text(json.dumps(plan.quant_plan.to_json(), indent=2) + "\n")
+    for name, text in extra_files.items():
+        (folder / name).write_text(text)
+
+
+def run_cli(args, prune_cfg=None, quant_cfg=None) -> int:
+    """``secompress prune|quantize --streaming``: profile (streamed, unless --profile), one streamed pass, export."""
+    from .checkpoints import load_config, load_tokenizer, resolve_dtype
+    from .data import load_calibration
+    from .devices import resolve_device
+    from .profile import ProfileConfig, profile
+    from .cli_args import load_profile_arg
+
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, load_config(args.model, args.revision, args.trust_remote_code))
+    job = StreamedJob(prune=prune_cfg, quant=quant_cfg, dtype=dtype, device=str(device), batch_size=args.batch_size)
+    tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
+    n_eval = getattr(args, "eval_samples", 0) if prune_cfg is not None else 0
+    samples = args.num_samples
+    seq_len = args.seq_len
+    both = load_calibration(args.data, tok, samples + n_eval, seq_len)
+    eval_ids = both.input_ids[samples:] if n_eval else None
+    if args.profile:
+        prof = load_profile_arg(args.profile)
+    else:
+        from .data import CalibrationData
+
+        calib = CalibrationData(both.input_ids[:samples], both.source, both.sha256)
+        prof = profile(args.model, tok, data=calib, device=str(device),
+                       config=ProfileConfig(num_samples=samples, seq_len=seq_len, streaming=True, dtype=args.dtype,
+                                            batch_size=args.batch_size))
+    plan = plan_streamed(args.model, job, prof)
+    print(plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0))))
+
+    def side(res: StreamedResult) -> dict[str, str]:
+        if plan.removal is None:
+            return {}
+        from .prune.api import REPORT_NAME, build_result
+
+        pr = build_result(prune_cfg, plan.model, plan.removal, plan.selection, prof, sorted(plan.kept),
+                          both.source, None, (res.perplexity_before, res.perplexity_after), res.seconds)
+        pr.model = str(args.model)
+        return {REPORT_NAME: json.dumps(pr.to_json(), indent=2) + "\n"}
+
+    res = compress_streamed(plan, eval_ids, args.out, tok, overwrite=args.overwrite, extra_files=side)
+    if plan.quant_plan is not None:
+        print(plan.quant_plan.table())
+    if res.loss_before is not None:
+        print(f"held-out perplexity {res.perplexity_before:.3f} -> {res.perplexity_after:.3f}")
+    print(f"wrote {args.out} (streamed layer by layer on {device})")
+    return 0
