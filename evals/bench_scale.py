@@ -152,6 +152,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--keep", action="store_true", help="keep the export")
     ap.add_argument("--generate-only", action="store_true")
+    ap.add_argument("--no-unaware", action="store_true", help="skip the SE-unaware pass")
     a = ap.parse_args()
 
     from secompress.checkpoints import load_tokenizer
@@ -201,12 +202,13 @@ def main() -> None:
             plan.peak_bytes(*eval_ids.shape) / 2**30, 2), ppl_before=res.perplexity_before,
             ppl_after=res.perplexity_after, read_gbps=round(size / dt / 1e9, 3),
             layer_gib=round(plan.layer_bytes / 2**30, 3), rest_gib=round(plan.rest_bytes / 2**30, 3)))
-        with PeakRSS() as p:
-            t0 = time.perf_counter()
-            plan_u = plan_streamed(src, job, prof, protect=False)
-            res_u = compress_streamed(plan_u, eval_ids, None, baseline=False, progress=True)
-        results.append(report("se_unaware_pass", time.perf_counter() - t0, p.peak,
-                              ppl_after=res_u.perplexity_after))
+        if not a.no_unaware:
+            with PeakRSS() as p:
+                t0 = time.perf_counter()
+                plan_u = plan_streamed(src, job, prof, protect=False)
+                res_u = compress_streamed(plan_u, eval_ids, None, baseline=False, progress=True)
+            results.append(report("se_unaware_pass", time.perf_counter() - t0, p.peak,
+                                  ppl_after=res_u.perplexity_after))
         kept = plan.kept
     else:
         from secompress.checkpoints import load_model

@@ -42,6 +42,7 @@ from .streaming import Checkpoint, build_skeleton
 
 log = logging.getLogger(__name__)
 GiB = 2**30
+RUNTIME_BYTES = GiB // 2  # the Python, torch and transformers runtime itself
 
 
 @dataclass(frozen=True)
@@ -88,14 +89,14 @@ class StreamedPlan:
 
     def peak_bytes(self, num_windows: int = 0, seq_len: int = 0, streams: int = 2) -> int:
         """Estimated peak memory: the embeddings and head, a layer materialised plus what quantization
-        makes of it (per-expert copy and codes, about 2.5 layers at the worst moment), the streams'
-        hidden states [N, S, H] in float32 and one chunk's attention scores."""
+        makes of it (codes, then the dequantized copy written out: about 2.5 layers at the worst moment),
+        the streams' hidden states [N, S, H] in float32, one chunk's attention scores and the runtime."""
         H = int(getattr(self.config, "hidden_size", 0))
         heads = int(getattr(self.config, "num_attention_heads", 1))
         hidden = streams * num_windows * seq_len * H * 4
         attn = self.job.batch_size * heads * seq_len * seq_len * 4 * 2
         factor = 2.5 if self.job.quant is not None else 1.5
-        return int(self.rest_bytes + factor * self.layer_bytes + hidden + attn)
+        return int(self.rest_bytes + factor * self.layer_bytes + hidden + attn + RUNTIME_BYTES)
 
     def describe(self, num_windows: int = 0, seq_len: int = 0) -> str:
         return (f"plan: streamed layer by layer on {self.job.device}; checkpoint {self.checkpoint_bytes / GiB:.2f} "
