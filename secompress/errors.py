@@ -38,3 +38,16 @@ def require(module: str, extra: str, what: str):
         if e.name and e.name.split(".")[0] == module.split(".")[0]:
             raise MissingExtraError(module, extra, what) from None
         raise
+
+
+class OutputWriteError(SecompressError):
+    """The output cannot be written there: a file where a folder must be, read-only, disk full."""
+
+
+class CheckpointError(SecompressError):
+    """The checkpoint's files are unreadable: truncated or corrupt safetensors, a missing shard, NaN weights."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into an exception by the CLI so that every ``with`` block cleans up."""
+

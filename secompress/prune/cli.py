@@ -33,11 +33,12 @@ def _add_prune(sub) -> None:
 
 def _prune(args) -> int:
     from ..checkpoints import load_model, load_tokenizer
-    from ..outputs import check_output_dir
+    from ..outputs import check_output_dir, checkpoint_bytes
     from ..profile_io import load_profile
     from .api import PruneConfig, plan_for, prune, save_pruned, summary_table
 
-    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data),  # fail before any compute
+                     need_bytes=checkpoint_bytes(args.model))
     cfg = PruneConfig(ratio=args.ratio, method=args.method, protect_super_experts=not args.no_se_protection,
                       seed=args.seed, calib_samples=args.samples, eval_samples=args.eval_samples,
                       seq_len=args.seq_len, batch_size=args.batch_size)

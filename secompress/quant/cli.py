@@ -34,13 +34,14 @@ def _add_quantize(sub) -> None:
 
 def _quantize(args) -> int:
     from ..checkpoints import load_model, load_tokenizer
-    from ..outputs import check_output_dir
+    from ..outputs import check_output_dir, checkpoint_bytes
     from ..profile import DTYPES
     from ..profile_io import load_profile
     from .api import QuantConfig, check_method, quantize_, save_quantized
     from .plan import Rule
 
-    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data),  # fail before any compute
+                     need_bytes=checkpoint_bytes(args.model))
     cfg = QuantConfig(bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
                       symmetric=args.symmetric, se_mode=args.se_mode,
                       se_bits=None if args.se_precision == 16 else 8, protect_super_experts=not args.no_se_protection,
