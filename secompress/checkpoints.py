@@ -80,9 +80,12 @@ def check_finite_weights(model, source: str | Path = "the model") -> None:
     """Every floating-point parameter is finite, or an error naming the first bad one (and its layer)."""
     for name, p in model.named_parameters():
         if p.is_floating_point() and p.device.type != "meta" and not bool(torch.isfinite(p).all()):
-            bad = int((~torch.isfinite(p)).sum())
-            raise CheckpointError(f"'{source}': weight '{name}' has {bad} NaN/inf values; the checkpoint is corrupt "
-                                  "or was saved after a diverged training step")
+            bad = ~torch.isfinite(p)
+            where = ""
+            if p.dim() == 3:  # fused experts [E, ...]: name them
+                where = f" (experts {bad.flatten(1).any(1).nonzero().flatten().tolist()})"
+            raise CheckpointError(f"'{source}': weight '{name}'{where} has {int(bad.sum())} NaN/inf values; the "
+                                  "checkpoint is corrupt or was saved after a diverged training step")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
