@@ -4,9 +4,9 @@ Stages pass objects (a model, a ProfileResult, metric dicts), not folders. The o
 thing kept between runs is the SE profile, cached under a key made of the model's
 identity (hub id + revision, or a local checkpoint's safetensors headers, sizes and
 mtimes), the calibration text's hash and the profile settings: any change gives a
-new key, so a stale profile is never reused. Everything a run writes goes to a
-temporary directory renamed to OUT at the end, so an interrupted run leaves nothing
-half-written; re-running starts clean and reuses the cached profile.
+new key, so a stale profile is never reused (``secompress.cache``). Everything a run
+writes goes to a temporary directory renamed to OUT at the end, so an interrupted run
+leaves nothing half-written; re-running starts clean and reuses the cached profile.
 
 OUT/
   model/                 the exported checkpoint (+ README.md model card) = what `push` uploads
