@@ -108,7 +108,8 @@ def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str |
     if plan_text:
         sections += ["## Precision plan", _code("", plan_text)]
     if comparison is not None:
-        sections += ["## Evaluation", f"Evaluated in {recipe.model.dtype} (the recipe's `model.dtype`); "
+        sections += ["## Evaluation", (f"Evaluated in {recipe.model.dtype} (the recipe's `model.dtype`); " if recipe.model.dtype != "auto" else
+                      "Evaluated in the checkpoint's own dtype (`model.dtype: auto`); ") +
                      "SE-unaware is the same recipe with Super-Expert protection off, for comparison.",
                      comparison.markdown()]
     sections += ["## How to load", _code("python", load_snippet),
