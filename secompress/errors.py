@@ -69,3 +69,16 @@ def option(key: str, value, stage: str = "quantize") -> str:
     if style == "recipe":
         return f"stages.{stage}.{key}: {value}"
     return f"{key}={value!r}"
+
+
+class OutputWriteError(SecompressError):
+    """The output cannot be written there: a file where a folder must be, read-only, disk full."""
+
+
+class CheckpointError(SecompressError):
+    """The checkpoint's files are unreadable: truncated or corrupt safetensors, a missing shard, NaN weights."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into an exception by the CLI so that every ``with`` block cleans up."""
+

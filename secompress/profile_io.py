@@ -31,6 +31,15 @@ def disagreements(r: ProfileResult) -> dict:
             "only_normalised": [_se_entry(r, l, c) for l, c in sorted(n - a)]}
 
 
+def dead_experts(r: ProfileResult) -> list[dict]:
+    """Experts of MoE layers that no calibration token reached: nothing is known about them (their
+    statistics are empty), and calibration-based quantization (GPTQ) has no data for them."""
+    tokens = r.arrays["tokens"]  # [L, C]
+    cols = r.num_experts + (1 if r.has_shared else 0)
+    return [{"layer": int(l), "expert": r.expert_label(c)} for l in r.moe_layers for c in range(cols)
+            if tokens[l, c] == 0]
+
+
 def to_json(r: ProfileResult) -> dict:
     ratios = r.massive_ratios()
     return {
@@ -44,6 +53,7 @@ def to_json(r: ProfileResult) -> dict:
         "super_experts": [_se_entry(r, l, c) for l, c in r.super_experts],
         "super_experts_layer_normalised": [_se_entry(r, l, c) for l, c in r.super_experts_normalised],
         "rule_disagreements": disagreements(r),
+        "dead_experts": dead_experts(r),
         "layers": [{"layer": l, **{k: _num(r.arrays[k][l]) for k in LAYER_FIELDS},
                     "massive_ratio": _num(ratios[l])} for l in range(r.num_layers)],
     }
@@ -98,9 +108,14 @@ def plot(r: ProfileResult, out: Path) -> list[Path]:
     a1.set_xlabel("layer")
     a1.legend(fontsize=8)
     a1.set_title("activations per layer")
-    a2.plot(L, r.arrays["sink_mass"], "o-", color="C3")
-    a2.set_ylim(0, 1)
+    sink = r.arrays["sink_mass"]  # [L]
+    a2.plot(L, sink, "o-", color="C3")
+    for x, y in zip(L, sink):
+        if np.isfinite(y):
+            a2.annotate(f"{y:.3f}", (x, y), xytext=(0, 5), textcoords="offset points", ha="center", fontsize=7)
+    a2.margins(y=0.2)  # autoscaled: sink masses can be a few hundredths
     a2.set_xlabel("layer")
+    a2.set_ylabel("mean attention probability")
     a2.set_title("attention mass on the first token")
     fig.tight_layout()
     lines = out / "layers.png"
@@ -123,6 +138,10 @@ def summary_table(r: ProfileResult) -> str:
                         f"{e['position']:>6}{e['tokens']:>8}")
         if not ses:
             rows.append(f"{label:<12}{'(none)':>6}")
+    dead = dead_experts(r)
+    if dead:
+        shown = ", ".join(f"{d['layer']}/{d['expert']}" for d in dead[:12]) + (" ..." if len(dead) > 12 else "")
+        rows.append(f"dead experts (no calibration token; layer/expert): {len(dead)}: {shown}")
     ratios = r.massive_ratios()
     rows.append("layer  max|h|  first-token max|h| / median  sink mass")
     for l in range(r.num_layers):
@@ -131,14 +150,19 @@ def summary_table(r: ProfileResult) -> str:
 
 
 def save_profile(r: ProfileResult, out: str | Path, overwrite: bool = False, plots: bool = True) -> Path:
-    """Write super_experts.json, expert_stats.csv, layer_stats.csv and plots atomically into ``out``."""
+    """Write super_experts.json, expert_stats.csv, arrays.npz and plots atomically into ``out``."""
     with atomic_dir(out, overwrite) as tmp:
-        (tmp / "super_experts.json").write_text(json.dumps(to_json(r), indent=2))
-        write_csv(r, tmp / "expert_stats.csv")
-        np.savez_compressed(tmp / "arrays.npz", **r.arrays)
-        if plots:
-            plot(r, tmp)
+        write_profile(r, tmp, plots)
     return Path(out)
+
+
+def write_profile(r: ProfileResult, folder: Path, plots: bool = True) -> None:
+    """The profile's files into an existing (temporary) ``folder``."""
+    (folder / "super_experts.json").write_text(json.dumps(to_json(r), indent=2))
+    write_csv(r, folder / "expert_stats.csv")
+    np.savez_compressed(folder / "arrays.npz", **r.arrays)
+    if plots:
+        plot(r, folder)
 
 
 def load_profile(path: str | Path) -> ProfileResult:

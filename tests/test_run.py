@@ -54,16 +54,17 @@ def test_pipeline_writes_model_card_comparison_manifest_and_dry_run(tmp_path, ti
     rows = json.loads((out / "comparison.json").read_text())
     assert rows["perplexity"]["baseline"] > 0 and rows["perplexity"]["se_unaware"] is not None
     card = ModelCard.load(out / "model" / "README.md")  # huggingface_hub's own parser
-    assert card.data.base_model == str(tiny_se) and card.data.library_name == "transformers"
+    assert card.data.base_model is None  # a local folder is not a Hub id: said in the text instead
+    assert f"the local checkpoint `{tiny_se}`" in card.text and "example.invalid" not in card.text
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert "super-experts" in card.data.tags and card.data.eval_results
-    assert "| 1 | 3 |" in card.text
     m = AutoModelForCausalLM.from_pretrained(out / "model")
     assert m.config.num_experts == 6  # 25% of 8 removed
     plan = json.loads((out / "model" / "quantization_plan.json").read_text())
-    assert "| 1 | 3 |" in card.text and "Precision plan" in card.text
     report = json.loads((out / "model" / "prune_report.json").read_text())
     kept1 = next(l["kept"] for l in report["layers"] if l["layer"] == 1)
     assert 3 in kept1  # the SE survived pruning ...
+    assert f"| 1 | 3 | {kept1.index(3)} |" in card.text and "Precision plan" in card.text  # numbered both ways
     assert plan["super_experts"] == [{"layer": 1, "expert": kept1.index(3)}]  # ... renumbered, and kept 16-bit
     se_unit = next(u for u in plan["modules"] if u["layer"] == 1 and u["expert"] == kept1.index(3))
     assert se_unit["bits"] is None
@@ -108,14 +109,28 @@ def test_interruption_leaves_nothing_and_existing_output_is_kept(tmp_path, tiny_
     assert main(["run", "t.yaml", "--out", str(tmp_path / "out")]) == 2  # missing recipe: clear error
 
 
-def test_failed_push_keeps_the_export(tmp_path, tiny_se, monkeypatch):
+def test_push_without_token_fails_before_compute_and_failed_push_keeps_the_export(tmp_path, tiny_se, monkeypatch):
+    import huggingface_hub
+
     from secompress.errors import SecompressError
+    from secompress.recipe.publish import PushError
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no stored login
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     recipe, text = _recipe(tiny_se)
-    with pytest.raises(SecompressError, match="no Hugging Face token"):
+    with pytest.raises(SecompressError, match="needs a Hugging Face token"):
         run_recipe(recipe, text, tmp_path / "out", dry_run=False, progress=False)
+    assert not (tmp_path / "out").exists()  # checked before any compute
+
+    def offline(*a, **k):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_not_a_real_token")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", offline)
+    with pytest.raises(PushError, match="export was kept") as e:
+        run_recipe(recipe, text, tmp_path / "out", dry_run=False, progress=False)
+    assert str(tmp_path / "out" / "model") in str(e.value) and "hf_test" not in str(e.value)
     assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
 
 

@@ -169,7 +169,7 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
     ses = profile.se_ids()
     protect = config.protect_super_experts
     if not protect and ses:
-        log.warning("Super-Expert protection is off: %d SEs may be removed", len(ses))
+        log.info("Super-Expert protection is off, as asked (an SE-unaware variant): %d SEs may be removed", len(ses))
 
     extra: dict = {}
     if config.method in SCORERS:

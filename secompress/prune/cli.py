@@ -28,11 +28,12 @@ def _add_prune(sub) -> None:
 
 def _prune(args) -> int:
     from ..checkpoints import load_model, load_tokenizer
-    from ..outputs import check_output_dir
     from ..cli_args import check_calibration_args, load_profile_arg
+    from ..outputs import check_output_dir, checkpoint_bytes
     from .api import PruneConfig, plan_for, prune, save_pruned, summary_table
 
-    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data),  # fail before any compute
+                     need_bytes=checkpoint_bytes(args.model))
     check_calibration_args(args)
     cfg = PruneConfig(ratio=args.ratio, method=args.method, protect_super_experts=args.protect_super_experts,
                       seed=args.seed, calib_samples=args.num_samples, eval_samples=args.eval_samples,

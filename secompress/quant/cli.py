@@ -58,21 +58,21 @@ def backend_options(method: str, pairs: list[str]):
 
 
 def _quantize(args) -> int:
-    import tempfile
     from pathlib import Path
 
     from ..checkpoints import load_model, load_tokenizer
     from ..cli_args import check_calibration_args, device_map_arg, load_profile_arg
     from ..data import load_calibration
     from ..errors import option_style
-    from ..outputs import check_output_dir
+    from ..outputs import check_output_dir, checkpoint_bytes, temp_dir
     from ..profile import ProfileConfig, profile_for
     from .apply import needs_profile, quantize_
     from .config import QuantConfig
     from .export import save_quantized
     from .plan import Rule
 
-    out = check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
+    out = check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data),  # fail before any compute
+                           need_bytes=checkpoint_bytes(args.model))
     check_calibration_args(args)
     cfg = QuantConfig(bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
                       symmetric=args.symmetric, se_mode=args.se_mode, se_bits=args.se_bits,
@@ -91,9 +91,8 @@ def _quantize(args) -> int:
     if needs_profile(cfg):
         pc = ProfileConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size)
         prof = profile_for(model, prof, tok, calib, pc, progress=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
     source = args.model if Path(args.model).is_dir() else None  # checkpoint backends read it as is
-    with option_style("cli"), tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
+    with option_style("cli"), temp_dir(out.parent, out.name, "work") as work:
         plan = quantize_(model, cfg, profile=prof, tokenizer=tok, data=calib, work=work, source=source)
         save_quantized(model, tok, plan, out, overwrite=args.overwrite)
     print(plan.table())

@@ -33,12 +33,14 @@ def _run(args) -> int:
     if args.override:
         text += "\n# overrides: " + ", ".join(args.override) + "\n"
     out, root = (args.out, None) if args.out else (Path("out") / recipe.name, Path("out"))
+    say = lambda line: print(line, flush=True)  # noqa: E731 -- each stage as it happens, not at exit
+    say(f"recipe {recipe.name}: stages {' -> '.join(recipe.stage_names)}")
     res = run_recipe(recipe, text, out, overwrite=args.overwrite, dry_run=args.dry_run, root=root,
-                     inputs=(args.recipe,), announce=print)
+                     inputs=(args.recipe,), announce=say, report=say)
     m = res.manifest
-    print(f"recipe {recipe.name}: stages {' -> '.join(m['stages'])} ({m['mode']} on {m['device']})")
+    say(f"ran {m['mode']} on {m['device']}")
     for note in m.get("notes", []):
-        print(f"note: {note}")
+        say(f"note: {note}")
     print(f"Super Experts: {m['super_experts'] or 'none'} (profile cache {'hit' if m['profile_cache_hit'] else 'miss'})")
     if res.comparison is not None:
         print(res.comparison.markdown())

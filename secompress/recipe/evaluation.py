@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,26 +25,76 @@ class RecoveryError(SecompressError):
     """The compressed model recovered less than the recipe's threshold of some metric."""
 
 
-def measure(model, tokenizer, eval_ids: torch.Tensor, stage) -> dict[str, float]:
-    """{metric: value} for one model: held-out perplexity and each lm-eval task's main metrics."""
+def measure(model, tokenizer, eval_ids: torch.Tensor, stage, label: str = "model") -> dict[str, float]:
+    """{metric: value} for one model: held-out perplexity and each lm-eval task's main metrics.
+    ``label`` names the variant (baseline, SE-aware, SE-unaware) on lm-eval's progress bars."""
     out: dict[str, float] = {}
     if stage.perplexity:
         out["perplexity"] = perplexity(model, eval_ids)
     if stage.tasks:
-        out.update(_lm_eval(model, tokenizer, stage))
+        out.update(_lm_eval(model, tokenizer, stage, label))
     return out
 
 
-def _lm_eval(model, tokenizer, stage) -> dict[str, float]:
+class _LmEvalNoise(logging.Filter):
+    """lm-eval warns on every evaluation that an in-memory model was passed (which is how secompress
+    calls it, on purpose) and that a task takes custom kwargs: the first two are dropped, any other
+    message is shown once per process."""
+
+    DROP = ("`pretrained` model kwarg is not of type `str`", "Passed an already-initialized model through")
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith(self.DROP) or msg in self.seen:
+            return False
+        self.seen.add(msg)
+        return True
+
+
+_NOISE = _LmEvalNoise()
+_NOISY_LOGGERS = ("lm_eval.models.huggingface", "lm_eval.api.task")
+
+
+@contextmanager
+def _labelled_lm_eval(label: str):
+    """Inside the block lm-eval's HF model labels its progress bars ``[label]`` and its repeated
+    warnings are filtered (see :class:`_LmEvalNoise`); both undone on exit."""
+    import lm_eval.models.huggingface as hf
+
+    bar = hf.tqdm
+
+    def labelled(*args, **kwargs):
+        if "desc" in kwargs:
+            kwargs["desc"] = f"[{label}] {kwargs['desc']}"
+        return bar(*args, **kwargs)
+
+    loggers = [logging.getLogger(n) for n in _NOISY_LOGGERS]
+    hf.tqdm = labelled
+    for lg in loggers:
+        lg.addFilter(_NOISE)
+    try:
+        yield
+    finally:
+        hf.tqdm = bar
+        for lg in loggers:
+            lg.removeFilter(_NOISE)
+
+
+def _lm_eval(model, tokenizer, stage, label: str) -> dict[str, float]:
     lm_eval = require("lm_eval", "eval", "The evaluate stage's lm-eval tasks")
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8,
-              add_bos_token=getattr(tokenizer, "bos_token_id", None) is not None)
-    tm = TaskManager(include_path=[str(Path(p)) for p in stage.task_paths] or None)
-    res = lm_eval.simple_evaluate(model=lm, tasks=list(stage.tasks), task_manager=tm, limit=stage.limit,
-                                  log_samples=False, bootstrap_iters=0)
+    with _labelled_lm_eval(label):
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8,
+                  add_bos_token=getattr(tokenizer, "bos_token_id", None) is not None)
+        tm = TaskManager(include_path=[str(Path(p)) for p in stage.task_paths] or None)
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(stage.tasks), task_manager=tm, limit=stage.limit,
+                                      log_samples=False, bootstrap_iters=0)
     out = {}
     for task, metrics in res["results"].items():
         for key, value in metrics.items():
@@ -93,23 +144,44 @@ class Comparison:
         return [out / "comparison.json", out / "comparison.md", self.plot(out / "comparison.png")]
 
     def plot(self, path: Path) -> Path:
+        """Per metric, the compressed models' quality change vs the baseline in percent (recovery - 1;
+        below 0 is worse, whatever the metric's direction), with the value on each bar: recoveries all
+        sit near 1.0, so a 0-1 axis would hide the differences."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
         names = list(self.rows)
-        fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(names) + 2), 3.6))
-        width = 0.38
-        for i, col in enumerate(("recovery_se_aware", "recovery_se_unaware")):
-            vals = [self.rows[m][col] or 0 for m in names]
-            ax.bar([x + (i - 0.5) * width for x in range(len(names))], vals, width,
-                   label=col.replace("recovery_", "").replace("_", "-"))
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
-        ax.set_ylabel("recovery vs baseline")
-        ax.legend()
+        cols = [("recovery_se_aware", "SE-aware (Super Experts protected)", "C0"),
+                ("recovery_se_unaware", "SE-unaware (same recipe, protection off)", "C3")]
+        cols = [c for c in cols if any(self.rows[m][c[0]] is not None for m in names)]
+        fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(names) + 2), 4.2))
+        width = 0.8 / max(1, len(cols))
+        lo, hi = 0.0, 0.0
+        for i, (col, label, color) in enumerate(cols):
+            vals = [None if self.rows[m][col] is None else 100 * (self.rows[m][col] - 1) for m in names]
+            xs = [x + (i - (len(cols) - 1) / 2) * width for x in range(len(names))]
+            bars = ax.bar(xs, [v or 0 for v in vals], width, label=label, color=color)
+            for b, v in zip(bars, vals):
+                txt = "n/a" if v is None else f"{v:+.2f}%"
+                ax.annotate(txt, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", fontsize=8,
+                            va="bottom" if (v or 0) >= 0 else "top", xytext=(0, 2 if (v or 0) >= 0 else -2),
+                            textcoords="offset points")
+            lo, hi = min(lo, *[v or 0 for v in vals]), max(hi, *[v or 0 for v in vals])
+        pad = 0.25 * max(hi - lo, 0.5)
+        ax.set_ylim(lo - pad, hi + pad)  # zoomed to the differences, 0 (= baseline) always shown
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(names)), [self._label(m) for m in names], fontsize=8)
+        ax.set_ylabel("change vs baseline (%)\n(recovery - 1; below 0 = worse)")
+        ax.set_title("Compressed vs baseline, per metric")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=len(cols), fontsize=8, frameon=False)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+    def _label(self, metric: str) -> str:
+        r = self.rows[metric]
+        b = r["baseline"]
+        return f"{metric}\nbaseline {b:.4g}" + (" (lower is better)" if metric.split("/")[-1] in LOWER_IS_BETTER else "")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -10,11 +11,62 @@ import yaml
 from ..errors import SecompressError, require
 
 log = logging.getLogger(__name__)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class PushError(SecompressError):
+    """The upload failed; the export stays on disk."""
+
+
+def is_hub_id(model_id: str) -> bool:
+    """``org/name`` that is not a local path."""
+    return bool(HUB_ID.match(model_id)) and not Path(model_id).exists()
+
+
+def base_card_metadata(model_id: str) -> dict:
+    """``license`` and ``pipeline_tag`` from the base model's own card, when it is a local folder (a
+    hub model's card is not fetched: nothing goes to the network for a card)."""
+    readme = Path(model_id) / "README.md"
+    if not readme.is_file():
+        return {}
+    m = re.match(r"^---\n(.*?)\n---", readme.read_text(errors="replace"), re.S)
+    try:
+        meta = yaml.safe_load(m.group(1)) if m else None
+    except yaml.YAMLError:
+        return {}
+    return {k: meta[k] for k in ("license", "license_name", "license_link", "pipeline_tag")
+            if isinstance(meta, dict) and k in meta}
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                      *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)])
+
+
+def _code(lang: str, text: str) -> str:
+    return f"```{lang}\n{text.strip()}\n```"
+
+
+def _se_rows(ses: list, prune_info: dict | None) -> list[list]:
+    """(layer, expert before pruning, expert after pruning): pruning renumbers the kept experts."""
+    kept = (prune_info or {}).get("kept")
+    rows = []
+    for layer, e in ses:
+        if kept is None:
+            rows.append([layer, e])
+        else:
+            k = list(kept.get(layer, kept.get(str(layer), [])))
+            rows.append([layer, e, e if e == "shared" else (k.index(e) if e in k else "removed")])
+    return rows
 
 
 def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str | None, prune_info: dict | None,
                load_snippet: str) -> str:
-    """A Hub model card: YAML metadata (base_model, tags, library_name, model-index) + sections."""
+    """A Hub model card: YAML metadata (base_model, license, pipeline_tag, tags, library_name,
+    model-index) + sections. ``ses``: (layer, expert) in the base model's numbering;
+    ``prune_info['kept']`` (layer -> kept expert ids) gives their numbers in the pruned model."""
+    from .. import __version__
+
     results = []
     if comparison is not None:
         for metric, row in comparison.rows.items():
@@ -25,45 +77,78 @@ def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str |
                             "dataset": {"name": task or "held-out text", "type": task or "perplexity"},
                             "metrics": [{"type": name or metric, "value": round(float(row["se_aware"]), 6),
                                          "name": f"{metric} (SE-aware compressed)"}]})
-    meta = {"base_model": recipe.model.id, "library_name": "transformers",
-            "tags": ["moe", "secompress", "super-experts", *(["pruned"] if recipe.stage("prune") else []),
-                     *(["quantized"] if recipe.stage("quantize") else [])]}
+    base = recipe.model.id
+    hub = is_hub_id(base)
+    meta = {**({"base_model": base} if hub else {}), **base_card_metadata(base), "library_name": "transformers"}
+    meta.setdefault("pipeline_tag", "text-generation")  # a causal LM, whatever the base card says of itself
+    meta["tags"] = ["moe", "secompress", "super-experts", *(["pruned"] if recipe.stage("prune") else []),
+                    *(["quantized"] if recipe.stage("quantize") else [])]
     if results:
         meta["model-index"] = [{"name": recipe.name, "results": results}]
-    se_lines = "\n".join(f"| {l} | {e} |" for l, e in ses) or "| - | - |"
-    parts = [
+    origin = (f"[`{base}`](https://huggingface.co/{base})" if hub else
+              f"the local checkpoint `{base}` (not a Hub id, so `base_model` is not set)")
+    sections = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False).strip() + "\n---",
         f"# {recipe.name}",
-        f"Compressed from `{recipe.model.id}` by [secompress](https://example.invalid/secompress), which keeps the "
-        "model's Super Experts (Su et al. 2025, arXiv 2507.23279) intact.",
-        "## Super Experts (never pruned, kept at high precision)", "| layer | expert |", "|---|---|", se_lines,
+        f"Compressed from {origin} by secompress {__version__} (`secompress run` with the recipe below), "
+        "which keeps the model's Super Experts (Su et al. 2025, arXiv 2507.23279) intact.",
     ]
+    if prune_info and prune_info.get("kept") is not None:
+        sections += ["## Super Experts (never pruned, kept at high precision)",
+                     "Pruning renumbers the experts that remain in each layer: the table gives each Super "
+                     "Expert's number in the base model and in this model.",
+                     _table(["layer", "expert (base model)", "expert (this model)"], _se_rows(ses, prune_info))
+                     if ses else "None found."]
+    else:
+        sections += ["## Super Experts (never pruned, kept at high precision)",
+                     _table(["layer", "expert"], _se_rows(ses, None)) if ses else "None found."]
     if prune_info:
-        parts += ["## Pruning", f"Removed {prune_info.get('removed_per_layer')} routed experts per MoE layer "
-                  f"(method `{prune_info.get('method')}`), {prune_info.get('num_experts_after')} left."]
+        sections += ["## Pruning", f"Removed {prune_info.get('removed_per_layer')} routed experts per MoE layer "
+                     f"(method `{prune_info.get('method')}`), {prune_info.get('num_experts_after')} left."]
     if plan_text:
-        parts += ["## Precision plan", "```", plan_text.strip(), "```"]
+        sections += ["## Precision plan", _code("", plan_text)]
     if comparison is not None:
-        parts += ["## Evaluation", comparison.markdown()]
-    parts += ["## How to load", "```python", load_snippet.strip(), "```",
-              "## Recipe", "```yaml", recipe_text.strip(), "```",
-              "## Limitations",
-              "Quality was measured only on the tasks above. Pruned experts are gone: inputs that relied on them "
-              "degrade. Calibration data shapes which experts were judged unimportant."]
-    return "\n\n".join(parts) + "\n"
+        sections += ["## Evaluation", (f"Evaluated in {recipe.model.dtype} (the recipe's `model.dtype`); " if recipe.model.dtype != "auto" else
+                      "Evaluated in the checkpoint's own dtype (`model.dtype: auto`); ") +
+                     "SE-unaware is the same recipe with Super-Expert protection off, for comparison.",
+                     comparison.markdown()]
+    sections += ["## How to load", _code("python", load_snippet),
+                 "## Recipe", _code("yaml", recipe_text),
+                 "## Limitations",
+                 "Quality was measured only on the tasks above. Pruned experts are gone: inputs that relied on them "
+                 "degrade. Calibration data shapes which experts were judged unimportant."]
+    return "\n\n".join(sections) + "\n"
+
+
+def _token(hub) -> str | None:
+    return os.environ.get("HF_TOKEN") or hub.get_token()
+
+
+def check_push(stage, dry_run: bool) -> None:
+    """Before any compute: a real push needs huggingface_hub and a token (never printed)."""
+    if dry_run:
+        return
+    hub = require("huggingface_hub", "hub", "Pushing to the Hugging Face Hub")
+    if not _token(hub):
+        raise SecompressError(f"push to '{stage.repo_id}' needs a Hugging Face token: set HF_TOKEN or run "
+                              "`hf auth login`, or pass --dry-run (checked before any compute)")
 
 
 def push(folder: Path, stage, dry_run: bool) -> list[str]:
-    """Upload ``folder`` to ``stage.repo_id``; with ``dry_run`` only list what would be uploaded."""
+    """Upload ``folder`` to ``stage.repo_id``; with ``dry_run`` only list what would be uploaded.
+    A failed upload (offline, refused) is a :class:`PushError` saying where the export was kept."""
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     if dry_run:
         return files
+    check_push(stage, dry_run)
     hub = require("huggingface_hub", "hub", "Pushing to the Hugging Face Hub")
-    token = os.environ.get("HF_TOKEN") or hub.get_token()
-    if not token:
-        raise SecompressError("no Hugging Face token: set HF_TOKEN or run `hf auth login` (it is never printed)")
-    api = hub.HfApi(token=token)
-    api.create_repo(stage.repo_id, private=stage.private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(folder), repo_id=stage.repo_id, commit_message=stage.commit_message)
+    api = hub.HfApi(token=_token(hub))
+    try:
+        api.create_repo(stage.repo_id, private=stage.private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(folder), repo_id=stage.repo_id, commit_message=stage.commit_message)
+    except Exception as e:  # noqa: BLE001 -- network, HTTP and auth errors all end the same way
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PushError(f"push to '{stage.repo_id}' failed ({type(e).__name__}: {reason}); the export was kept in "
+                        f"'{folder}': upload it later with `hf upload {stage.repo_id} {folder}`") from None
     log.info("pushed %d files to %s", len(files), stage.repo_id)
     return files

@@ -4,9 +4,9 @@ Stages pass objects (a model, a ProfileResult, metric dicts), not folders. The o
 thing kept between runs is the SE profile, cached under a key made of the model's
 identity (hub id + revision, or a local checkpoint's safetensors headers, sizes and
 mtimes), the calibration text's hash and the profile settings: any change gives a
-new key, so a stale profile is never reused. Everything a run writes goes to a
-temporary directory renamed to OUT at the end, so an interrupted run leaves nothing
-half-written; re-running starts clean and reuses the cached profile.
+new key, so a stale profile is never reused (``secompress.cache``). Everything a run
+writes goes to a temporary directory renamed to OUT at the end, so an interrupted run
+leaves nothing half-written; re-running starts clean and reuses the cached profile.
 
 OUT/
   model/                 the exported checkpoint (+ README.md model card) = what `push` uploads
@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import json
 import logging
 import platform
 import resource
-import tempfile
 import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,17 +33,17 @@ import torch
 
 from ..data import load_calibration
 from ..errors import SecompressError
-from ..checkpoints import load_model, load_tokenizer
+from ..checkpoints import check_finite_weights, load_model, load_tokenizer
+from ..cache import CACHE_ENV, ProfileCache, cache_root, model_fingerprint, profile_key  # noqa: F401 (re-exported)
 from ..errors import option_style
-from ..outputs import atomic_dir, check_output_dir
-from ..profile import ProfileConfig, ProfileResult, profile
-from ..profile_io import load_profile, save_profile
+from ..outputs import atomic_dir, check_output_dir, checkpoint_bytes, temp_dir
+from ..profile import ProfileResult, profile
+from ..profile_io import dead_experts, save_profile
 from .evaluation import Comparison, measure
-from .publish import model_card, push
+from .publish import check_push, model_card, push
 from .schema import Recipe, check_against_checkpoint
 
 log = logging.getLogger(__name__)
-CACHE_ENV = "SECOMPRESS_CACHE"
 
 
 @dataclass
@@ -54,50 +54,19 @@ class RunResult:
     pushed: list[str] = field(default_factory=list)
 
 
-def cache_root() -> Path:
-    import os
-
-    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "secompress"))
-
-
-def model_fingerprint(model_id: str, revision: str | None) -> str:
-    """Identity of the weights: a local folder's safetensors headers + sizes + mtimes, else id@revision."""
-    p = Path(model_id)
-    h = hashlib.sha256()
-    if p.is_dir():
-        for f in sorted(p.glob("*.safetensors")):
-            st = f.stat()
-            with open(f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                h.update(fh.read(min(n, 1 << 22)))
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-        h.update((p / "config.json").read_bytes() if (p / "config.json").is_file() else b"")
-    else:
-        h.update(f"{model_id}@{revision or 'main'}".encode())
-    return h.hexdigest()
-
-
-def _profile_key(recipe: Recipe, data_sha: str, cfg: ProfileConfig) -> str:
-    from .. import __version__
-
-    blob = json.dumps({"model": model_fingerprint(recipe.model.id, recipe.model.revision), "data": data_sha,
-                       "profile": repr(cfg), "dtype": recipe.model.dtype, "secompress": __version__}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
 def _cached_profile(recipe: Recipe, model, tok, calib, progress: bool, streaming: bool = False,
                     device: str = "cpu") -> tuple[ProfileResult, bool]:
     cfg = recipe.stage("profile")  # a ProfileConfig (calibration sizes and dtype from data / model)
     if streaming and not cfg.streaming:
         cfg = dataclasses.replace(cfg, streaming=True)
-    path = cache_root() / "profiles" / _profile_key(recipe, calib.sha256, cfg)
-    if (path / "super_experts.json").is_file():
-        log.info("profile cache hit: %s", path)
-        return load_profile(path), True
+    cache = ProfileCache()
+    key = profile_key(recipe.model.id, recipe.model.revision, recipe.model.dtype, calib.sha256, cfg)
+    if (hit := cache.get(key)) is not None:
+        return hit, True
     src = recipe.model.id if cfg.streaming else model
     result = profile(src, tok, data=calib, config=cfg, revision=recipe.model.revision,
                      trust_remote_code=recipe.model.trust_remote_code, progress=progress, device=device)
-    save_profile(result, path, overwrite=True)
+    cache.put(key, result)
     return result, False
 
 
@@ -136,24 +105,45 @@ def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, pro
 
 def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: bool = False,
                dry_run: bool = False, progress: bool = True, root: str | Path | None = None,
-               inputs=(), announce=None) -> RunResult:
+               inputs=(), report: Callable[[str], None] | None = None, announce=None) -> RunResult:
     """Run ``recipe`` into ``out``. ``root``: the folder ``out`` must stay inside (the CLI's ``out/``
     when the folder comes from the recipe's name); ``inputs``: paths the output must not replace
-    (the model folder and data files of the recipe are always added); ``announce``: called with the plan
-    (in memory or streamed, device, estimated peak memory) before any compute."""
+    (the model folder and data files of the recipe are always added); ``report``: called with one
+    line as each stage starts and ends (the CLI prints them; default: the log); ``announce``: called
+    with the plan (in memory or streamed, device, estimated peak memory) before any compute."""
     d = recipe.data
     inputs = (*inputs, recipe.model.id if Path(recipe.model.id).exists() else None,
               *(p for p in (d.calibration, d.eval) if p and Path(p).exists()))
-    out = check_output_dir(out, overwrite, inputs=inputs, root=root)  # fail before any compute
-    check_against_checkpoint(recipe)  # recipe values the checkpoint's config refutes, before any weight is read
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.work-", dir=out.parent) as work:
-        with option_style("recipe"):  # advice in errors names recipe keys
-            return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Path(work), announce or log.info)
+    # fail before any compute: the destination, its free space (a rough estimate: an export can be
+    # ~1.5x the checkpoint, RTN's dequantized weights plus codes), the push credentials, and
+    # recipe values the checkpoint's config refutes (before any weight is read)
+    need = int(1.5 * checkpoint_bytes(recipe.model.id)) if recipe.stage("export") is not None else 0
+    out = check_output_dir(out, overwrite, inputs=inputs, root=root, need_bytes=need)
+    check_against_checkpoint(recipe)
+    if (st := recipe.stage("push")) is not None:
+        check_push(st, dry_run)
+    report = report or log.info
+    with temp_dir(out.parent, out.name, "work") as work, option_style("recipe"):  # advice names recipe keys
+        return _run(recipe, recipe_text, out, overwrite, dry_run, progress, work, Stages(report), announce or report)
+
+
+class Stages:
+    """Times the stages of a run and reports each start and end as it happens."""
+
+    def __init__(self, report: Callable[[str], None]):
+        self.report, self.timings = report, {}
+
+    @contextmanager
+    def __call__(self, name: str, what: str = ""):
+        self.report(f"[{len(self.timings) + 1}] {name}{': ' + what if what else ''} ...")
+        t = time.time()
+        yield
+        self.timings[name] = round(time.time() - t, 2)
+        self.report(f"    {name} done in {self.timings[name]:.1f} s")
 
 
 def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: bool, progress: bool,
-         work: Path, announce) -> RunResult:
+         work: Path, stage: Stages, announce) -> RunResult:
     from ..devices import resolve_device
     from .streamed_run import choose_mode, run_streamed
 
@@ -163,41 +153,44 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         return run_streamed(recipe, recipe_text, out, overwrite, dry_run, progress, reason, announce)
     announce(f"plan: in memory on {device} ({reason})")
     t0 = time.time()
-    timings: dict[str, float] = {}
-
-    def tick(name: str, since: float) -> float:
-        timings[name] = round(time.time() - since, 2)
-        return time.time()
-
-    model = load_model(recipe.model.id, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code,
-                       device=None if device.type == "cpu" else str(device))
-    tok = load_tokenizer(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
-    calib, eval_ids = _data(recipe, tok)
-    t = tick("load", t0)
+    with stage("load", f"{recipe.model.id} ({recipe.model.dtype}) and the data"):
+        model = load_model(recipe.model.id, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code,
+                           device=None if device.type == "cpu" else str(device))
+        check_finite_weights(model, recipe.model.id)  # NaN weights: named here, not by a failed evaluation
+        tok = load_tokenizer(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
+        calib, eval_ids = _data(recipe, tok)
     ev = recipe.stage("evaluate")
-    baseline = measure(model, tok, eval_ids, ev) if ev else None
-    t = tick("evaluate_baseline", t)
+    baseline = None
+    if ev:
+        with stage("evaluate_baseline", "the uncompressed model"):
+            baseline = measure(model, tok, eval_ids, ev, label="baseline")
     prof, cache_hit = (None, False)
     if recipe.stage("profile") is not None:
-        prof, cache_hit = _cached_profile(recipe, model, tok, calib, progress)
-    t = tick("profile", t)
+        with stage("profile", "Super Experts"):
+            prof, cache_hit = _cached_profile(recipe, model, tok, calib, progress)
+        dead = dead_experts(prof)
+        stage.report(f"    Super Experts: {prof.se_ids() or 'none'} (profile cache {'hit' if cache_hit else 'miss'}); "
+                     f"{len(dead)} dead experts (no calibration token)" + (", listed in profile/super_experts.json"
+                                                                           if dead else ""))
     unaware_model = copy.deepcopy(model) if ev and ev.compare_se_unaware and prof is not None else None
-    info = _compress(recipe, model, tok, prof, calib, protect=True, work=work)
-    t = tick("compress", t)
+    with stage("compress", " + ".join(n for n in ("prune", "quantize") if recipe.stage(n)) or "nothing to do"):
+        info = _compress(recipe, model, tok, prof, calib, protect=True, work=work)
     comparison = None
     if ev:
-        aware = measure(model, tok, eval_ids, ev)
-        unaware = None
-        if unaware_model is not None:
-            _compress(recipe, unaware_model, tok, prof, calib, protect=False, work=work)
-            unaware = measure(unaware_model, tok, eval_ids, ev)
-            del unaware_model
-        comparison = Comparison.build(baseline, aware, unaware)
-        t = tick("evaluate", t)
+        with stage("evaluate", "SE-aware" + (" and the SE-unaware comparison variant (the same recipe with "
+                                              "Super-Expert protection off)" if unaware_model is not None else "")):
+            aware = measure(model, tok, eval_ids, ev, label="SE-aware")
+            unaware = None
+            if unaware_model is not None:
+                _compress(recipe, unaware_model, tok, prof, calib, protect=False, work=work)
+                unaware = measure(unaware_model, tok, eval_ids, ev, label="SE-unaware")
+                del unaware_model
+            comparison = Comparison.build(baseline, aware, unaware)
         comparison.check(ev.recovery_threshold)  # raises before anything is written
-    manifest = _manifest(recipe, prof, cache_hit, timings, info)
+    manifest = _manifest(recipe, prof, cache_hit, stage.timings, info)
     manifest.update(mode="in memory", mode_reason=reason, device=str(device))
-    with atomic_dir(out, overwrite) as tmp:
+    t_export = time.time()
+    with stage("export", f"writing {out}"), atomic_dir(out, overwrite) as tmp:
         (tmp / "recipe.yaml").write_text(recipe_text)
         if prof is not None:
             save_profile(prof, tmp / "profile")
@@ -205,18 +198,20 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
             comparison.save(tmp)
         if recipe.stage("export") is not None:
             _export(recipe, recipe_text, model, tok, prof, info, comparison, tmp / "model")
-        t = tick("export", t)
+        manifest["timings_s"] = {**stage.timings, "export": round(time.time() - t_export, 2)}
         manifest["wall_seconds"] = round(time.time() - t0, 2)
         manifest["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
-    return RunResult(Path(out), manifest, comparison, finish_push(recipe, out, manifest, dry_run))
+    return RunResult(Path(out), manifest, comparison, finish_push(recipe, out, manifest, dry_run, stage))
 
 
-def finish_push(recipe: Recipe, out: Path, manifest: dict, dry_run: bool) -> list[str]:
+def finish_push(recipe: Recipe, out: Path, manifest: dict, dry_run: bool, stage: Stages | None = None) -> list[str]:
     """The push stage, after the output is in place (a failed upload keeps the export)."""
+    stage = stage or Stages(log.info)
     pushed: list[str] = []
-    if (st := recipe.stage("push")) is not None:
-        pushed = push(Path(out) / "model", st, dry_run)
+    if (st := recipe.stage("push")) is not None:  # after the rename: a failed upload keeps the export
+        with stage("push", f"{'listing what would go to' if dry_run else 'uploading to'} {st.repo_id}"):
+            pushed = push(Path(out) / "model", st, dry_run)
         manifest["push"] = {"repo_id": st.repo_id, "dry_run": dry_run, "files": pushed}
         (Path(out) / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return pushed
@@ -249,7 +244,8 @@ def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path)
     if pr is not None and not (dest / "prune_report.json").exists():
         (dest / "prune_report.json").write_text(json.dumps(pr.to_json(), indent=1))
     prune_info = None if pr is None else {"method": pr.config.method, "num_experts_after": pr.num_experts_after,
-                                          "removed_per_layer": pr.num_experts_before - pr.num_experts_after}
+                                          "removed_per_layer": pr.num_experts_before - pr.num_experts_after,
+                                          "kept": pr.kept}
     ses = prof.se_ids() if prof is not None else []
     (dest / "README.md").write_text(model_card(recipe, recipe_text, ses, comparison, plan_text, prune_info, snippet))
 

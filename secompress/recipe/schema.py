@@ -361,6 +361,7 @@ def _apply_override(root, override: str, src: str):
         child = next((v for k, v in node.value if k.value == key), None)
         if i == len(keys) - 1:
             new = _compose(value, f"override {override[:60]!r}") or yaml.ScalarNode("tag:yaml.org,2002:null", "null")
+            _value(new, f"override {override[:60]!r}", path)  # a !!python/... tag is named as the override's
             pairs = [(k, v) for k, v in node.value if k.value != key]
             node.value = pairs + [(yaml.ScalarNode("tag:yaml.org,2002:str", key, start_mark=root.start_mark), new)]
             if new.start_mark is None:
