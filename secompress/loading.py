@@ -5,7 +5,9 @@ from pathlib import Path
 
 
 def load(path: str | Path, dtype="auto", device: str | None = None, trust_remote_code: bool = False):
-    """A secompress RTN export comes back with its real integer-coded modules
+    """A compressed-tensors export (RTN or GPTQ, the default) comes back with secompress's
+    integer-coded modules, fused experts kept fused (``secompress.quant.compressed_tensors.load_ct``,
+    whatever its ``ignore`` list holds); a dequantized RTN export with its real integer-coded modules
     (``secompress.quant.load_quantized``); a bitsandbytes export with real ``Linear4bit`` /
     ``Linear8bitLt`` modules (``secompress.quant.bnb_export.load_bnb``); a GPTQ export through
     ``GPTQModel.load`` (which patches transformers' MoE classes in this process: import order
@@ -15,8 +17,13 @@ def load(path: str | Path, dtype="auto", device: str | None = None, trust_remote
     from .checkpoints import load_model
     from .quant.api import CODES_NAME, PLAN_NAME, load_quantized
     from .quant.bnb_export import FORMAT as BNB_FORMAT, load_bnb
+    from .quant.compressed_tensors import FORMAT as CT_FORMAT
 
     p = Path(path)
+    if (p / PLAN_NAME).is_file() and _export_format(p / PLAN_NAME) == CT_FORMAT:
+        from .quant.compressed_tensors import load_ct
+
+        return load_ct(p, device=device)[0]
     if (p / CODES_NAME).is_file() and (p / PLAN_NAME).is_file():
         return load_quantized(p, device=device)[0]
     if (p / PLAN_NAME).is_file() and _export_format(p / PLAN_NAME) == BNB_FORMAT:

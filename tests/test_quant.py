@@ -132,17 +132,18 @@ def test_quantize_keeps_ses_and_quantizes_the_rest(base, quantized):
     assert torch.equal(o_proj.weight, base.model.layers[0].self_attn.o_proj.weight)
     ref = base.model.layers[1].mlp.experts
     qe = m.model.layers[1].mlp.experts
-    assert isinstance(qe, QuantizedExperts)
-    se = qe.per_expert[SE[1]]
-    assert isinstance(se.down_proj, torch.nn.Linear) and not isinstance(se.down_proj, QuantizedLinear)
-    assert torch.equal(se.down_proj.weight, ref.down_proj[SE[1]])  # bit-identical
-    assert torch.equal(torch.cat([se.gate_proj.weight, se.up_proj.weight]), ref.gate_up_proj[SE[1]])
-    q = qe.per_expert[0].down_proj
-    assert isinstance(q, QuantizedLinear) and q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 15
-    assert not any(isinstance(b, torch.nn.Parameter) and b.dtype.is_floating_point and b.dim() == 2
-                   for b in q.parameters())  # no float weight kept
-    err = (q.weight - ref.down_proj[0]).abs().reshape(64, 1, 32)
+    assert isinstance(qe, QuantizedExperts)  # fused: stacked codes, the SE 16-bit
+    assert qe.qtensor(SE[1], "down_proj") is None and qe.dense_experts.tolist() == [SE[1]]
+    w = qe.fused_weights()
+    assert torch.equal(w["down_proj"][SE[1]], ref.down_proj[SE[1]])  # bit-identical
+    assert torch.equal(w["gate_up_proj"][SE[1]], ref.gate_up_proj[SE[1]])
+    assert qe.g0_down_proj_codes.shape == (7, 64, 16) and qe.g0_down_proj_codes.dtype == torch.uint8  # 2 per byte
+    q = qe.qtensor(0, "down_proj")
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 15
+    assert not any(p.dtype.is_floating_point and p.dim() >= 2 for p in qe.parameters())  # no float weight kept
+    err = (w["down_proj"][0] - ref.down_proj[0]).abs().reshape(64, 1, 32)
     assert (err <= q.scales.float()[..., None] / 2 * (1 + 1e-6)).all() and err.max() > 0
+    assert torch.equal(w["down_proj"][0], dequantize(q))
     assert isinstance(m.model.layers[2].self_attn.q_proj, QuantizedLinear)
     assert torch.isfinite(logits).all()
 
@@ -173,10 +174,10 @@ def test_load_quantized_rebuilds_real_modules(quantized, ids, base):
     m, plan, out, logits, _ = quantized
     m2, plan2 = load_quantized(out)
     assert plan2.bits == plan.bits
-    assert isinstance(m2.model.layers[1].mlp.experts.per_expert[0].down_proj, QuantizedLinear)
-    assert torch.equal(m2.model.layers[1].mlp.experts.per_expert[0].down_proj.codes,
-                       m.model.layers[1].mlp.experts.per_expert[0].down_proj.codes)
-    assert torch.equal(m2.model.layers[1].mlp.experts.per_expert[SE[1]].down_proj.weight,
+    assert isinstance(m2.model.layers[1].mlp.experts, QuantizedExperts)
+    assert torch.equal(m2.model.layers[1].mlp.experts.qtensor(0, "down_proj").codes,
+                       m.model.layers[1].mlp.experts.qtensor(0, "down_proj").codes)
+    assert torch.equal(m2.model.layers[1].mlp.experts.fused_weights()["down_proj"][SE[1]],
                        base.model.layers[1].mlp.experts.down_proj[SE[1]])
     with torch.no_grad():
         torch.testing.assert_close(m2(ids).logits, logits, atol=1e-5, rtol=1e-5)

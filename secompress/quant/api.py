@@ -7,8 +7,8 @@
 ``quantize_`` resolves a :class:`~secompress.quant.plan.QuantPlan` (rules, default bits,
 Super-Expert protection, optionally a bit allocation for an average bit-width) and then
 replaces each planned weight by integer codes: a Linear by a :class:`QuantizedLinear`, a
-layer's fused experts by a :class:`QuantizedExperts` (the per-expert layout of
-:mod:`secompress.layout` with QuantizedLinear projections). Units planned None are kept
+layer's fused experts by a :class:`~secompress.quant.fused.FusedQuantizedExperts` (stacked
+codes, one dequantize per layer and forward). Units planned None are kept
 bit-identical; a MoE layer whose experts are all None keeps its fused module untouched.
 Legend: E experts, O out features, In in features, G groups per row.
 """
@@ -27,8 +27,10 @@ from torch.nn import functional as F
 from ..errors import MissingExtraError, SecompressError, require
 from ..checkpoints import check_model, write_legacy_config_keys
 from ..outputs import atomic_dir
-from ..layout import PROJ, PerExpertExperts, refuse_into
+from ..experts import expert_weights
+from ..layout import PROJ, PerExpertExperts
 from . import rtn
+from .fused import FusedQuantizedExperts
 from .allocate import allocate
 from .coverage import FALLBACKS, check_coverage
 from .plan import SE_MODES, QuantPlan, Rule, check_bits, resolve_plan
@@ -139,36 +141,7 @@ class QuantizedLinear(nn.Module):
                f"group_size={self.in_features // self.scales.shape[-1]}"
 
 
-class QuantizedExperts(PerExpertExperts):
-    """A layer's experts in the per-expert layout, quantized experts as :class:`QuantizedLinear`.
-
-    Same forward signature and computation as the fused module it replaces. The fused module
-    is kept (outside the module tree, weights on the meta device) to rebuild it for export.
-    """
-
-    def __init__(self, fused: nn.Module, quantized: dict[int, dict[str, rtn.QTensor]]):
-        super().__init__(fused)
-        for e, qts in quantized.items():
-            m = self.per_expert[e]
-            for proj, qt in qts.items():
-                setattr(m, proj, QuantizedLinear.from_linear(getattr(m, proj), qt))
-        self.__dict__["fused_shell"] = fused  # not a submodule: not saved, not moved
-        with torch.no_grad():
-            for name, p in list(fused.named_parameters(recurse=False)):
-                setattr(fused, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
-
-    @torch.no_grad()
-    def to_fused(self) -> nn.Module:
-        """The fused module with the dequantized weights written back (a fresh copy of its tensors)."""
-        fused, dev = self.fused_shell, self.per_expert[0].down_proj.weight.device
-        for name, p in list(fused.named_parameters(recurse=False)):
-            setattr(fused, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=dev), requires_grad=False))
-        refuse_into(self, fused)
-        return fused
-
-    def release_fused(self) -> None:
-        for name, p in list(self.fused_shell.named_parameters(recurse=False)):
-            setattr(self.fused_shell, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+QuantizedExperts = FusedQuantizedExperts  # a layer's quantized experts: stacked codes, kept fused (quant/fused.py)
 
 
 # ---- quantize_ -----------------------------------------------------------------------------
@@ -289,7 +262,7 @@ def planned_expert_layers(model, plan: QuantPlan, adapter):
             continue
         block = adapter.block_of(adapter.layers(model)[layer])
         experts = adapter.experts_of(block)
-        if isinstance(experts, PerExpertExperts):
+        if isinstance(experts, (PerExpertExperts, FusedQuantizedExperts)):
             raise SecompressError(f"layer {layer}: experts are already per-expert/quantized; quantize a fused model")
         yield block, experts, todo
 
@@ -304,11 +277,9 @@ def apply_plan(model, plan: QuantPlan, make) -> None:
     for name, parent, attr, lin, b in list(planned_linears(model, plan)):
         setattr(parent, attr, QuantizedLinear.from_linear(lin, make(name, lin.weight, b)))
     for block, experts, todo in list(planned_expert_layers(model, plan, adapter)):
-        per = PerExpertExperts(experts)  # to read the per-expert weights
-        quantized = {e: {p: make(f"{n}.{p}", getattr(per.per_expert[e], p).weight, bits) for p in PROJ}
+        quantized = {e: {p: make(f"{n}.{p}", w, bits) for p, w in expert_weights(experts, e).items() if p in PROJ}
                      for e, (n, bits) in todo.items()}
-        del per
-        setattr(block, adapter.experts, QuantizedExperts(experts, quantized))
+        setattr(block, adapter.experts, FusedQuantizedExperts(experts, quantized))
 
 
 # ---- export --------------------------------------------------------------------------------
@@ -352,20 +323,21 @@ def quantized_tensors(model, plan: QuantPlan) -> tuple[dict[str, torch.Tensor], 
         if b is None:
             continue
         if u.expert is None:
-            mods[name] = model.get_submodule(name)
+            m = model.get_submodule(name)
+            mods[name] = m.qtensor() if isinstance(m, QuantizedLinear) else None
         else:
             qe = adapter.experts_of(adapter.block_of(adapter.layers(model)[u.layer]))
             for p in PROJ:
-                mods[f"{name}.{p}"] = getattr(qe.per_expert[u.expert], p)
+                mods[f"{name}.{p}"] = qe.qtensor(u.expert, p) if isinstance(qe, FusedQuantizedExperts) else None
     tensors, shapes = {}, {}
-    for key, m in mods.items():
-        if not isinstance(m, QuantizedLinear):
-            raise SecompressError(f"'{key}' is planned at {m.bits if hasattr(m, 'bits') else '?'} bits but is not "
-                                  "quantized: save the model quantize_ returned this plan for")
-        tensors[f"{key}.qweight"] = rtn.pack(m.codes.cpu(), m.bits)
-        tensors[f"{key}.scales"] = m.scales.cpu().contiguous()
-        tensors[f"{key}.zeros"] = rtn.pack(m.zeros.cpu(), m.bits)
-        shapes[key] = [list(m.codes.shape), list(m.scales.shape), m.bits]
+    for key, qt in mods.items():
+        if qt is None:
+            raise SecompressError(f"'{key}' is planned quantized but is not: save the model quantize_ returned "
+                                  "this plan for")
+        tensors[f"{key}.qweight"] = rtn.pack(qt.codes.cpu(), qt.bits)
+        tensors[f"{key}.scales"] = qt.scales.cpu().contiguous()
+        tensors[f"{key}.zeros"] = rtn.pack(qt.zeros.cpu(), qt.bits)
+        shapes[key] = [list(qt.codes.shape), list(qt.scales.shape), qt.bits]
     return tensors, shapes
 
 
@@ -381,7 +353,7 @@ def save_quantized(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite
         from .bnb_export import save_bnb
 
         return save_bnb(model, tokenizer, plan, out, overwrite)
-    if any(isinstance(m, PerExpertExperts) and not isinstance(m, QuantizedExperts) for m in model.modules()):
+    if any(isinstance(m, PerExpertExperts) for m in model.modules()):
         raise SecompressError("the model has per-expert modules that are not RTN-quantized: save the model that "
                               "quantize_ returned this plan for")
     from safetensors.torch import save_file
@@ -434,6 +406,9 @@ def quantized_bytes(model) -> int:
     """Bytes of the model as held in memory after ``quantize_``, with codes counted at their bit-width."""
     total, inside = 0, set()
     for m in model.modules():
+        if isinstance(m, FusedQuantizedExperts):
+            total += m.nbytes_quantized()
+            inside |= {id(t) for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False))}
         if isinstance(m, QuantizedLinear):
             total += (m.codes.numel() * m.bits + 7) // 8 + m.scales.numel() * 2 + (m.zeros.numel() * m.bits + 7) // 8
             total += 0 if m.bias is None else m.bias.numel() * m.bias.element_size()

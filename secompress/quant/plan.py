@@ -185,8 +185,9 @@ class QuantPlan:
                 "gptqmodel": (False, "not a GPTQ checkpoint (use method 'gptq')"),
                 "vllm-fused-moe": (True, "loads the dequantized 16-bit weights (no memory saving)")}
 
-    def table(self) -> str:
-        """One row per decoder layer: bits of the non-expert weights, histogram of expert bits, SEs."""
+    def table(self, with_compatibility: bool = True) -> str:
+        """One row per decoder layer: bits of the non-expert weights, histogram of expert bits, SEs
+        (and the runtimes of the method's own export; a compressed-tensors export reports its own)."""
         ses: dict[int, list] = {}
         for l, e in self.super_experts:
             ses.setdefault(l, []).append(e)
@@ -201,7 +202,7 @@ class QuantPlan:
             rows.append(f"{l:>5}  {fmt(lin):<24}{fmt(exp):<32}{ses.get(l, '')}")
         rows.append(f"average bits {self.avg_bits():.3f} (routed experts {self.avg_bits(True):.3f}); "
                     f"SE mode {self.se_mode}, SE bits {bits_label(self.se_bits)}")
-        for rt, (ok, why) in self.compatibility().items():
+        for rt, (ok, why) in (self.compatibility() if with_compatibility else {}).items():
             rows.append(f"{rt:<16}{'yes' if ok else 'no':<5}{why}")
         return "\n".join(rows)
 

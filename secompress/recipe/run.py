@@ -129,9 +129,12 @@ def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, pro
         prof = remap_profile(prof, r) if prof is not None else None  # expert ids moved
     if (st := recipe.stage("quantize")) is not None:
         from ..quant.api import QuantConfig, quantize_
+        from ..quant.compressed_tensors import resolve_export
 
+        ex = recipe.stage("export")
+        _, se_mode = resolve_export(ex.format if ex else None, st.method, st.se_mode, protect)
         cfg = QuantConfig(method=st.method, bits=st.bits, group_size=st.group_size, symmetric=st.symmetric,
-                          se_mode=st.se_mode, se_bits=st.se_bits, avg_bits=st.avg_bits,
+                          se_mode=se_mode, se_bits=st.se_bits, avg_bits=st.avg_bits,
                           protect_super_experts=protect, fallback=st.fallback)
         if st.method == "gptq":
             from ..quant.gptq import gptq_
@@ -213,6 +216,10 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
 
 
 LOAD_SNIPPETS = {
+    "compressed-tensors":
+        "import secompress\nmodel = secompress.load('PATH')  # integer codes, experts fused; any ignore list\n"
+        "# vLLM: LLM('PATH')   SGLang: python -m sglang.launch_server --model-path PATH\n"
+        "# transformers (when the compatibility report says yes): AutoModelForCausalLM.from_pretrained('PATH')",
     "rtn": "import secompress\nmodel = secompress.load('PATH')  # real quantized modules\n"
            "# or, dequantized, with stock transformers:\n"
            "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')",
@@ -225,7 +232,21 @@ LOAD_SNIPPETS = {
 
 def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path) -> None:
     plan_text = None
-    if "gptq_dir" in info:  # gptqmodel's checkpoint, as it wrote it (with our plan and legacy config keys)
+    st = recipe.stage("quantize")
+    fmt = None
+    if "quantize" in info:
+        from ..quant.compressed_tensors import FORMAT, resolve_export
+
+        fmt, _ = resolve_export(recipe.stage("export").format, st.method, st.se_mode)
+    if fmt == FORMAT:
+        from ..quant.compressed_tensors import save_ct
+
+        save_ct(model, tok, info["quantize"], dest)
+        plan_text = info["quantize"].table(with_compatibility=False)
+        compat = json.loads((dest / "quantization_plan.json").read_text())["compatibility"]
+        plan_text += "\n" + "\n".join(f"{k}: {'yes' if v['ok'] else 'no'} ({v['why']})" for k, v in compat.items())
+        snippet = LOAD_SNIPPETS[FORMAT]
+    elif "gptq_dir" in info and fmt == "gptqmodel":  # gptqmodel's checkpoint, as it wrote it
         shutil.copytree(info["gptq_dir"], dest)
         plan_text = info["quantize"].table()
         snippet = LOAD_SNIPPETS["gptq"]
@@ -234,7 +255,7 @@ def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path)
 
         save_quantized(model, tok, info["quantize"], dest)
         plan_text = info["quantize"].table() if hasattr(info["quantize"], "table") else None
-        snippet = LOAD_SNIPPETS[info["quantize"].meta.get("method", "rtn")]
+        snippet = LOAD_SNIPPETS["bnb" if st.method == "bnb" else "rtn"]  # bnb's own, or the dequantized export
     elif "prune" in info:
         from ..prune import save_pruned
 

@@ -76,7 +76,7 @@ class QuantizeStage:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
-    se_mode: str = "expert"  # expert | layer
+    se_mode: str | None = None  # expert | layer; None: layer for the compressed-tensors export, else expert
     se_bits: int | None = None  # None: SEs stay 16-bit
     avg_bits: float | None = None
     fallback: str | None = None  # "rtn": experts without calibration tokens get RTN instead of an error
@@ -95,6 +95,7 @@ class EvaluateStage:
 @dataclass(frozen=True)
 class ExportStage:
     model_card: bool = True
+    format: str | None = None  # rtn/gptq: compressed-tensors (default) | dequantized | gptqmodel (gptq only)
 
 
 @dataclass(frozen=True)
@@ -258,8 +259,16 @@ def _check_combinations(r: Recipe, model: ModelSpec, data: DataSpec) -> None:
         raise RecipeError(f"{src}: stages.prune.ratio must be in (0, 1), got {pr.ratio}")
     q = r.stage("quantize")
     if q is not None:
-        if q.se_mode not in ("expert", "layer"):
+        if q.se_mode not in ("expert", "layer", None):
             raise RecipeError(f"{src}: stages.quantize.se_mode must be 'expert' or 'layer', got '{q.se_mode}'")
+        ex = r.stage("export")
+        if ex is not None and q.method in ("rtn", "bnb", "gptq"):
+            from ..quant.compressed_tensors import resolve_export
+
+            try:  # up front: a format that cannot hold the Super-Expert protection asked for
+                resolve_export(ex.format, q.method, q.se_mode)
+            except SecompressError as e:
+                raise RecipeError(f"{src}: stages.export.format / stages.quantize.se_mode: {e}") from None
         if q.method not in ("rtn", "bnb", "gptq"):
             raise RecipeError(f"{src}: stages.quantize.method must be 'rtn', 'bnb' or 'gptq', got '{q.method}'")
         if q.fallback not in (None, "rtn"):
