@@ -20,7 +20,7 @@ def load(path: str | Path, dtype="auto", device: str | None = None, trust_remote
     from .quant.compressed_tensors import FORMAT as CT_FORMAT
 
     p = Path(path)
-    if (p / PLAN_NAME).is_file() and _export_format(p / PLAN_NAME) == CT_FORMAT:
+    if (p / PLAN_NAME).is_file() and _export_format(p / PLAN_NAME) == CT_FORMAT and _compressed(p):
         from .quant.compressed_tensors import load_ct
 
         return load_ct(p, device=device)[0]
@@ -39,3 +39,11 @@ def _export_format(plan_path: Path) -> str | None:
     import json
 
     return json.loads(plan_path.read_text()).get("export", {}).get("format")
+
+
+def _compressed(path: Path) -> bool:
+    """config.json still declares compressed-tensors (a dequantized copy keeps the plan file, not this)."""
+    import json
+
+    cfg = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+    return cfg.get("quantization_config", {}).get("quant_method") == "compressed-tensors"

@@ -78,6 +78,9 @@ def test_every_architecture_exports_and_reloads_exactly(arch, tmp_path, ids):
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["quant_method"] == "compressed-tensors" and qcfg["format"] == "pack-quantized"
     assert vllm_rule_problems(qcfg, plan, ad) == []
+    compat = json.loads((out / "quantization_plan.json").read_text())["compatibility"]
+    assert not compat["transformers"]["ok"]  # the SE layer in `ignore`: the transformers 5.24 gap
+    assert compat["vllm"]["ok"] == (arch != "gpt_oss") and compat["secompress.load"]["ok"]
     files = _dequantizer_weights(out)
     from safetensors import safe_open
 
@@ -185,3 +188,21 @@ def test_se_mode_expert_is_refused_up_front(tmp_path, capsys):
     with pytest.raises(SecompressError, match="se_mode: layer"):
         save_ct(m, None, plan, tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_compressed_tensors_dequantizer_gives_a_plain_checkpoint(tmp_path, ids):
+    from compressed_tensors.entrypoints.convert import convert_checkpoint
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+    from transformers import AutoModelForCausalLM
+
+    import secompress
+
+    _, m, plan = _quantized("qwen3_moe")  # the SE layer in `ignore`: stock transformers needs this route
+    out = save_ct(m, None, plan, tmp_path / "ct")
+    convert_checkpoint(out, tmp_path / "bf", CompressedTensorsDequantizer(out, dtype=torch.float32), max_workers=1)
+    plain = secompress.load(tmp_path / "bf")  # no longer compressed: loaded as a plain checkpoint
+    assert isinstance(plain, type(AutoModelForCausalLM.from_pretrained(tmp_path / "bf")))
+    assert not any(isinstance(x, FusedQuantizedExperts) for x in plain.modules())
+    with torch.no_grad():
+        a, b = m(ids).logits, plain(ids).logits
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())

@@ -232,7 +232,11 @@ def compatibility(qcfg: dict, plan: QuantPlan, adapter) -> dict[str, tuple[bool,
                          "'Linear' group for every MoE layer: no ignored or 8-bit expert layer" if vllm[0] else vllm[1])
     else:
         sglang = (True, "one scheme for every MoE layer (the 'Linear' group)")
-    if ignored:
+    if adapter.ckpt_fused_experts:  # e.g. GPT-OSS: runtimes read its experts fused, not per expert
+        why = (f"{adapter.model_type} checkpoints keep experts fused: transformers re-initialises per-expert "
+               "compressed experts and the vLLM/SGLang loaders were not checked with them; use secompress.load")
+        vllm, sglang, tf = (False, why), (False, why), (False, why)
+    elif ignored:
         tf = (False, f"transformers 5.24 fails on the ignored expert layers {ignored} ('Concatenate on tensors "
                      "destined for ...gate_up_proj. Ckpt contains: 0'): use secompress.load, or compressed-tensors' "
                      "dequantizer then from_pretrained")
