@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 import subprocess
 import sys
 import types
@@ -296,9 +297,10 @@ def test_all_expert_calibration_keeps_output(base, ids, defuse):
 def test_cli_quantize(tiny_dir, tmp_path, capsys):
     out = tmp_path / "q"
     args = ["quantize", str(tiny_dir("qwen3_moe")), "--method", "rtn", "--bits", "4", "--group-size", "32",
-            "--se-precision", "8", "--se-mode", "layer", "--dtype", "float32", "--out", str(out)]
+            "--se-precision", "8", "--se-mode", "layer", "--symmetric", "--dtype", "float32", "--out", str(out)]
     assert main(args) == 0
-    assert "vllm-fused-moe  yes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "compressed-tensors" in printed and re.search(r"\nvllm +yes", printed)  # the export's report
     plan = json.loads((out / PLAN_NAME).read_text())
     assert plan["se_mode"] == "layer" and plan["se_bits"] == 8
     assert main(args) == 2  # exists, no --overwrite

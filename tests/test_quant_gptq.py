@@ -86,8 +86,9 @@ def test_cli_quantize_gptq(tmp_path):
     src = save_tiny(model, tmp_path / "src")
     assert main(["quantize", str(src), "--method", "gptq", "--bits", "4", "--group-size", "32",
                  "--out", str(tmp_path / "q")]) == 0
-    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
-        assert any(k.endswith("experts.0.down_proj.qweight") for k in f.keys())
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:  # compressed-tensors, the default
+        assert any(k.endswith("experts.0.down_proj.weight_packed") for k in f.keys())
+        assert any(k.endswith("experts.0.down_proj.weight_zero_point") for k in f.keys())  # asymmetric GPTQ
     assert main(["quantize", str(src), "--method", "gptq", "--out", str(tmp_path / "q")]) == 2  # exists
 
 
@@ -123,6 +124,6 @@ def test_uncalibrated_expert_with_explicit_rtn_fallback(tmp_path):
     tokens[2, 5] = 0
     save_profile(dataclasses.replace(prof, arrays={**prof.arrays, "tokens": tokens}), tmp_path / "prof")
     assert main(["quantize", str(src), "--method", "gptq", "--group-size", "32", "--profile", str(tmp_path / "prof"),
-                 "--fallback", "rtn", "--out", str(tmp_path / "q")]) == 0
+                 "--fallback", "rtn", "--format", "gptqmodel", "--out", str(tmp_path / "q")]) == 0
     fb = json.loads((tmp_path / "q" / "quantize_config.json").read_text())["meta"].get("fallback")
     assert fb and fb.get("strategy") == "rtn"  # gptqmodel's low-sample RTN fallback, chosen explicitly
