@@ -373,7 +373,7 @@ def load_ct(path: str | Path, device: str | None = None):
     model = build_skeleton(config)
     adapter = check_model(model)
     disk = {key: name for n, b in plan.bits.items() if b is not None for key, name in _unit_modules(plan, adapter, n)}
-    ckpt = Checkpoint(path)
+    ckpt = Checkpoint(path, raw=True)  # reads its own codes
 
     def make(key: str, w: torch.Tensor, bits: int) -> rtn.QTensor:
         name = disk[key]
