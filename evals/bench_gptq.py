@@ -40,7 +40,7 @@ def main() -> None:
     calib = load_calibration("builtin", tok, args.samples, args.seq_len)
     prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=args.samples, seq_len=args.seq_len),
                    progress=False)
-    plan = plan_quantization(model, QuantConfig(bits=args.bits, group_size=args.group_size), profile=prof)
+    plan = plan_quantization(model, QuantConfig(format="dequantized", bits=args.bits, group_size=args.group_size), profile=prof)
     times = {True: [], False: []}
     with tempfile.TemporaryDirectory() as d:
         for r in range(args.reps):

@@ -66,11 +66,11 @@ def main() -> None:
     rows = [{"variant": "bf16", "perplexity": perplexity(model, held, 4),
              "disk_bytes": sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors")), "avg_bits": 16.0}]
     variants = {  # label: (plan config, SE-aware overrides)
-        "gptq4-se": (QuantConfig(bits=4, group_size=gs, se_bits=None, fallback="rtn"), True),
-        "gptq4-nose": (QuantConfig(bits=4, group_size=gs, se_bits=None, fallback="rtn"), False),
-        "alloc3-se": (QuantConfig(bits=4, group_size=gs, se_bits=None, avg_bits=3.0, candidate_bits=(2, 3, 4, 8),
+        "gptq4-se": (QuantConfig(format="dequantized", bits=4, group_size=gs, se_bits=None, fallback="rtn"), True),
+        "gptq4-nose": (QuantConfig(format="dequantized", bits=4, group_size=gs, se_bits=None, fallback="rtn"), False),
+        "alloc3-se": (QuantConfig(format="dequantized", bits=4, group_size=gs, se_bits=None, avg_bits=3.0, candidate_bits=(2, 3, 4, 8),
                                   fallback="rtn"), True),
-        "alloc3-nose": (QuantConfig(bits=4, group_size=gs, protect_super_experts=False, avg_bits=3.0,
+        "alloc3-nose": (QuantConfig(format="dequantized", bits=4, group_size=gs, protect_super_experts=False, avg_bits=3.0,
                                     candidate_bits=(2, 3, 4, 8), fallback="rtn"), True),
     }
     with tempfile.TemporaryDirectory() as d:

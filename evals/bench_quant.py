@@ -92,10 +92,10 @@ def main() -> None:
     gs = args.group_size
     variants = {
         "bf16": None,
-        "rtn4-se": QuantConfig(bits=4, group_size=gs, se_bits=None),
-        "rtn4-nose": QuantConfig(bits=4, group_size=gs, protect_super_experts=False),
-        "alloc3-se": QuantConfig(bits=4, group_size=gs, se_bits=None, avg_bits=3.0, fallback="rtn"),
-        "alloc3-nose": QuantConfig(bits=4, group_size=gs, protect_super_experts=False, avg_bits=3.0, fallback="rtn"),
+        "rtn4-se": QuantConfig(format="dequantized", bits=4, group_size=gs, se_bits=None),
+        "rtn4-nose": QuantConfig(format="dequantized", bits=4, group_size=gs, protect_super_experts=False),
+        "alloc3-se": QuantConfig(format="dequantized", bits=4, group_size=gs, se_bits=None, avg_bits=3.0, fallback="rtn"),
+        "alloc3-nose": QuantConfig(format="dequantized", bits=4, group_size=gs, protect_super_experts=False, avg_bits=3.0, fallback="rtn"),
         "bnb4-se": QuantConfig(method="bnb", bits=4, se_bits=None),
         "bnb4-nose": QuantConfig(method="bnb", bits=4, protect_super_experts=False),
         "bnb8-se": QuantConfig(method="bnb", bits=8, se_bits=None),

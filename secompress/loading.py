@@ -5,8 +5,10 @@ from pathlib import Path
 
 
 def load(path: str | Path, dtype="auto", device: str | None = None, trust_remote_code: bool = False):
-    """A quantized export comes back through the backend that wrote it (each backend's
-    ``detect``/``load`` in :mod:`secompress.quant.backends`): RTN with its real integer-coded
+    """A quantized export comes back through the export format or backend that wrote it (each
+    one's ``detect``/``load`` in :mod:`secompress.quant.backends`): a compressed-tensors export
+    (RTN or GPTQ, the default) with secompress's integer-coded modules, fused experts kept fused,
+    whatever its ``ignore`` list holds; a dequantized export with its real integer-coded
     modules, bitsandbytes with real ``Linear4bit`` / ``Linear8bitLt`` modules, GPTQ through
     ``GPTQModel.load`` (which patches transformers' MoE classes in this process: import order
     matters for other models); anything else (a pruned or untouched checkpoint) through

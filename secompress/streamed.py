@@ -61,6 +61,10 @@ class StreamedJob:
         if self.quant is not None and self.quant.method != "rtn":
             raise SecompressError(f"quantization method '{self.quant.method}' runs in memory only; streaming "
                                   "supports method 'rtn' (or set model.streaming: false)")
+        if self.quant is not None and self.quant.format != "dequantized":
+            raise SecompressError(f"export format '{self.quant.format}' is written in memory only; the streamed "
+                                  "engine writes format 'dequantized' (--format dequantized, "
+                                  "stages.quantize.format: dequantized) or set model.streaming: false")
 
 
 @dataclass

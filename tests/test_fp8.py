@@ -180,7 +180,7 @@ def test_pruned_fp8_stays_fp8_and_reloads(ckpts, tmp_path):
 def test_rtn_from_fp8_exports_a_loadable_checkpoint(ckpts, tmp_path):
     _, path = ckpts
     m = load_model(path, "float32")
-    plan = quantize_(m, QuantConfig(bits=4, group_size=8, protect_super_experts=False))
+    plan = quantize_(m, QuantConfig(bits=4, group_size=8, protect_super_experts=False, format="dequantized"))
     save_quantized(m, None, plan, tmp_path / "q")
     assert "quantization_config" not in json.loads((tmp_path / "q" / "config.json").read_text())
     r = _stock(tmp_path / "q")

@@ -1,5 +1,6 @@
 import copy
 import json
+import re
 import subprocess
 import sys
 import types
@@ -95,13 +96,14 @@ def test_plan_resolution_order(base):
 
 @pytest.mark.parametrize("mode", ["expert", "layer"])
 def test_se_modes(base, mode):
-    p = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8, default=4)
+    p = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8, default=4,
+                     meta={"method": "rtn", "format": "dequantized"})
     assert p.bits[EXP.format(*SE)] == 8  # protection overrides a lower rule
     others = {p.bits[EXP.format(1, e)] for e in range(8) if e != SE[1]}
     assert others == ({4} if mode == "expert" else {8})
     assert {p.bits[EXP.format(2, e)] for e in range(8)} == {4}
     assert p.bits["model.layers.1.self_attn.q_proj"] == 4
-    compat = p.compatibility()  # method rtn: a dequantized 16-bit export
+    compat = p.compatibility()  # method rtn, format dequantized: a 16-bit export
     assert compat["transformers"][0] and not compat["gptqmodel"][0] and compat["vllm-fused-moe"][0]
     gp = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8, meta={"method": "gptq"})
     gptq = gp.compatibility()
@@ -118,7 +120,7 @@ def quantized(base, tmp_path_factory, tokenizer, ids):
     m = copy.deepcopy(base)
     keep = "model.layers.0.self_attn.o_proj"
     o_proj = m.get_submodule(keep)
-    cfg = QuantConfig(bits=4, group_size=32, se_bits=None, rules=(Rule(keep, None),))
+    cfg = QuantConfig(bits=4, group_size=32, se_bits=None, format="dequantized", rules=(Rule(keep, None),))
     plan = quantize_(m, cfg, profile=fake_profile(m))
     out = save_quantized(m, tokenizer, plan, tmp_path_factory.mktemp("q") / "out")
     with torch.no_grad():
@@ -132,17 +134,18 @@ def test_quantize_keeps_ses_and_quantizes_the_rest(base, quantized):
     assert torch.equal(o_proj.weight, base.model.layers[0].self_attn.o_proj.weight)
     ref = base.model.layers[1].mlp.experts
     qe = m.model.layers[1].mlp.experts
-    assert isinstance(qe, QuantizedExperts)
-    se = qe.per_expert[SE[1]]
-    assert isinstance(se.down_proj, torch.nn.Linear) and not isinstance(se.down_proj, QuantizedLinear)
-    assert torch.equal(se.down_proj.weight, ref.down_proj[SE[1]])  # bit-identical
-    assert torch.equal(torch.cat([se.gate_proj.weight, se.up_proj.weight]), ref.gate_up_proj[SE[1]])
-    q = qe.per_expert[0].down_proj
-    assert isinstance(q, QuantizedLinear) and q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 15
-    assert not any(isinstance(b, torch.nn.Parameter) and b.dtype.is_floating_point and b.dim() == 2
-                   for b in q.parameters())  # no float weight kept
-    err = (q.weight - ref.down_proj[0]).abs().reshape(64, 1, 32)
+    assert isinstance(qe, QuantizedExperts)  # fused: stacked codes, the SE 16-bit
+    assert qe.qtensor(SE[1], "down_proj") is None and qe.dense_experts.tolist() == [SE[1]]
+    w = qe.fused_weights()
+    assert torch.equal(w["down_proj"][SE[1]], ref.down_proj[SE[1]])  # bit-identical
+    assert torch.equal(w["gate_up_proj"][SE[1]], ref.gate_up_proj[SE[1]])
+    assert qe.g0_down_proj_codes.shape == (7, 64, 16) and qe.g0_down_proj_codes.dtype == torch.uint8  # 2 per byte
+    q = qe.qtensor(0, "down_proj")
+    assert q.codes.dtype == torch.uint8 and int(q.codes.max()) <= 15
+    assert not any(p.dtype.is_floating_point and p.dim() >= 2 for p in qe.parameters())  # no float weight kept
+    err = (w["down_proj"][0] - ref.down_proj[0]).abs().reshape(64, 1, 32)
     assert (err <= q.scales.float()[..., None] / 2 * (1 + 1e-6)).all() and err.max() > 0
+    assert torch.equal(w["down_proj"][0], dequantize(q))
     assert isinstance(m.model.layers[2].self_attn.q_proj, QuantizedLinear)
     assert torch.isfinite(logits).all()
 
@@ -173,10 +176,10 @@ def test_load_quantized_rebuilds_real_modules(quantized, ids, base):
     m, plan, out, logits, _ = quantized
     m2, plan2 = load_quantized(out)
     assert plan2.bits == plan.bits
-    assert isinstance(m2.model.layers[1].mlp.experts.per_expert[0].down_proj, QuantizedLinear)
-    assert torch.equal(m2.model.layers[1].mlp.experts.per_expert[0].down_proj.codes,
-                       m.model.layers[1].mlp.experts.per_expert[0].down_proj.codes)
-    assert torch.equal(m2.model.layers[1].mlp.experts.per_expert[SE[1]].down_proj.weight,
+    assert isinstance(m2.model.layers[1].mlp.experts, QuantizedExperts)
+    assert torch.equal(m2.model.layers[1].mlp.experts.qtensor(0, "down_proj").codes,
+                       m.model.layers[1].mlp.experts.qtensor(0, "down_proj").codes)
+    assert torch.equal(m2.model.layers[1].mlp.experts.fused_weights()["down_proj"][SE[1]],
                        base.model.layers[1].mlp.experts.down_proj[SE[1]])
     with torch.no_grad():
         torch.testing.assert_close(m2(ids).logits, logits, atol=1e-5, rtol=1e-5)
@@ -187,7 +190,8 @@ def test_every_architecture_exports(arch, tmp_path, ids):
     from transformers import AutoModelForCausalLM
 
     m = make_tiny(arch)
-    plan = quantize_(m, QuantConfig(bits=3, group_size=None, symmetric=True, protect_super_experts=False))
+    plan = quantize_(m, QuantConfig(bits=3, group_size=None, symmetric=True, protect_super_experts=False,
+                                    format="dequantized"))
     assert plan.avg_bits(True) == 3
     save_quantized(m, None, plan, tmp_path / "o")
     r = AutoModelForCausalLM.from_pretrained(tmp_path / "o").eval()
@@ -213,9 +217,9 @@ def test_bad_config_and_input_rejected(base, monkeypatch):
     with pytest.raises(SecompressError, match="GPTQ runs on a checkpoint"):
         quantize_(m, QuantConfig(method="gptq", group_size=32), profile=fake_profile(m))
     with pytest.raises(ValueError, match="smallest candidate is 2"):
-        quantize_(m, QuantConfig(group_size=32, avg_bits=1.5), profile=fake_profile(m))
+        quantize_(m, QuantConfig(format="dequantized", group_size=32, avg_bits=1.5), profile=fake_profile(m))
     with pytest.raises(ValueError, match="pinned"):  # 1 of 32 experts at 16 bits: at least 2.4375
-        quantize_(m, QuantConfig(group_size=32, avg_bits=2.3), profile=fake_profile(m))
+        quantize_(m, QuantConfig(format="dequantized", group_size=32, avg_bits=2.3), profile=fake_profile(m))
     with pytest.raises(MissingExtraError, match=r"secompress\[dev\]"):
         monkeypatch.setitem(sys.modules, "scipy", None)
         monkeypatch.setitem(sys.modules, "scipy.optimize", None)
@@ -237,12 +241,12 @@ def test_allocation_hits_target_and_pins():
 
 def test_quantize_with_avg_bits_pins_ses(base):
     m = copy.deepcopy(base)
-    plan = quantize_(m, QuantConfig(group_size=32, avg_bits=3.5, se_bits=None), profile=fake_profile(m))
+    plan = quantize_(m, QuantConfig(format="dequantized", group_size=32, avg_bits=3.5, se_bits=None), profile=fake_profile(m))
     assert plan.bits[EXP.format(*SE)] is None and plan.source[EXP.format(*SE)] == "se"
     assert 2.5 <= plan.avg_bits(experts_only=True) <= 3.5
     assert plan.meta["allocation"]["average"] == pytest.approx(plan.avg_bits(experts_only=True))
     assert plan.bits[EXP.format(2, 7)] >= plan.bits[EXP.format(2, 0)]  # 71 tokens vs 1
-    lp = quantize_(copy.deepcopy(base), QuantConfig(group_size=32, avg_bits=4, se_mode="layer", se_bits=8),
+    lp = quantize_(copy.deepcopy(base), QuantConfig(format="dequantized", group_size=32, avg_bits=4, se_mode="layer", se_bits=8),
                    profile=fake_profile(base))
     assert lp.compatibility()["vllm-fused-moe"][0] and {lp.bits[EXP.format(1, e)] for e in range(8)} == {8}
 
@@ -254,8 +258,8 @@ def test_uncalibrated_expert_needs_fallback(base):
         check_coverage(prof)
     assert check_coverage(prof, fallback="rtn") == [(2, 5)]
     with pytest.raises(CalibrationError, match="fallback='rtn'"):
-        quantize_(copy.deepcopy(base), QuantConfig(group_size=32, avg_bits=3.5), profile=prof)
-    plan = quantize_(copy.deepcopy(base), QuantConfig(group_size=32, avg_bits=3.5, fallback="rtn"), profile=prof)
+        quantize_(copy.deepcopy(base), QuantConfig(format="dequantized", group_size=32, avg_bits=3.5), profile=prof)
+    plan = quantize_(copy.deepcopy(base), QuantConfig(format="dequantized", group_size=32, avg_bits=3.5, fallback="rtn"), profile=prof)
     assert plan.source[EXP.format(2, 5)] == "fallback" and plan.bits[EXP.format(2, 5)] == 4
 
 
@@ -295,10 +299,11 @@ def test_all_expert_calibration_keeps_output(base, ids, defuse):
 def test_cli_quantize(tiny_dir, tmp_path, capsys):
     out = tmp_path / "q"
     args = ["quantize", str(tiny_dir("qwen3_moe")), "--method", "rtn", "--bits", "4", "--group-size", "32",
-            "--se-bits", "8", "--se-mode", "layer", "--dtype", "float32", "--num-samples", "8", "--seq-len", "64",
-            "--out", str(out)]
+            "--se-bits", "8", "--se-mode", "layer", "--symmetric", "--dtype", "float32", "--num-samples", "8",
+            "--seq-len", "64", "--out", str(out)]
     assert main(args) == 0
-    assert "vllm-fused-moe  yes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "compressed-tensors" in printed and re.search(r"\nvllm +yes", printed)  # the export's report
     plan = json.loads((out / PLAN_NAME).read_text())
     assert plan["se_mode"] == "layer" and plan["se_bits"] == 8
     assert main(args) == 2  # exists, no --overwrite

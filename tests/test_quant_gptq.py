@@ -21,10 +21,10 @@ SE = (1, 3)
 
 def test_dynamic_overrides_follow_the_plan():
     model = make_tiny("qwen3_moe")
-    plan = plan_quantization(model, QuantConfig(bits=4, group_size=32, se_bits=8), profile=fake_profile(model))
+    plan = plan_quantization(model, QuantConfig(bits=4, group_size=32, se_bits=8, format="dequantized"), profile=fake_profile(model))
     dyn = dynamic_from_plan(plan, 4)
     assert dyn == {r"+:.*model\.layers\.1\.mlp\.experts\.3\..*": {"bits": 8}}
-    plan16 = plan_quantization(model, QuantConfig(bits=4, group_size=32), profile=fake_profile(model))
+    plan16 = plan_quantization(model, QuantConfig(bits=4, group_size=32, format="dequantized"), profile=fake_profile(model))
     assert dynamic_from_plan(plan16, 4) == {r"-:.*model\.layers\.1\.mlp\.experts\.3\..*": {}}
 
 
@@ -34,7 +34,7 @@ def test_gptq_keeps_the_super_expert_and_packs_the_rest(tmp_path, monkeypatch):
     plant_super_expert(model, *SE)
     src = save_tiny(model, tmp_path / "src")
     tok = build_byte_tokenizer()
-    plan = plan_quantization(model, QuantConfig(bits=4, group_size=32), profile=fake_profile(model))
+    plan = plan_quantization(model, QuantConfig(bits=4, group_size=32, format="dequantized"), profile=fake_profile(model))
     calib = load_calibration("builtin", tok, num_samples=8, seq_len=64).input_ids
     info = gptq_quantize(src, tok, plan, calib, tmp_path / "q", bits=4, group_size=32)
     assert info["quantize_s"] > 0
@@ -61,14 +61,13 @@ def test_gptq_keeps_the_super_expert_and_packs_the_rest(tmp_path, monkeypatch):
     assert ((again - ref).abs().mean() / ref.abs().mean()) < 0.25
     # the same codes read back into this process's model (what the recipe pipeline evaluates):
     # float-precision close to gptqmodel's own kernels, and far from the 16-bit model
-    from secompress.quant.api import QuantizedLinear
     from secompress.quant.gptq_codes import load_gptq_codes
 
     mine = make_tiny("qwen3_moe")
     plant_super_expert(mine, *SE)
     load_gptq_codes(mine, plan, tmp_path / "q")
-    assert isinstance(mine.model.layers[1].mlp.experts.per_expert[4].down_proj, QuantizedLinear)
-    assert type(mine.model.layers[1].mlp.experts.per_expert[3].down_proj).__name__ == "Linear"  # the SE
+    assert mine.model.layers[1].mlp.experts.qtensor(4, "down_proj") is not None
+    assert mine.model.layers[1].mlp.experts.qtensor(3, "down_proj") is None  # the SE, 16-bit
     with torch.no_grad():
         got = mine(input_ids=calib[:2]).logits
     rel = lambda a, b: float((a - b).abs().mean() / b.abs().mean())
@@ -88,8 +87,9 @@ def test_cli_quantize_gptq(tmp_path):
     src = save_tiny(model, tmp_path / "src")
     assert main(["quantize", str(src), "--method", "gptq", "--bits", "4", "--group-size", "32",
                  "--out", str(tmp_path / "q")]) == 0
-    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:
-        assert any(k.endswith("experts.0.down_proj.qweight") for k in f.keys())
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as f:  # compressed-tensors, the default
+        assert any(k.endswith("experts.0.down_proj.weight_packed") for k in f.keys())
+        assert any(k.endswith("experts.0.down_proj.weight_zero_point") for k in f.keys())  # asymmetric GPTQ
     assert main(["quantize", str(src), "--method", "gptq", "--out", str(tmp_path / "q")]) == 2  # exists
 
 
@@ -112,7 +112,7 @@ def test_gptq_refuses_uncalibrated_experts(tmp_path, capsys):
     assert not (tmp_path / "q").exists()
     # all-expert calibration: gptqmodel forwards every calibration token through every expert
     assert main(["quantize", str(src), "--method", "gptq", "--group-size", "32", "--profile", str(tmp_path / "prof"),
-                 "--calibration", "all-experts", "--num-samples", "4", "--seq-len", "32", "--out", str(tmp_path / "q")]) == 0
+                 "--calibration", "all-experts", "--num-samples", "4", "--seq-len", "32", "--format", "gptqmodel", "--out", str(tmp_path / "q")]) == 0
     qcfg = json.loads((tmp_path / "q" / "quantize_config.json").read_text())
     assert qcfg["meta"]["moe"]["routing"]["class"] == "ExpertsRoutingBypass"
 
@@ -131,6 +131,6 @@ def test_uncalibrated_expert_with_explicit_rtn_fallback(tmp_path):
     tokens[2, 5] = 0
     save_profile(dataclasses.replace(prof, arrays={**prof.arrays, "tokens": tokens}), tmp_path / "prof")
     assert main(["quantize", str(src), "--method", "gptq", "--group-size", "32", "--profile", str(tmp_path / "prof"),
-                 "--fallback", "rtn", "--out", str(tmp_path / "q")]) == 0
+                 "--fallback", "rtn", "--format", "gptqmodel", "--out", str(tmp_path / "q")]) == 0
     fb = json.loads((tmp_path / "q" / "quantize_config.json").read_text())["meta"].get("fallback")
     assert fb and fb.get("strategy") == "rtn"  # gptqmodel's low-sample RTN fallback, chosen explicitly

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from secompress.cli import main
 from secompress.recipe.evaluation import Comparison, RecoveryError
@@ -17,7 +18,7 @@ data: {{num_samples: 4, seq_len: 64, batch_size: 4, eval_samples: 4}}
 stages:
   - profile: {{}}
   - prune: {{ratio: 0.25, method: frequency}}
-  - quantize: {{method: rtn, bits: 4, group_size: 32}}
+  - quantize: {{method: rtn, bits: 4, group_size: 32, symmetric: true}}
   - evaluate: {{perplexity: true{extra}}}
   - export: {{}}
   - push: {{repo_id: someone/tiny-secompress, private: true}}
@@ -39,14 +40,15 @@ def _recipe(model, extra=""):
 
 def test_pipeline_writes_model_card_comparison_manifest_and_dry_run(tmp_path, tiny_se):
     from huggingface_hub import ModelCard
-    from transformers import AutoModelForCausalLM
+
+    import secompress
 
     recipe, text = _recipe(tiny_se)
     res = run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
     out = res.out
     assert res.manifest["super_experts"] == [[1, 3]] and not res.manifest["profile_cache_hit"]
     assert set(res.pushed) >= {"README.md", "config.json", "model.safetensors", "tokenizer.json",
-                               "quantization_plan.json", "secompress_quant.safetensors"}
+                               "quantization_plan.json"}  # compressed-tensors, the default export
     assert res.manifest["push"]["dry_run"] is True
     for f in ("comparison.json", "comparison.md", "comparison.png", "manifest.json", "recipe.yaml",
               "profile/super_experts.json"):
@@ -58,9 +60,14 @@ def test_pipeline_writes_model_card_comparison_manifest_and_dry_run(tmp_path, ti
     assert f"the local checkpoint `{tiny_se}`" in card.text and "example.invalid" not in card.text
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert "super-experts" in card.data.tags and card.data.eval_results
-    m = AutoModelForCausalLM.from_pretrained(out / "model")
+    m = secompress.load(out / "model")  # the SE's layer is in `ignore`: stock transformers cannot load it
     assert m.config.num_experts == 6  # 25% of 8 removed
     plan = json.loads((out / "model" / "quantization_plan.json").read_text())
+    assert plan["se_mode"] == "layer" and plan["export"]["format"] == "compressed-tensors"
+    assert not plan["compatibility"]["transformers"]["ok"] and plan["compatibility"]["vllm"]["ok"]
+    assert json.loads((out / "model" / "config.json").read_text())["quantization_config"]["quant_method"] == \
+        "compressed-tensors"
+    assert "Precision plan" in card.text
     report = json.loads((out / "model" / "prune_report.json").read_text())
     kept1 = next(l["kept"] for l in report["layers"] if l["layer"] == 1)
     assert 3 in kept1  # the SE survived pruning ...
@@ -189,7 +196,7 @@ def test_pipeline_exports_bitsandbytes_after_pruning(tmp_path, tiny_se):
     import secompress
 
     text = RECIPE.format(model=tiny_se, extra="").replace(
-        "{method: rtn, bits: 4, group_size: 32}", "{method: bnb, bits: 4}")
+        "{method: rtn, bits: 4, group_size: 32, symmetric: true}", "{method: bnb, bits: 4}")
     res = run_recipe(parse_recipe(text, "t.yaml"), text, tmp_path / "out", dry_run=True, progress=False)
     out = res.out / "model"
     cfg = json.loads((out / "config.json").read_text())
@@ -206,25 +213,30 @@ def test_pipeline_exports_bitsandbytes_after_pruning(tmp_path, tiny_se):
         assert torch.isfinite(m(input_ids=torch.randint(0, 256, (1, 16))).logits).all()
 
 
-def test_pipeline_runs_gptq_and_exports_gptqmodels_checkpoint(tmp_path, tiny_se, monkeypatch):
+def test_pipeline_runs_gptq_and_exports_compressed_tensors(tmp_path, tiny_se, monkeypatch):
     import importlib.util
 
     if importlib.util.find_spec("gptqmodel") is None:
         pytest.skip("needs the gptq extra")
     monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
     text = RECIPE.format(model=tiny_se, extra="").replace(
-        "{method: rtn, bits: 4, group_size: 32}", "{method: gptq, bits: 4, group_size: 32, fallback: rtn}")
+        "{method: rtn, bits: 4, group_size: 32, symmetric: true}", "{method: gptq, bits: 4, group_size: 32, fallback: rtn}")
     res = run_recipe(parse_recipe(text, "t.yaml"), text, tmp_path / "out", dry_run=True, progress=False)
     out = res.out / "model"
-    assert {"quantize_config.json", "quantization_plan.json", "model.safetensors", "README.md"} <= set(
-        p.name for p in out.iterdir())
+    assert {"quantization_plan.json", "model.safetensors", "README.md"} <= set(p.name for p in out.iterdir())
     plan = json.loads((out / "quantization_plan.json").read_text())
     (se,) = plan["super_experts"]
+    assert plan["se_mode"] == "layer" and plan["export"]["format"] == "compressed-tensors"
     from safetensors import safe_open
 
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert f"model.layers.1.mlp.experts.{se['expert']}.down_proj.weight" in f.keys()  # SE: 16-bit
-        assert "model.layers.1.mlp.experts.0.down_proj.qweight" in f.keys() or se["expert"] == 0
+        assert f"model.layers.1.mlp.experts.{se['expert']}.down_proj.weight" in f.keys()  # SE layer: 16-bit
+        assert "model.layers.1.mlp.experts.0.down_proj.weight" in f.keys()  # ... all of it
+        assert f.get_tensor("model.layers.0.mlp.experts.0.down_proj.weight_packed").dtype == torch.int32  # GPTQ codes
+    import secompress
+
+    with torch.no_grad():
+        assert torch.isfinite(secompress.load(out)(input_ids=torch.randint(0, 256, (1, 16))).logits).all()
     assert json.loads((out / "config.json").read_text())["num_experts"] == 6  # pruned, legacy key
     rows = json.loads((res.out / "comparison.json").read_text())["perplexity"]
     assert rows["se_aware"] != rows["baseline"] and rows["se_unaware"] is not None  # evaluated with the codes

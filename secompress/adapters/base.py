@@ -36,6 +36,8 @@ class MoEAdapter:
     ckpt_block: str = "mlp"
     ckpt_expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     ckpt_router: str | None = None  # router name on disk if it differs from `router`
+    # the model's own checkpoints store experts fused (no per-expert keys a loader could map back)
+    ckpt_fused_experts: bool = False
     layers_path: str = "model.layers"
 
     def __post_init__(self):

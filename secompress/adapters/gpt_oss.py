@@ -6,5 +6,6 @@ ADAPTER = MoEAdapter(
     num_experts_key="num_local_experts",
     router="router",
     router_per_expert=("bias",),
+    ckpt_fused_experts=True,
     legacy_config_keys=(("num_local_experts", "num_local_experts"),),
 )

@@ -6,13 +6,15 @@
 
 Where things live: ``config`` (QuantConfig), ``apply`` (plan_quantization, quantize_),
 ``modules`` (QuantizedLinear, QuantizedExperts, apply_plan, dequantized), ``export``
-(save_quantized, load_quantized), ``backends`` (one file per method, the registry).
+(save_quantized, load_quantized), ``backends`` (one file per method and per export format, the
+registries), ``compressed_tensors`` (save_ct / load_ct, the default export of rtn and gptq).
 """
 from __future__ import annotations
 
 from .apply import plan_quantization, quantize_
 from .backends import BACKENDS, get_backend
-from .backends.rtn import CODES_NAME, quantized_tensors
+from .backends.dequantized import CODES_NAME, quantized_tensors
+from .compressed_tensors import load_ct, save_ct
 from .config import QuantConfig
 from .export import load_quantized, save_quantized
 from .modules import (QuantizedExperts, QuantizedLinear, apply_plan, dequantized, planned_expert_layers,
@@ -20,5 +22,5 @@ from .modules import (QuantizedExperts, QuantizedLinear, apply_plan, dequantized
 from .plan import PLAN_NAME
 
 __all__ = ["BACKENDS", "CODES_NAME", "PLAN_NAME", "QuantConfig", "QuantizedExperts", "QuantizedLinear", "apply_plan",
-           "dequantized", "get_backend", "load_quantized", "plan_quantization", "planned_expert_layers",
-           "planned_linears", "quantize_", "quantized_bytes", "quantized_tensors", "save_quantized"]
+           "dequantized", "get_backend", "load_ct", "load_quantized", "plan_quantization", "planned_expert_layers",
+           "planned_linears", "quantize_", "quantized_bytes", "quantized_tensors", "save_ct", "save_quantized"]

@@ -39,6 +39,9 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
             "protect_super_experts": config.protect_super_experts}
     if config.calibration != "routed":
         meta["calibration"] = config.calibration
+    if config.format is not None:
+        meta["format"] = config.format  # the export format save_quantized writes
+    assert config.se_mode is not None  # resolved when the config was built
     plan = resolve_plan(model, config.rules, ses, config.se_mode, config.se_bits, config.bits, meta)
     if config.avg_bits is not None:
         plan = _allocate(plan, prof, config)

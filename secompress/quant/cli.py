@@ -2,14 +2,16 @@
 
     secompress quantize MODEL --method rtn|gptq|bnb --bits 4 --group-size 32 --se-bits 16|8 [--se-mode expert|layer]
                         [--avg-bits 3.5] [--profile DIR] [--rule NAME=BITS | re:REGEX=BITS ...]
-                        [--calibration all-experts] [--option KEY=VALUE ...] --out OUT [--overwrite]
+                        [--calibration all-experts] [--option KEY=VALUE ...]
+                        [--format compressed-tensors|dequantized|gptqmodel] --out OUT [--overwrite]
 """
 from __future__ import annotations
 
 from ..cli_args import add_command, add_profile_arg, add_protection, model_parent, output_parent
-from .backends import BACKENDS
+from .backends import BACKENDS, FORMATS
 from .config import CALIBRATIONS
 from .coverage import FALLBACKS
+from .plan import SE_MODES
 
 
 def _add_quantize(sub) -> None:
@@ -21,8 +23,14 @@ def _add_quantize(sub) -> None:
     p.add_argument("--symmetric", action="store_true", help="symmetric quantization (zero point fixed mid-range)")
     p.add_argument("--se-bits", "--se-precision", dest="se_bits", type=int, default=16, choices=[16, 8],
                    help="bits of the Super Experts (16 keeps them unquantized)")
-    p.add_argument("--se-mode", default="expert", choices=["expert", "layer"],
-                   help="raise only the SEs, or every expert of an SE's layer (one format per layer, vLLM)")
+    p.add_argument("--se-mode", default=None, choices=list(SE_MODES),
+                   help="raise only the SEs, or every expert of an SE's layer (one format per layer, vLLM); "
+                        "default: layer for the compressed-tensors export, else expert")
+    p.add_argument("--format", default=None, choices=list(FORMATS) + [b.own_format for b in BACKENDS.values()
+                                                                       if b.own_format],
+                   help="export format of rtn/gptq results (default compressed-tensors: vLLM, SGLang, transformers; "
+                        "dequantized: 16-bit weights + codes; gptqmodel: gptqmodel's own folder, gptq only; "
+                        "recipe: export.format)")
     add_protection(p, "quantized like the rest")
     p.add_argument("--avg-bits", type=float, default=None, help="allocate routed experts' bits to this average")
     p.add_argument("--rule", action="append", default=[], help="NAME=BITS or re:REGEX=BITS (16 keeps); repeatable")
@@ -78,8 +86,8 @@ def _quantize(args) -> int:
                       symmetric=args.symmetric, se_mode=args.se_mode, se_bits=args.se_bits,
                       protect_super_experts=args.protect_super_experts, rules=tuple(Rule.parse(r) for r in args.rule),
                       avg_bits=args.avg_bits, method=args.method, options=backend_options(args.method, args.option),
-                      fallback=args.fallback, calibration=args.calibration)
-    cfg.backend.require()
+                      fallback=args.fallback, calibration=args.calibration, format=args.format)
+    cfg.require()
     if args.streaming:
         from ..streamed import run_cli
 
@@ -96,7 +104,8 @@ def _quantize(args) -> int:
         plan = quantize_(model, cfg, profile=prof, tokenizer=tok, data=calib, work=work, source=source)
         save_quantized(model, tok, plan, out, overwrite=args.overwrite)
     print(plan.table())
-    print(f"wrote {out} (method {cfg.method}; load it with secompress.load)")
+    print(f"wrote {out} (method {cfg.method}, format {cfg.format or 'its own'}; load it with secompress.load"
+          + (", or as the runtimes above say)" if plan.compatibility() else ")"))
     return 0
 
 

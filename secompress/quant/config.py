@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .backends import get_backend
+from .backends import FORMATS, get_backend, resolve_format
 from .coverage import FALLBACKS
 from .plan import SE_MODES, Rule, check_bits
 
@@ -17,7 +17,8 @@ class QuantConfig:
     bits: int = 4  # default bits of every quantizable weight
     group_size: int | None = 128  # input features per scale; None = one group per row
     symmetric: bool = False  # the default of the API, the CLI and recipes alike
-    se_mode: str = "expert"  # "expert": only SEs raised; "layer": every expert of an SE's layer
+    se_mode: str | None = None  # "expert": only SEs raised; "layer": every expert of an SE's layer;
+    # None: the export format's choice (layer for compressed-tensors, else expert), resolved when built
     se_bits: int | None = None  # Super Experts' bits: 8, or 16 / None = keep 16-bit (stored as None)
     protect_super_experts: bool = True
     rules: tuple[Rule, ...] = ()  # exact names beat regexes beat `bits`
@@ -27,14 +28,14 @@ class QuantConfig:
     options: Any = None  # the backend's own options dataclass (None: its defaults), e.g. BnbOptions
     fallback: str | None = None  # for experts without calibration tokens: None = error, "rtn"
     calibration: str = "routed"  # calibrated methods: "all-experts" shows every token to every expert
+    format: str | None = None  # export format (secompress.quant.backends.FORMATS, or the backend's own, e.g.
+    # gptqmodel); None: the backend's default (compressed-tensors for rtn and gptq; bnb has only its own)
 
     def __post_init__(self):
         check_bits(self.bits)
         if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
                                             or self.group_size < 1):
             raise ValueError(f"group_size must be a positive int or None, got {self.group_size!r}")
-        if self.se_mode not in SE_MODES:
-            raise ValueError(f"se_mode must be one of {SE_MODES}, got '{self.se_mode}'")
         if self.se_bits == KEEP_16 and not isinstance(self.se_bits, bool):
             object.__setattr__(self, "se_bits", None)
         if self.se_bits not in (8, None) or isinstance(self.se_bits, bool):
@@ -64,6 +65,20 @@ class QuantConfig:
             raise ValueError(f"calibration '{self.calibration}' applies to calibrated methods; "
                              f"'{self.method}' uses no calibration data")
         backend.validate(self)
+        fmt = resolve_format(backend, self.format)  # ValueError naming the formats of this method
+        object.__setattr__(self, "format", fmt)
+        if self.se_mode is None:
+            object.__setattr__(self, "se_mode", FORMATS[fmt].default_se_mode if fmt in FORMATS else "expert")
+        if self.se_mode not in SE_MODES:
+            raise ValueError(f"se_mode must be one of {SE_MODES}, got '{self.se_mode}'")
+        if fmt in FORMATS:
+            FORMATS[fmt].check(self)  # e.g. compressed-tensors refuses se_mode 'expert'
+
+    def require(self) -> None:
+        """MissingExtraError naming the extra the method or the export format needs (before any loading)."""
+        self.backend.require()
+        if self.format in FORMATS:
+            FORMATS[self.format].require()
 
     @property
     def backend(self):

@@ -8,23 +8,28 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import SecompressError
-from .backends import BACKENDS, Backend, get_backend
+from .backends import BACKENDS, FORMATS, Backend, ExportFormat, exporter
 from .plan import QuantPlan
 
 
 def save_quantized(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
-    """Write atomically to ``out``, with ``quantization_plan.json``, in the format of the plan's backend.
+    """Write atomically to ``out``, with ``quantization_plan.json``, in the plan's export format.
 
-    rtn: the dequantized checkpoint (stock ``from_pretrained`` loads it) plus the packed codes;
-    bnb: the bitsandbytes serialisation in the per-expert layout; gptq: gptqmodel's checkpoint.
+    rtn / gptq (``plan.meta['format']``): compressed-tensors ``pack-quantized`` (the default; vLLM,
+    SGLang), ``dequantized`` (the dequantized checkpoint plus the packed codes), or for gptq
+    ``gptqmodel`` (its own checkpoint); bnb: the bitsandbytes serialisation in the per-expert layout.
     """
-    return get_backend(plan.meta.get("method", "rtn")).save(model, tokenizer, plan, out, overwrite)
+    ex = exporter(plan.meta)
+    if isinstance(ex, ExportFormat):
+        ex.require()
+    return ex.save(model, tokenizer, plan, out, overwrite)
 
 
-def backend_of(path: str | Path) -> Backend | None:
-    """The backend whose checkpoint ``path`` holds, or None (an unquantized checkpoint)."""
+def backend_of(path: str | Path) -> Backend | ExportFormat | None:
+    """The export format or backend whose checkpoint ``path`` holds, or None (an unquantized checkpoint)."""
     p = Path(path)
-    return next((b for b in BACKENDS.values() if b.detect(p)), None)
+    found: list[Backend | ExportFormat] = [*FORMATS.values(), *BACKENDS.values()]
+    return next((b for b in found if b.detect(p)), None)
 
 
 def load_quantized(path: str | Path, device: str | None = None):
@@ -32,5 +37,5 @@ def load_quantized(path: str | Path, device: str | None = None):
     backend = backend_of(path)
     if backend is None:
         raise SecompressError(f"'{path}' is not a secompress quantized checkpoint (no quantization_plan.json "
-                              "with codes, bitsandbytes export or GPTQ config)")
+                              "with codes, compressed-tensors or bitsandbytes export, or GPTQ config)")
     return backend.load(path, device=device)

@@ -1,8 +1,8 @@
 """The quantized modules and the module swaps every in-place backend shares.
 
 :class:`QuantizedLinear` holds integer codes (RTN, and GPTQ codes read back); a layer's fused
-experts become a :class:`QuantizedExperts` (the per-expert layout of :mod:`secompress.layout`
-with QuantizedLinear projections). :func:`apply_plan` swaps the planned units in,
+experts become a :class:`~secompress.quant.fused.FusedQuantizedExperts` (``QuantizedExperts``:
+stacked codes kept fused, one dequantize per layer and forward). :func:`apply_plan` swaps the planned units in,
 :func:`dequantized` swaps plain modules back for the duration of an export.
 Legend: E experts, O out features, In in features, G groups per row.
 """
@@ -17,8 +17,9 @@ from torch.nn import functional as F
 from ..checkpoints import check_model
 from ..errors import SecompressError
 from ..experts import expert_weights
-from ..layout import PROJ, PerExpertExperts, refuse_into
+from ..layout import PROJ, PerExpertExperts
 from . import rtn
+from .fused import FusedQuantizedExperts
 from .plan import QuantPlan
 
 
@@ -58,36 +59,7 @@ class QuantizedLinear(nn.Module):
                f"group_size={self.in_features // self.scales.shape[-1]}"
 
 
-class QuantizedExperts(PerExpertExperts):
-    """A layer's experts in the per-expert layout, quantized experts as :class:`QuantizedLinear`.
-
-    Same forward signature and computation as the fused module it replaces. The fused module
-    is kept (outside the module tree, weights on the meta device) to rebuild it for export.
-    """
-
-    def __init__(self, fused: nn.Module, quantized: dict[int, dict[str, rtn.QTensor]]):
-        super().__init__(fused, no_weights=frozenset(quantized))
-        for e, qts in quantized.items():
-            m = self.per_expert[e]
-            for proj, qt in qts.items():
-                setattr(m, proj, QuantizedLinear.from_linear(getattr(m, proj), qt))
-        self.__dict__["fused_shell"] = fused  # not a submodule: not saved, not moved
-        with torch.no_grad():
-            for name, p in list(fused.named_parameters(recurse=False)):
-                setattr(fused, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
-
-    @torch.no_grad()
-    def to_fused(self) -> nn.Module:
-        """The fused module with the dequantized weights written back (a fresh copy of its tensors)."""
-        fused, dev = self.fused_shell, self.per_expert[0].down_proj.weight.device
-        for name, p in list(fused.named_parameters(recurse=False)):
-            setattr(fused, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=dev), requires_grad=False))
-        refuse_into(self, fused)
-        return fused
-
-    def release_fused(self) -> None:
-        for name, p in list(self.fused_shell.named_parameters(recurse=False)):
-            setattr(self.fused_shell, name, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+QuantizedExperts = FusedQuantizedExperts  # a layer's quantized experts: stacked codes, kept fused (quant/fused.py)
 
 
 def planned_linears(model, plan: QuantPlan):
@@ -110,7 +82,7 @@ def planned_expert_layers(model, plan: QuantPlan, adapter):
             continue
         block = adapter.block_of(adapter.layers(model)[layer])
         experts = adapter.experts_of(block)
-        if isinstance(experts, PerExpertExperts):
+        if isinstance(experts, (PerExpertExperts, FusedQuantizedExperts)):
             raise SecompressError(f"layer {layer}: experts are already per-expert/quantized; quantize a fused model")
         yield block, experts, todo
 
@@ -125,11 +97,9 @@ def apply_plan(model, plan: QuantPlan, make) -> None:
     for name, parent, attr, lin, b in list(planned_linears(model, plan)):
         setattr(parent, attr, QuantizedLinear.from_linear(lin, make(name, lin.weight, b)))
     for block, experts, todo in list(planned_expert_layers(model, plan, adapter)):
-        quantized = {}
-        for e, (n, bits) in todo.items():
-            ws = expert_weights(experts, e)  # views [I, H] / [H, I], no copy of the layer
-            quantized[e] = {p: make(f"{n}.{p}", ws[p], bits) for p in PROJ}
-        setattr(block, adapter.experts, QuantizedExperts(experts, quantized))
+        quantized = {e: {p: make(f"{n}.{p}", w, bits) for p, w in expert_weights(experts, e).items() if p in PROJ}
+                     for e, (n, bits) in todo.items()}
+        setattr(block, adapter.experts, FusedQuantizedExperts(experts, quantized))
 
 
 @contextmanager
@@ -167,6 +137,9 @@ def quantized_bytes(model) -> int:
     """Bytes of the model as held in memory after ``quantize_``, with codes counted at their bit-width."""
     total, inside = 0, set()
     for m in model.modules():
+        if isinstance(m, FusedQuantizedExperts):
+            total += m.nbytes_quantized()
+            inside |= {id(t) for t in list(m.buffers(recurse=False)) + list(m.parameters(recurse=False))}
         if isinstance(m, QuantizedLinear):
             total += (m.codes.numel() * m.bits + 7) // 8 + m.scales.numel() * 2 + (m.zeros.numel() * m.bits + 7) // 8
             total += 0 if m.bias is None else m.bias.numel() * m.bias.element_size()

@@ -166,13 +166,14 @@ class QuantPlan:
         return out
 
     def compatibility(self) -> dict[str, tuple[bool, str]]:
-        """Which runtimes can load the export of this plan's method: runtime -> (ok, why)."""
-        from .backends import get_backend  # each backend knows its runtimes; imported late: backends import plans
+        """Which runtimes can load the export of this plan (its export format, else its method): runtime -> (ok, why)."""
+        from .backends import exporter  # each format / backend knows its runtimes; imported late: they import plans
 
-        return get_backend(self.meta.get("method", "rtn")).compatibility(self)
+        return exporter(self.meta).compatibility(self)
 
-    def table(self) -> str:
-        """One row per decoder layer: bits of the non-expert weights, histogram of expert bits, SEs."""
+    def table(self, with_compatibility: bool = True) -> str:
+        """One row per decoder layer: bits of the non-expert weights, histogram of expert bits, SEs,
+        and the runtimes that load its export (a compressed-tensors export knows them once written)."""
         ses: dict[int, list] = {}
         for l, e in self.super_experts:
             ses.setdefault(l, []).append(e)
@@ -187,7 +188,7 @@ class QuantPlan:
             rows.append(f"{l:>5}  {fmt(lin):<24}{fmt(exp):<32}{ses.get(l, '')}")
         rows.append(f"average bits {self.avg_bits():.3f} (routed experts {self.avg_bits(True):.3f}); "
                     f"SE mode {self.se_mode}, SE bits {bits_label(self.se_bits)}")
-        for rt, (ok, why) in self.compatibility().items():
+        for rt, (ok, why) in (self.compatibility() if with_compatibility else {}).items():
             rows.append(f"{rt:<16}{'yes' if ok else 'no':<5}{why}")
         return "\n".join(rows)
 

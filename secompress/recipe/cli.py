@@ -1,6 +1,7 @@
 """``secompress run RECIPE [--out DIR] [--override key=value ...] [--dry-run]``."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ..cli_args import add_command, output_parent
@@ -44,6 +45,12 @@ def _run(args) -> int:
     print(f"Super Experts: {m['super_experts'] or 'none'} (profile cache {'hit' if m['profile_cache_hit'] else 'miss'})")
     if res.comparison is not None:
         print(res.comparison.markdown())
+    plan_file = Path(res.out) / "model" / "quantization_plan.json"
+    if plan_file.is_file() and "compatibility" in (plan := json.loads(plan_file.read_text())):
+        fmt = plan.get("export", {}).get("format", plan.get("meta", {}).get("method", "rtn"))
+        print(f"export ({fmt}) loads with:")
+        for rt, v in plan["compatibility"].items():
+            print(f"  {rt:<16}{'yes' if v['ok'] else 'no':<5}{v['why']}")
     if "push" in m:
         verb = "would upload" if m["push"]["dry_run"] else "uploaded"
         print(f"push to {m['push']['repo_id']}: {verb} {len(m['push']['files'])} files: {', '.join(m['push']['files'])}")

@@ -222,14 +222,14 @@ PLAIN_SNIPPET = "from transformers import AutoModelForCausalLM\nmodel = AutoMode
 
 def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path) -> None:
     plan_text = None
-    if "quantize" in info:  # in the format of the plan's backend
-        from ..quant.backends import get_backend
+    if "quantize" in info:  # in the plan's export format (export.format), else its backend's own
+        from ..quant.backends import exporter
         from ..quant.export import save_quantized
 
         plan = info["quantize"]
         save_quantized(model, tok, plan, dest)
-        plan_text = plan.table()
-        snippet = get_backend(plan.meta["method"]).load_snippet
+        plan_text = plan.table()  # with the runtimes that load the export
+        snippet = exporter(plan.meta).load_snippet
     elif "prune" in info:
         from ..prune import save_pruned
 

@@ -9,7 +9,7 @@
       - prune: {ratio: 0.25, method: reap}               # PruneConfig
       - quantize: {method: rtn, bits: 4, group_size: 128, se_bits: 16}   # QuantConfig
       - evaluate: {perplexity: true, tasks: [wikitext]}
-      - export: {}
+      - export: {format: compressed-tensors}          # QuantConfig.format (default)
       - push: {repo_id: me/model-se4bit, private: true}
 
 ``profile``, ``prune`` and ``quantize`` are built straight into
@@ -101,6 +101,16 @@ class EvaluateStage:
 @dataclass(frozen=True)
 class ExportStage:
     model_card: bool = True
+    # export format of the quantize stage's result (it becomes QuantConfig.format): compressed-tensors
+    # (the default of rtn and gptq) | dequantized | gptqmodel (gptq only); bnb has its own
+    format: str | None = None
+
+    def __post_init__(self):
+        from ..quant.backends import BACKENDS, FORMATS
+
+        known = list(FORMATS) + [b.own_format for b in BACKENDS.values() if b.own_format]
+        if self.format is not None and self.format not in known:
+            raise ValueError(f"format must be one of {', '.join(known)}, got {self.format!r}")
 
 
 @dataclass(frozen=True)
@@ -125,7 +135,7 @@ STAGES: dict[str, StageSpec] = {
                                          "batch_size": "data.batch_size", "dtype": "model.dtype"}, ("rule", SERule)),
     "prune": StageSpec(PruneConfig, {"calib_samples": "data.num_samples", "seq_len": "data.seq_len",
                                      "batch_size": "data.batch_size", "eval_samples": 0}),
-    "quantize": StageSpec(QuantConfig),
+    "quantize": StageSpec(QuantConfig, {"format": None}),  # format: from the export stage (export.format)
     "evaluate": StageSpec(EvaluateStage),
     "export": StageSpec(ExportStage),
     "push": StageSpec(PushStage),
@@ -224,8 +234,9 @@ def _blame(e: Exception, given: dict[str, str], fallback: str) -> str:
 
 
 def _build(cls, node, src: str, path: str, lines: dict, fixed: dict | None = None,
-           inline: tuple[str, type] | None = None):
-    """``cls(**mapping)`` from a YAML mapping node, each value type-checked against the field's hint."""
+           inline: tuple[str, type] | None = None, fixed_at: dict[str, str] | None = None):
+    """``cls(**mapping)`` from a YAML mapping node, each value type-checked against the field's hint.
+    ``fixed_at``: field -> ``file:line: key`` of a fixed value set elsewhere (blamed for its errors)."""
     node = _mapping(node, src, path)
     hints = get_type_hints(cls)
     fixed = fixed or {}
@@ -237,6 +248,7 @@ def _build(cls, node, src: str, path: str, lines: dict, fixed: dict | None = Non
     given: dict[str, str] = {}
     nodes: dict[str, Any] = {}
     lines[path] = _where(src, node)
+    blame = dict(fixed_at or {})
     for k_node, v_node in node.value:
         key = k_node.value
         if key in given:
@@ -262,7 +274,7 @@ def _build(cls, node, src: str, path: str, lines: dict, fixed: dict | None = Non
             raise RecipeError(f"{_where(src, node)}: {path}: needs {', '.join(missing)}")
         return cls(**kwargs, **fixed)
     except (TypeError, ValueError) as e:
-        raise RecipeError(f"{_blame(e, given, f'{_where(src, node)}: {path}')}: {e}") from None
+        raise RecipeError(f"{_blame(e, {**given, **blame}, f'{_where(src, node)}: {path}')}: {e}") from None
 
 
 def _compose(text: str, source: str):
@@ -318,6 +330,7 @@ def _parse_stages(node, src: str, model: ModelSpec, data: DataSpec, lines: dict)
     sections = {"data": data, "model": model}
     out: list[tuple[str, Any]] = []
     last = -1
+    deferred = None  # the quantize stage: built once the export stage's format is known
     for item in node.value:
         if not isinstance(item, yaml.MappingNode) or len(item.value) != 1:
             raise RecipeError(f"{_where(src, item)}: each stage is a one-key mapping, e.g. '- prune: {{ratio: 0.25}}'")
@@ -335,7 +348,21 @@ def _parse_stages(node, src: str, model: ModelSpec, data: DataSpec, lines: dict)
         fixed = {f: (getattr(sections[v.split(".")[0]], v.split(".")[1]) if isinstance(v, str) else v)
                  for f, v in spec.from_data.items()}
         lines[f"stages.{name}"] = _where(src, k_node)
+        if name == "quantize":
+            deferred = (len(out), v_node, fixed)
+            out.append((name, None))
+            continue
         out.append((name, _build(spec.cls, v_node, src, f"stages.{name}", lines, fixed, spec.inline)))
+    export = next((cfg for n, cfg in out if n == "export"), None)
+    fmt = None if export is None else export.format
+    if deferred is not None:  # QuantConfig.format is the export stage's `format` (one spelling, one place)
+        i, v_node, fixed = deferred
+        at = {"format": f"{lines['stages.export.format']}: stages.export.format"} if fmt is not None else {}
+        out[i] = ("quantize", _build(QuantConfig, v_node, src, "stages.quantize", lines, {**fixed, "format": fmt},
+                                     fixed_at=at))
+    elif fmt is not None:
+        raise RecipeError(f"{lines['stages.export.format']}: stages.export.format: applies to a quantize stage's "
+                          "result; this recipe has none")
     return out
 
 

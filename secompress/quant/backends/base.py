@@ -11,6 +11,13 @@ optional package it needs, and the steps every entry point (``quantize_``,
     detect(path) / load(path, device) -> (model, plan | None)     for ``secompress.load``
     compatibility(plan) -> {runtime: (ok, why)}                   for the plan table and card
     load_snippet                                                  for the model card
+
+A backend whose ``apply`` leaves secompress's integer-coded modules in the model
+(``holds_codes``: rtn, and gptq's codes read back) can be written in any registered
+:class:`ExportFormat` (``dequantized``, ``compressed-tensors``): ``QuantConfig.format`` picks one
+(None: the backend's ``default_format``), the plan records it, and ``save_quantized`` /
+``secompress.load`` / ``compatibility`` / ``load_snippet`` go to the format instead of the backend.
+A backend's own ``save`` is its ``own_format`` (gptq: ``gptqmodel``), or its only one (bnb).
 """
 from __future__ import annotations
 
@@ -75,6 +82,9 @@ class Backend:
     import_package: ClassVar[bool] = True  # False: only check it is installed (gptqmodel patches on import)
     calibrated: ClassVar[bool] = False  # uses calibration statistics: needs a profile for coverage
     load_snippet: ClassVar[str] = ""  # model card code; PATH is replaced by the repo id or folder
+    holds_codes: ClassVar[bool] = False  # apply leaves integer-coded modules: any ExportFormat can write them
+    own_format: ClassVar[str | None] = None  # name of what its own save() writes, when formats are a choice
+    default_format: ClassVar[str | None] = None  # export format when the config names none (None: own save)
 
     def require(self) -> None:
         """MissingExtraError naming the extra when the package is not installed."""
@@ -104,6 +114,39 @@ class Backend:
 
     def load(self, path: str | Path, device: str | None = None):
         """(model, plan or None) of a checkpoint :meth:`detect` accepted."""
+        raise NotImplementedError
+
+    def compatibility(self, plan: QuantPlan) -> dict[str, tuple[bool, str]]:
+        return {}
+
+
+class ExportFormat:
+    """An export format of integer-coded models (``Backend.holds_codes``), registered in ``FORMATS``.
+
+    ``check(config)`` refuses (ValueError) a config the format cannot hold, before anything is
+    loaded; ``save`` / ``detect`` / ``load`` / ``compatibility`` / ``load_snippet`` as a backend's.
+    """
+
+    name: ClassVar[str]
+    package: ClassVar[str | None] = None  # the optional package it writes with
+    extra: ClassVar[str | None] = None
+    default_se_mode: ClassVar[str] = "expert"  # se_mode when the config names none
+    load_snippet: ClassVar[str] = ""
+
+    def require(self) -> None:
+        if self.package is not None:
+            require(self.package, self.extra or self.name, f"export format '{self.name}'")
+
+    def check(self, config) -> None:
+        """Config-level checks (ValueError); nothing is loaded yet."""
+
+    def save(self, model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
+        raise NotImplementedError
+
+    def detect(self, path: Path) -> bool:
+        return False
+
+    def load(self, path: str | Path, device: str | None = None):
         raise NotImplementedError
 
     def compatibility(self, plan: QuantPlan) -> dict[str, tuple[bool, str]]:

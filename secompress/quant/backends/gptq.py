@@ -3,7 +3,9 @@
 ``apply`` hands the model's checkpoint (the untouched source folder when given, else the
 model saved under ``work``) to gptqmodel with the plan's overrides, then reads the GPTQ
 codes back into the model as integer-coded modules (:mod:`secompress.quant.gptq_codes`), so
-it can be evaluated here. ``save`` copies gptqmodel's checkpoint; ``load`` is ``GPTQModel.load``.
+it can be evaluated here and written in any export format (``compressed-tensors`` by default,
+``dequantized``); format ``gptqmodel`` is ``save``: a copy of gptqmodel's checkpoint, which
+``load`` reads with ``GPTQModel.load``.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ class GptqBackend(Backend):
     package, extra = "gptqmodel", "gptq"
     import_package = False  # gptqmodel patches transformers' MoE classes on import: only the child imports it
     calibrated = True
+    holds_codes = True  # the GPTQ codes are read back into the model: any export format writes them
+    own_format = "gptqmodel"  # save(): gptqmodel's own checkpoint, as it wrote it
+    default_format = "compressed-tensors"
     load_snippet = ("import secompress\nmodel = secompress.load('PATH')  # through GPTQModel.load "
                     "(pip install gptqmodel)\n# vLLM: LLM('PATH') when every MoE layer has one format (se_mode: layer)")
 
