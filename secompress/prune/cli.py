@@ -1,19 +1,27 @@
-"""``secompress prune``: remove a share of every MoE layer's routed experts, sparing Super Experts.
+"""``secompress prune``: remove or merge a share of every MoE layer's routed experts, or a share of
+every expert's intermediate neurons, sparing Super Experts.
 
     secompress prune MODEL --ratio 0.25 --method reap [--profile DIR] [--no-se-protection] --out OUT [--overwrite]
+    secompress prune MODEL --ratio 0.5 --method m-smoe|hc-smoe ...   # merge experts (ratio: share merged away)
+    secompress prune MODEL --ratio 0.5 --method heapr ...            # prune neurons (ratio: share of the width)
 """
 from __future__ import annotations
 
 from ..checkpoints import DTYPE_CHOICES
-from .api import RECONSTRUCTION_METHODS
-from .scores import SCORERS
+from .api import ALL_METHODS
+from .heapr import HESSIANS
 
 
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="remove routed experts (Super Experts are kept unless told otherwise)")
     p.add_argument("model", help="checkpoint folder or hub id")
-    p.add_argument("--ratio", type=float, required=True, help="share of each MoE layer's routed experts to remove")
-    p.add_argument("--method", default="reap", choices=sorted(SCORERS) + list(RECONSTRUCTION_METHODS))
+    p.add_argument("--ratio", type=float, required=True,
+                   help="share of each MoE layer's routed experts to remove or merge away (heapr: of each expert's "
+                        "intermediate width)")
+    p.add_argument("--method", default="reap", choices=ALL_METHODS,
+                   help="expert scores, naee, expert merging (m-smoe, hc-smoe) or neuron pruning (heapr)")
+    p.add_argument("--hessian", default="fisher", choices=HESSIANS,
+                   help="heapr: output-space Hessian from loss gradients (fisher) or the identity (no backward)")
     p.add_argument("--profile", default=None, help="a profile directory from `secompress profile` (else profile now)")
     p.add_argument("--no-se-protection", action="store_true", help="allow removing Super Experts")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
@@ -40,10 +48,10 @@ def _prune(args) -> int:
     check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data))  # fail before any compute
     cfg = PruneConfig(ratio=args.ratio, method=args.method, protect_super_experts=not args.no_se_protection,
                       seed=args.seed, calib_samples=args.samples, eval_samples=args.eval_samples,
-                      seq_len=args.seq_len, batch_size=args.batch_size)
+                      seq_len=args.seq_len, batch_size=args.batch_size, hessian=args.hessian)
     prof = load_profile(args.profile) if args.profile else None
     model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code)
-    plan_for(model, cfg.ratio)  # a ratio the router cannot take fails before the tokenizer and data
+    plan_for(model, cfg.ratio, cfg.method)  # a ratio the router cannot take fails before the tokenizer and data
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
     result = prune(model, tok, cfg, profile=prof, data=args.data, eval_data=args.eval_data, progress=True)
     save_pruned(model, tok, result, args.out, overwrite=args.overwrite)

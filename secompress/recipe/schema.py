@@ -90,6 +90,7 @@ class EvaluateStage:
     limit: int | None = None
     compare_se_unaware: bool = True  # also run the same recipe with SE protection off
     recovery_threshold: float | None = None  # fail the run if any metric recovers less than this
+    sink_check: float | None = None  # fail the run if the massive ratio or sink mass falls below this x baseline
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,8 @@ def _check_combinations(r: Recipe, model: ModelSpec, data: DataSpec) -> None:
     ev = r.stage("evaluate")
     if ev is not None and ev.recovery_threshold is not None and not 0 < ev.recovery_threshold <= 1:
         raise RecipeError(f"{src}: stages.evaluate.recovery_threshold must be in (0, 1]")
+    if ev is not None and ev.sink_check is not None and not 0 < ev.sink_check <= 1:
+        raise RecipeError(f"{src}: stages.evaluate.sink_check must be in (0, 1] (a fraction of the baseline's)")
     if ev is not None and not ev.perplexity and not ev.tasks:
         raise RecipeError(f"{src}: stages.evaluate has nothing to measure (perplexity: false and no tasks)")
 
