@@ -133,8 +133,8 @@ def test_every_architecture_merges_and_prunes_neurons_and_reloads_in_stock_trans
     paths, expected = {}, {}
     for arch in ARCHS:
         for method in ("m-smoe", "hc-smoe", "heapr"):
-            if method == "hc-smoe" and arch not in ("qwen2_moe", "deepseek_v3"):
-                continue  # same structural path as m-smoe; shared experts and grouped routing are the cases
+            if method == "hc-smoe" and arch != "deepseek_v3":
+                continue  # same structural path as m-smoe; grouped routing is the case to see
             model = make_tiny(arch)
             ad = get_adapter(model.config)
             E, I = ad.num_experts(model.config), ad.intermediate_size(model.config)
@@ -187,15 +187,74 @@ def test_bad_requests_are_refused_before_anything_changes(tokenizer, tiny_dir, t
 
 
 # ---- sink-health gate -----------------------------------------------------------------------------
-def test_sink_gate_fails_when_the_super_expert_is_removed(tokenizer):
+def _bos_super_expert_model(tmp_path=None):
+    """qwen3_moe with a Super Expert planted in the layer-1 expert that <bos> (position 0 of every
+    window) is routed to, so it writes the first token's massive activation, as real SEs do."""
+    from secompress.bytetok import BOS_ID
+
     model = make_tiny("qwen3_moe")
-    plant_super_expert(model, 1, 3)
+    ad = get_adapter(model.config)
+    seen = []
+    h = ad.router_of(ad.block_of(model.model.layers[1])).register_forward_hook(lambda m, a, o: seen.append(o[-1]))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[BOS_ID, 5, 6]]))
+    h.remove()
+    e = int(seen[0].reshape(3, -1)[0, 0])
+    plant_super_expert(model, 1, e, scale=3000.0)
+    return model, e
+
+
+def test_sink_gate_fails_when_the_super_expert_is_removed():
+    from secompress.bytetok import BOS_ID
+
+    model, se = _bos_super_expert_model()
     ids = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = BOS_ID
     base = measure_sink(model, ids)
     assert base.peak_ratio > 20 and np.isfinite(base.mean_sink_mass)
+    others = [e for e in range(8) if e != se][:2]
     kept = copy.deepcopy(model)
-    remove_experts(kept, get_adapter(kept.config), {1: [0, 1], 2: [0, 1], 3: [0, 1], 0: [0, 1]})  # SE spared
+    remove_experts(kept, get_adapter(kept.config), {l: others for l in range(4)})  # SE spared
     check_sink(base, measure_sink(kept, ids), 0.5)
-    remove_experts(model, get_adapter(model.config), {0: [0, 3], 1: [0, 3], 2: [0, 3], 3: [0, 3]})  # SE (1, 3) gone
+    remove_experts(model, get_adapter(model.config), {l: [others[0], se] for l in range(4)})  # SE gone
     with pytest.raises(SinkHealthError, match="peak massive ratio"):
         check_sink(base, measure_sink(model, ids), 0.5, "SE-aware")
+
+
+SINK_RECIPE = """\
+version: 1
+name: tiny-sink
+model: {{id: {model}, model_type: qwen3_moe}}
+data: {{num_samples: 2, seq_len: 64, batch_size: 2, eval_samples: 2}}
+stages:
+  - profile: {{}}
+  - evaluate: {{perplexity: true, compare_se_unaware: false, sink_check: 0.5}}
+  - export: {{}}
+"""
+
+
+def test_recipe_sink_check_fails_a_run_whose_super_expert_was_removed_before_writing(tmp_path, monkeypatch):
+    import secompress.recipe.run as run_mod
+    from secompress.recipe.schema import parse_recipe
+    from secompress.testing import save_tiny
+
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
+    model, se = _bos_super_expert_model()
+    text = SINK_RECIPE.format(model=save_tiny(model, tmp_path / "tiny"))
+    ok = run_mod.run_recipe(parse_recipe(text, "t.yaml"), text, tmp_path / "ok", progress=False)
+    for f in ("sink.json", "sink.md", "sink.png"):
+        assert (ok.out / f).is_file(), f
+    assert "sink/peak_massive_ratio" in ok.comparison.rows
+    real = run_mod._compress
+
+    def compress_and_lose_the_se(recipe, model, *a, **k):
+        info = real(recipe, model, *a, **k)
+        ad = get_adapter(model.config)
+        with torch.no_grad():
+            ad.experts_of(ad.block_of(model.model.layers[1])).down_proj[se].zero_()  # the SE is gone
+        return info
+
+    monkeypatch.setattr(run_mod, "_compress", compress_and_lose_the_se)
+    with pytest.raises(SinkHealthError, match="SE-aware model lost its attention sink"):
+        run_mod.run_recipe(parse_recipe(text, "t.yaml"), text, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))
