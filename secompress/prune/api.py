@@ -340,6 +340,9 @@ def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrit
         raise SecompressError(f"the model has {adapter.num_experts(model.config)} experts but the result says "
                               f"{result.num_experts_after}: save the model that prune() returned this result for")
     src = _fp8_source(source or getattr(model, "name_or_path", None))
+    if src is not None and result.config.method in (*MERGE_METHODS, *NEURON_METHODS):
+        raise SecompressError(f"'{result.config.method}' writes new weights, which cannot be copied as stored from "
+                              "the FP8 source; merging and neuron pruning of FP8 checkpoints are not supported yet")
     with atomic_dir(out, overwrite) as tmp:
         if src is not None:
             save_as_stored(model, adapter, src, result.kept, tmp)
