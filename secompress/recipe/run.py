@@ -38,7 +38,7 @@ from ..errors import option_style
 from ..outputs import atomic_dir, check_output_dir
 from ..profile import ProfileConfig, ProfileResult, profile
 from ..profile_io import load_profile, save_profile
-from .evaluation import Comparison, measure
+from .evaluation import Comparison, measure, measure_sink_rows
 from .publish import model_card, push
 from .schema import Recipe, check_against_checkpoint
 
@@ -163,6 +163,10 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
     t = tick("load", t0)
     ev = recipe.stage("evaluate")
     baseline = measure(model, tok, eval_ids, ev) if ev else None
+    sinks = {}  # column -> SinkHealth, for sink.{json,md,png} and evaluate.sink_check
+    if ev:
+        rows, sinks["baseline"] = measure_sink_rows(model, eval_ids)
+        baseline.update(rows)
     t = tick("evaluate_baseline", t)
     prof, cache_hit = (None, False)
     if recipe.stage("profile") is not None:
@@ -174,14 +178,22 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
     comparison = None
     if ev:
         aware = measure(model, tok, eval_ids, ev)
+        rows, sinks["SE-aware"] = measure_sink_rows(model, eval_ids)
+        aware.update(rows)
         unaware = None
         if unaware_model is not None:
             _compress(recipe, unaware_model, tok, prof, calib, protect=False, work=work)
             unaware = measure(unaware_model, tok, eval_ids, ev)
+            rows, sinks["SE-unaware"] = measure_sink_rows(unaware_model, eval_ids)
+            unaware.update(rows)
             del unaware_model
         comparison = Comparison.build(baseline, aware, unaware)
         t = tick("evaluate", t)
         comparison.check(ev.recovery_threshold)  # raises before anything is written
+        if ev.sink_check is not None:
+            from ..sink import check_sink
+
+            check_sink(sinks["baseline"], sinks["SE-aware"], ev.sink_check, "SE-aware")
     manifest = _manifest(recipe, prof, cache_hit, timings, info)
     with atomic_dir(out, overwrite) as tmp:
         (tmp / "recipe.yaml").write_text(recipe_text)
@@ -189,6 +201,10 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
             save_profile(prof, tmp / "profile")
         if comparison is not None:
             comparison.save(tmp)
+        if sinks:
+            from ..sink import save_sink
+
+            save_sink(sinks, tmp)
         if recipe.stage("export") is not None:
             _export(recipe, recipe_text, model, tok, prof, info, comparison, tmp / "model")
         t = tick("export", t)
