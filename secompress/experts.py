@@ -65,6 +65,19 @@ def expert_weights(experts: nn.Module, e: int) -> dict[str, torch.Tensor]:
     return out
 
 
+@torch.no_grad()
+def write_expert(experts: nn.Module, e: int, w: dict[str, torch.Tensor]) -> None:
+    """Copy nn.Linear-shaped tensors (as :func:`expert_weights` gives them) into expert ``e`` of a
+    fused module, in place; the one writer of the fused layout for a single expert."""
+    lay = layout_of(experts)
+    gu = join_gate_up(w["gate_proj"], w["up_proj"], lay.concatenated)  # [2I, H]
+    experts.gate_up_proj[e].copy_(gu.T if lay.transposed else gu)
+    experts.down_proj[e].copy_(w["down_proj"].T if lay.transposed else w["down_proj"])
+    if lay.has_bias:
+        experts.gate_up_proj_bias[e].copy_(join_gate_up(w["gate_proj_bias"], w["up_proj_bias"], lay.concatenated))
+        experts.down_proj_bias[e].copy_(w["down_proj_bias"])
+
+
 def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Expert ``e`` on rows ``x [c, H]`` -> (down_proj input [c, I], down_proj output [c, H]).
 
@@ -88,3 +101,20 @@ def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.T
     if lay.has_bias:
         y = y + experts.down_proj_bias[e]
     return act, y
+
+
+def fused_from(experts: nn.Module, weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`expert_weights` over all experts: nn.Linear-shaped tensors per expert
+    (gate_proj / up_proj [I, H], down_proj [H, I], + ``*_bias``) -> the module's fused tensors
+    (``gate_up_proj`` [E, 2I, H] or transposed [E, H, 2I], ``down_proj`` [E, H, I] or [E, I, H],
+    biases) in its own layout. ``I`` may differ from the module's (neuron pruning)."""
+    lay = layout_of(experts)
+    gu = torch.stack([join_gate_up(w["gate_proj"], w["up_proj"], lay.concatenated) for w in weights])  # [E, 2I, H]
+    dn = torch.stack([w["down_proj"] for w in weights])  # [E, H, I]
+    out = {"gate_up_proj": gu.transpose(1, 2) if lay.transposed else gu,
+           "down_proj": dn.transpose(1, 2) if lay.transposed else dn}
+    if lay.has_bias:
+        out["gate_up_proj_bias"] = torch.stack([join_gate_up(w["gate_proj_bias"], w["up_proj_bias"], lay.concatenated)
+                                                for w in weights])
+        out["down_proj_bias"] = torch.stack([w["down_proj_bias"] for w in weights])
+    return {k: v.contiguous() for k, v in out.items()}

@@ -189,9 +189,10 @@ def _shared_hook(rec: Recorder, layer: int, E: int):
 
 
 @contextmanager
-def instrument(model: nn.Module, adapter: MoEAdapter, rec: Recorder, attention: bool = True):
-    """Record expert, hidden-state and attention statistics; restore the model on exit."""
-    handles, swapped = [], []
+def instrument(model: nn.Module, adapter: MoEAdapter, rec: Recorder, attention: bool = True, experts: bool = True):
+    """Record expert (unless ``experts=False``), hidden-state and attention statistics; restore the
+    model on exit."""
+    handles, swapped, record_experts = [], [], experts
     try:
         for i, layer in enumerate(adapter.layers(model)):
             handles.append(layer.register_forward_hook(
@@ -200,7 +201,7 @@ def instrument(model: nn.Module, adapter: MoEAdapter, rec: Recorder, attention: 
                 handles.append(layer.self_attn.register_forward_hook(
                     lambda m, a, o, i=i: rec.observe_attention(i, o[1] if isinstance(o, tuple) else None)))
             block = adapter.block_of(layer)
-            if block is None:
+            if block is None or not record_experts:
                 continue
             experts = adapter.experts_of(block)
             E = adapter.num_experts(model.config)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
-from .experts import expert_forward, expert_weights, join_gate_up, layout_of
+from .experts import expert_forward, expert_weights, layout_of, write_expert
 
 PROJ = ("gate_proj", "up_proj", "down_proj")  # the projections of one per-expert MLP
 
@@ -106,12 +106,8 @@ def defused(model: nn.Module, adapter: MoEAdapter):
 @torch.no_grad()
 def refuse_into(per: PerExpertExperts, fused: nn.Module) -> None:
     """Write per-expert weights back into the fused 3D tensors."""
-    lay = layout_of(fused)
-    with torch.no_grad():
-        for e, m in enumerate(per.per_expert):
-            w = join_gate_up(m.gate_proj.weight, m.up_proj.weight, lay.concatenated)  # [2I, H]
-            fused.gate_up_proj[e].copy_(w.T if lay.transposed else w)
-            fused.down_proj[e].copy_(m.down_proj.weight.T if lay.transposed else m.down_proj.weight)
-            if lay.has_bias:
-                fused.gate_up_proj_bias[e].copy_(join_gate_up(m.gate_proj.bias, m.up_proj.bias, lay.concatenated))
-                fused.down_proj_bias[e].copy_(m.down_proj.bias)
+    for e, m in enumerate(per.per_expert):
+        w = {name: getattr(m, name).weight for name in PROJ}
+        if layout_of(fused).has_bias:
+            w.update({f"{name}_bias": getattr(m, name).bias for name in PROJ})
+        write_expert(fused, e, w)

@@ -11,7 +11,7 @@ experts to remove (score-based methods from the profile's statistics), the prune
 shapes, the quantization plan, every output tensor's name, dtype and shape, the size on disk
 (checked against the free space) and the peak memory. Then one pass per decoder layer:
 materialise, run the evaluation windows through the original layer (baseline perplexity),
-remove the experts (:func:`~secompress.prune.structural.remove_layer_experts`), quantize
+remove the experts (:func:`~secompress.prune.structural.keep_layer_experts`), quantize
 (:func:`~secompress.quant.api.apply_plan` on the layer's part of the plan), run the windows
 through the compressed layer, write its dequantized tensors and packed codes, drop it. The
 results are bit-identical to the in-memory path (tests on all seven architectures).
@@ -37,6 +37,7 @@ from .checkpoints import as_saved, check_model, load_config, write_legacy_config
 from .engine import LayerEngine, LayerInputs, Stream
 from .errors import SecompressError
 from .outputs import atomic_dir, check_output_dir
+from .prune.scores import SCORERS
 from .shards import ShardWriter, TensorSpec, specs_of
 from .streaming import Checkpoint, build_skeleton
 
@@ -54,9 +55,9 @@ class StreamedJob:
     batch_size: int = 8  # evaluation windows per chunk (as secompress.perplexity.mean_loss)
 
     def __post_init__(self):
-        if self.prune is not None and self.prune.method == "naee":
-            raise SecompressError("pruning method 'naee' reconstructs whole layers from many candidate sets and "
-                                  "runs in memory only; use a score method (reap, frequency, easy_ep, random) "
+        if self.prune is not None and self.prune.method not in SCORERS:
+            raise SecompressError(f"pruning method '{self.prune.method}' runs in memory only (it needs more than "
+                                  "the profile's statistics); use a score method (reap, frequency, easy_ep, random) "
                                   "with streaming, or model.streaming: false")
         if self.quant is not None and self.quant.method != "rtn":
             raise SecompressError(f"quantization method '{self.quant.method}' runs in memory only; streaming "
@@ -222,10 +223,11 @@ class PruneLayers:
         self.eng, self.kept, self.E = eng, kept, num_experts
 
     def on_layer(self, index: int, layer, inputs: LayerInputs) -> None:
-        from .prune.structural import remove_layer_experts
+        from .prune.structural import keep_layer_experts
 
         if index in self.kept:
-            remove_layer_experts(self.eng.adapter.block_of(layer), self.eng.adapter, index, self.kept[index], self.E)
+            keep_layer_experts(self.eng.adapter.block_of(layer), self.eng.adapter, self.kept[index],
+                               self.eng.adapter.block_path(index))
 
 
 class QuantizeLayers:

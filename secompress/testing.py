@@ -59,10 +59,13 @@ def save_tiny(model, path: str | Path) -> Path:
 
 
 @torch.no_grad()
-def plant_super_expert(model, layer: int, expert: int | str, channel: int = 7, scale: float = 300.0) -> None:
+def plant_super_expert(model, layer: int, expert: int | str, channel: int = 7, scale: float = 300.0,
+                       neuron: int | None = None) -> None:
     """Make (layer, expert) emit a massive outlier on ``channel`` of its down_proj output.
 
-    ``expert`` is a routed-expert index or ``"shared"``.
+    ``expert`` is a routed-expert index or ``"shared"``. With ``neuron`` (routed experts) only
+    that intermediate neuron's weight into ``channel`` is scaled, as in real SEs, where a few
+    neurons write the massive channel.
     """
     adapter = get_adapter(model.config)
     block = adapter.block_of(adapter.layers(model)[layer])
@@ -72,6 +75,11 @@ def plant_super_expert(model, layer: int, expert: int | str, channel: int = 7, s
         adapter.shared_of(block).down_proj.weight[channel, :] *= scale
         return
     experts = adapter.experts_of(block)
+    if neuron is not None:
+        dn = experts.down_proj[expert]  # [H, I] (transposed: [I, H])
+        idx = (neuron, channel) if layout_of(experts).transposed else (channel, neuron)
+        dn[idx] = scale * dn.abs().max()
+        return
     if layout_of(experts).transposed:
         experts.down_proj[expert][:, channel] *= scale  # [I, H]
     else:

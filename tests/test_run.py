@@ -51,7 +51,7 @@ def test_pipeline_writes_model_card_comparison_manifest_and_dry_run(tmp_path, ti
                                "quantization_plan.json"}  # compressed-tensors, the default export
     assert res.manifest["push"]["dry_run"] is True
     for f in ("comparison.json", "comparison.md", "comparison.png", "manifest.json", "recipe.yaml",
-              "profile/super_experts.json"):
+              "profile/super_experts.json", "sink.json", "sink.md", "sink.png"):
         assert (out / f).is_file(), f
     rows = json.loads((out / "comparison.json").read_text())
     assert rows["perplexity"]["baseline"] > 0 and rows["perplexity"]["se_unaware"] is not None

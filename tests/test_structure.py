@@ -115,17 +115,23 @@ name: bad
 model: {{id: {model}, model_type: {model_type}, dtype: {dtype}}}
 data: {{num_samples: 2, seq_len: 16}}
 stages:
-  - prune: {{ratio: {ratio}}}
+  - prune: {{ratio: {ratio}, method: {prune_method}}}
   - quantize: {{method: {method}, bits: {bits}, group_size: {group_size}, se_bits: {se_bits}, calibration: {calib}}}
+  - evaluate: {{sink_check: {sink_check}}}
   - export: {{}}
 """
-GOODV = dict(model_type="qwen3_moe", dtype="float32", ratio=0.25, method="rtn", bits=4, group_size=32, se_bits=16,
-             calib="routed")
+GOODV = dict(model_type="qwen3_moe", dtype="float32", ratio=0.25, prune_method="reap", method="rtn", bits=4,
+             group_size=32, se_bits=16, calib="routed", sink_check=0.5)
 
 
 @pytest.mark.parametrize("change, where", [
     (dict(ratio=0.9), "r.yaml:6: stages.prune.ratio"),  # keeps fewer experts than top-k
     (dict(ratio=1.5), "r.yaml:6: stages.prune.ratio"),
+    (dict(ratio=0.9, prune_method="m-smoe"), "r.yaml:6: stages.prune.ratio"),  # merges below top-k
+    (dict(ratio=0.99, prune_method="heapr"), "r.yaml:6: stages.prune.ratio"),  # an expert width of 0
+    (dict(prune_method="merge"), "r.yaml:6: stages.prune.method"),
+    (dict(sink_check=1.5), "r.yaml:8: stages.evaluate.sink_check"),
+    (dict(sink_check="high"), "r.yaml:8: stages.evaluate.sink_check"),
     (dict(method="awq"), "r.yaml:7: stages.quantize.method"),
     (dict(bits=5), "r.yaml:7: stages.quantize.bits"),
     (dict(method="bnb", bits=2), "r.yaml:7: stages.quantize.bits"),
@@ -155,6 +161,17 @@ def test_invalid_recipe_values_fail_before_any_weight_is_read(change, where, tin
     err = capsys.readouterr().err
     assert where in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_checkpoint_check_judges_a_prune_ratio_by_its_method(tiny_dir):
+    from secompress.recipe.schema import RecipeError, check_against_checkpoint, parse_recipe
+
+    def check(**change):
+        check_against_checkpoint(parse_recipe(BASE.format(model=tiny_dir("qwen3_moe"), **{**GOODV, **change}), "r.yaml"))
+
+    check(ratio=0.9, prune_method="heapr")  # 32 -> 3 neurons per expert: fine
+    with pytest.raises(RecipeError, match="r.yaml:6: stages.prune.ratio"):
+        check(ratio=0.9, prune_method="hc-smoe")  # 8 -> 1 expert, below top-k 2
 
 
 def test_bad_overrides_and_deep_yaml_are_one_clean_error(tiny_dir, tmp_path, capsys):

@@ -22,11 +22,14 @@ class MoEAdapter:
     model_type: str  # config.model_type
     num_experts_key: str  # config attribute holding the routed-expert count
     top_k_key: str = "num_experts_per_tok"
+    intermediate_key: str = "moe_intermediate_size"  # config attribute holding each routed expert's FFN width I
     moe_block: str = "mlp"  # attribute of a decoder layer
     router: str = "gate"  # attribute of the MoE block: weight [E, H]
     experts: str = "experts"  # attribute of the MoE block: fused 3D parameters
     shared_expert: str | None = None  # attribute of the MoE block: dense MLP with down_proj
     shared_expert_gate: str | None = None  # Qwen2-MoE: sigmoid gate on the shared expert
+    # config key k where the shared expert's width is intermediate_key x k (DeepSeek's n_shared_experts)
+    shared_width_multiplier_key: str | None = None
     router_per_expert: tuple[str, ...] = ()  # router tensors indexed by expert besides weight rows
     group_keys: tuple[str, str] | None = None  # (n_group, topk_group) for grouped routing
     min_experts_per_group: int = 1  # grouped routing: fewest experts a group may hold (its router's needs)
@@ -52,6 +55,9 @@ class MoEAdapter:
 
     def top_k(self, config) -> int:
         return int(getattr(config, self.top_k_key))
+
+    def intermediate_size(self, config) -> int:
+        return int(getattr(config, self.intermediate_key))
 
     # ---- modules ---------------------------------------------------------------
     def layers(self, model: nn.Module) -> nn.ModuleList:

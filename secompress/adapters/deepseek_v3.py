@@ -5,6 +5,7 @@ ADAPTER = MoEAdapter(
     model_type="deepseek_v3",
     num_experts_key="n_routed_experts",
     shared_expert="shared_experts",
+    shared_width_multiplier_key="n_shared_experts",  # shared MLP width = moe_intermediate_size x this
     router_per_expert=("e_score_correction_bias",),
     group_keys=("n_group", "topk_group"),
     min_experts_per_group=2,  # the router scores a group by the sum of its top-2 experts

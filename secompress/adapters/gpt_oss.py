@@ -3,6 +3,7 @@ from .base import MoEAdapter
 
 ADAPTER = MoEAdapter(
     model_type="gpt_oss",
+    intermediate_key="intermediate_size",
     num_experts_key="num_local_experts",
     router="router",
     router_per_expert=("bias",),

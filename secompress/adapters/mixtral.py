@@ -3,6 +3,7 @@ from .base import MoEAdapter
 
 ADAPTER = MoEAdapter(
     model_type="mixtral",
+    intermediate_key="intermediate_size",
     num_experts_key="num_local_experts",
     legacy_config_keys=(("num_local_experts", "num_local_experts"),),
     ckpt_block="block_sparse_moe",

@@ -6,14 +6,19 @@
 Steps: validate the ratio against the router (:class:`~secompress.prune.select.PrunePlan`);
 profile the model unless a profile is given (its statistics feed the scorers, and
 its Super Experts, Su et al. 2025 arXiv 2507.23279, are protected); choose the
-experts per layer by a registered score or by NAEE reconstruction; measure held-out
-perplexity; remove the experts for real; measure again.
+experts per layer by a registered score or by NAEE reconstruction, or merge them (M-SMoE,
+HC-SMoE: ``.merging``), or prune every expert's intermediate neurons (HEAPr: ``.neurons``);
+measure held-out perplexity; change the model for real; measure again.
+
+``ratio`` is the share of each MoE layer's routed experts removed (pruning) or merged away
+(merging), and for HEAPr the share of every expert's intermediate width removed.
 Legend: L decoder layers, E routed experts, N windows, S sequence length.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,18 +38,25 @@ from ..profile import (DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN,
 from .reconstruction import DEFAULT_LIMIT, capture_block_inputs, naee_select
 from .scores import SCORERS, score
 from .select import PrunePlan, ProtectionChange, Selection, make_plan, protected_by_layer, select_by_score
-from .structural import RemovalReport, SizeDelta, remove_experts
+from .structural import RemovalReport, SizeDelta, model_size, remove_experts, shared_multiplier_for
+from .merging import MERGE_METHODS, merge_targets
+from .merge import check_groups
+from .heapr import HESSIANS
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "prune_report.json"
 RECONSTRUCTION_METHODS = ("naee",)
+NEURON_METHODS = ("heapr",)
 REPORT_VERSION = 1
+
+
+ALL_METHODS = (*sorted(SCORERS), *RECONSTRUCTION_METHODS, *MERGE_METHODS, *NEURON_METHODS)
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     ratio: float  # share of each MoE layer's routed experts to remove, in (0, 1)
-    method: str = "reap"  # a SCORERS name or "naee"
+    method: str = "reap"  # a SCORERS name, "naee", a merge method (m-smoe, hc-smoe) or "heapr"
     protect_super_experts: bool = True
     seed: int = 0  # the random scorer's seed
     calib_samples: int = DEFAULT_NUM_SAMPLES  # windows for profiling and NAEE
@@ -53,13 +65,15 @@ class PruneConfig:
     batch_size: int = DEFAULT_BATCH_SIZE
     naee_samples: int = 4  # of the calibration windows, how many NAEE reconstructs (its inputs are kept in memory)
     naee_limit: int = DEFAULT_LIMIT  # enumerate removal sets up to this many per layer, else greedy
+    hessian: str = "fisher"  # HEAPr: output-space Hessian from gradients ("fisher") or "identity" (no backward)
 
     def __post_init__(self):
         if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
             raise ValueError(f"ratio must be in (0, 1) (the share of routed experts to remove), got {self.ratio}")
-        if self.method not in SCORERS and self.method not in RECONSTRUCTION_METHODS:
-            raise ValueError(f"unknown method '{self.method}'; known: "
-                             f"{', '.join(sorted(SCORERS) + list(RECONSTRUCTION_METHODS))}")
+        if self.method not in ALL_METHODS:
+            raise ValueError(f"unknown method '{self.method}'; known: {', '.join(ALL_METHODS)}")
+        if self.hessian not in HESSIANS:
+            raise ValueError(f"hessian must be one of {HESSIANS}, got '{self.hessian}'")
         if self.calib_samples < 1 or self.eval_samples < 0 or self.batch_size < 1 or self.seq_len < 2:
             raise ValueError("calib_samples and batch_size must be >= 1, eval_samples >= 0, seq_len >= 2")
         if self.naee_samples < 1 or self.naee_limit < 1:
@@ -139,8 +153,23 @@ def _split_data(data, eval_data, tokenizer, cfg: PruneConfig) -> tuple[Calibrati
             CalibrationData(ids[cut:], f"{calib_all.source} (held-out windows {cut}..{n - 1})", calib_all.sha256))
 
 
-def plan_for(model, ratio: float) -> PrunePlan:
-    """The validated plan for pruning ``model`` by ``ratio`` (raises a clear ValueError otherwise)."""
+def width_for(model, ratio: float) -> int:
+    """HEAPr: the intermediate width every expert keeps at ``ratio`` (a clear ValueError if none is left)."""
+    adapter = check_model(model)
+    I = adapter.intermediate_size(model.config)
+    width = I - int(math.floor(ratio * I + 0.5))
+    if not 0.0 < ratio < 1.0 or width < 1 or width >= I:
+        raise ValueError(f"ratio {ratio} of an expert width of {I} neurons keeps {width}: the kept width must be "
+                         f"in 1..{I - 1}")
+    shared_multiplier_for(adapter, model.config, width)  # a shared expert the config ties to the width
+    return width
+
+
+def plan_for(model, ratio: float, method: str = "reap") -> PrunePlan | int:
+    """The validated plan for pruning ``model`` by ``ratio`` (raises a clear ValueError otherwise);
+    for a neuron method, the kept width."""
+    if method in NEURON_METHODS:
+        return width_for(model, ratio)
     adapter = check_model(model)
     groups = tuple(getattr(model.config, k, None) for k in adapter.group_keys) if adapter.group_keys else None
     return make_plan(ratio, adapter.num_experts(model.config), adapter.top_k(model.config), groups,
@@ -158,7 +187,7 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
     """
     t0 = time.perf_counter()
     adapter = check_model(model)
-    plan = plan_for(model, config.ratio)
+    plan = plan_for(model, config.ratio, config.method)
     if profile is not None:
         check_profile_matches(profile, model)
     calib, held_out = _split_data(data, eval_data, tokenizer, config)
@@ -171,6 +200,8 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
     if not protect and ses:
         log.info("Super-Expert protection is off, as asked (an SE-unaware variant): %d SEs may be removed", len(ses))
 
+    if config.method in MERGE_METHODS or config.method in NEURON_METHODS:
+        return _restructure(model, adapter, plan, calib, held_out, profile, config, t0, progress)
     extra: dict = {}
     if config.method in SCORERS:
         selection = score_selection(plan, moe_layers, config, profile)
@@ -216,6 +247,56 @@ def build_result(config: PruneConfig, model, rep: RemovalReport, selection: Sele
         eval_tokens=held_out.num_tokens if held_out is not None else 0,
         profile_source=f"{profile.data_source} ({profile.num_tokens} tokens)",
         seconds=seconds, extra=extra or {})
+
+
+def _restructure(model, adapter, plan, calib: CalibrationData, held_out, profile: ProfileResult,
+                 config: PruneConfig, t0: float, progress: bool) -> PruneResult:
+    """Merging (M-SMoE, HC-SMoE) or HEAPr neuron pruning over every MoE layer, in memory."""
+    from .layer_stats import collect
+    from .merging import merge_model, merged_super_experts
+    from .neurons import heapr_model
+
+    E = adapter.num_experts(model.config)
+    moe_layers = adapter.moe_layer_indices(model)
+    ses = profile.se_ids()
+    protect = config.protect_super_experts
+    routed = protected_by_layer(ses)
+    if config.method in MERGE_METHODS and protect:
+        for layer in moe_layers:  # refuse before any compute
+            check_groups(merge_targets(plan), plan.groups(), routed.get(layer, set()), f"layer {layer}: ")
+    se_channels = {l: {e: int(profile.arrays["out_channel"][l, e]) for e in es} for l, es in routed.items()}
+    want = MERGE_METHODS[config.method][0] if config.method in MERGE_METHODS else ("heapr",)
+    stats = collect(model, adapter, calib.input_ids, config.batch_size, want,
+                    track=se_channels if config.method in NEURON_METHODS else None, hessian=config.hessian,
+                    progress=progress)
+    ppl_before = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
+    params_before, bytes_before = model_size(model)
+    if config.method in MERGE_METHODS:
+        decisions = merge_model(model, adapter, stats, plan, config.method, ses, protect)
+        kept = {l: d.representatives for l, d in decisions.items()}
+        touched = merged_super_experts(decisions, ses)
+        extra = {"merge": {"method": config.method, "groups": {str(l): d.to_json() for l, d in decisions.items()},
+                           "router": "each group keeps its representative's router row (first id of the group)"}}
+    else:
+        I = adapter.intermediate_size(model.config)
+        decisions, touched = heapr_model(model, adapter, stats, plan, se_channels, protect)
+        kept = {l: list(range(E)) for l in moe_layers}
+        extra = {"heapr": {"hessian": config.hessian, "intermediate_size_before": I, "intermediate_size_after": plan,
+                           "layers": {str(l): d.to_json() for l, d in decisions.items()},
+                           "super_experts_missing_massive_neurons": [list(t) for t in touched]}}
+    ppl_after = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
+    params_after, bytes_after = model_size(model)
+    return PruneResult(
+        config=config, model=str(getattr(model, "name_or_path", "") or type(model).__name__),
+        model_type=model.config.model_type, num_experts_before=E, num_experts_after=adapter.num_experts(model.config),
+        moe_layers=moe_layers, kept=kept, removed={l: [e for e in range(E) if e not in kept[l]] for l in moe_layers},
+        super_experts=ses, removed_super_experts=touched, protection_changes=[],
+        params_before=params_before, params_after=params_after, bytes_before=bytes_before, bytes_after=bytes_after,
+        perplexity_before=ppl_before, perplexity_after=ppl_after, data_source=calib.source,
+        eval_source=held_out.source if held_out is not None else "",
+        eval_tokens=held_out.num_tokens if held_out is not None else 0,
+        profile_source=f"{profile.data_source} ({profile.num_tokens} tokens)",
+        seconds=time.perf_counter() - t0, extra=extra)
 
 
 @torch.no_grad()
@@ -268,6 +349,9 @@ def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrit
         raise SecompressError(f"the model has {adapter.num_experts(model.config)} experts but the result says "
                               f"{result.num_experts_after}: save the model that prune() returned this result for")
     src = _fp8_source(source or getattr(model, "name_or_path", None))
+    if src is not None and result.config.method in (*MERGE_METHODS, *NEURON_METHODS):
+        raise SecompressError(f"'{result.config.method}' writes new weights, which cannot be copied as stored from "
+                              "the FP8 source; merging and neuron pruning of FP8 checkpoints are not supported yet")
     with atomic_dir(out, overwrite) as tmp:
         if src is not None:
             save_as_stored(model, adapter, src, result.kept, tmp)
@@ -296,6 +380,13 @@ def summary_table(r: PruneResult) -> str:
             f"experts per MoE layer {r.num_experts_before} -> {r.num_experts_after}; parameters "
             f"{r.params_before:,} -> {r.params_after:,} (saved {r.params_saved:,}, {r.bytes_saved / 2**20:.1f} MiB)",
             f"{'layer':>5}  {'removed':<28}{'SEs':<12}protection changes"]
+    if "heapr" in r.extra:
+        h = r.extra["heapr"]
+        rows.append(f"expert FFN width {h['intermediate_size_before']} -> {h['intermediate_size_after']} "
+                    f"(HEAPr, {h['hessian']} Hessian)")
+    if "merge" in r.extra:
+        rows.append("merge groups (representative first): " + "; ".join(
+            f"layer {l}: {g}" for l, g in r.extra["merge"]["groups"].items()))
     ses = protected_by_layer(r.super_experts)
     changes = {c.layer: c for c in r.protection_changes}
     for l in r.moe_layers:
@@ -303,7 +394,8 @@ def summary_table(r: PruneResult) -> str:
         ch = f"spared {list(c.spared)}, removed {list(c.removed_instead)} instead" if c else ""
         rows.append(f"{l:>5}  {str(r.removed[l]):<28}{str(sorted(ses.get(l, ()))):<12}{ch}")
     if r.removed_super_experts:
-        rows.append(f"REMOVED Super Experts: {r.removed_super_experts}")
+        what = "REMOVED" if not r.extra else "MERGED or DAMAGED"
+        rows.append(f"{what} Super Experts: {r.removed_super_experts}")
     if r.perplexity_before is not None:
         rows.append(f"held-out perplexity {r.perplexity_before:.3f} -> {r.perplexity_after:.3f} "
                     f"({r.eval_tokens} tokens of {r.eval_source})")

@@ -1,23 +1,30 @@
-"""``secompress prune``: remove a share of every MoE layer's routed experts, sparing Super Experts.
+"""``secompress prune``: remove or merge a share of every MoE layer's routed experts, or a share of
+every expert's intermediate neurons, sparing Super Experts.
 
     secompress prune MODEL --ratio 0.25 --method reap [--profile DIR] [--no-protect-super-experts] --out OUT [--overwrite]
+    secompress prune MODEL --ratio 0.5 --method m-smoe|hc-smoe ...   # merge experts (ratio: share merged away)
+    secompress prune MODEL --ratio 0.5 --method heapr ...            # prune neurons (ratio: share of the width)
 """
 from __future__ import annotations
 
 from ..cli_args import (add_command, add_profile_arg, add_protection, device_map_arg, model_parent,
                         output_parent)
-from .api import RECONSTRUCTION_METHODS
-from .scores import SCORERS
+from .api import ALL_METHODS
+from .heapr import HESSIANS
 
 
 def _add_prune(sub) -> None:
-    p = add_command(sub, "prune", "remove routed experts (Super Experts are kept unless told otherwise)",
-                    parents=(model_parent(), output_parent()))
-    p.add_argument("--ratio", type=float, required=True, help="share of each MoE layer's routed experts to remove")
-    p.add_argument("--method", default="reap", choices=sorted(SCORERS) + list(RECONSTRUCTION_METHODS),
-                   help="how experts are scored (or NAEE reconstruction)")
+    p = add_command(sub, "prune", "remove or merge routed experts, or prune their neurons (Super Experts are kept "
+                                  "unless told otherwise)", parents=(model_parent(), output_parent()))
+    p.add_argument("--ratio", type=float, required=True,
+                   help="share of each MoE layer's routed experts to remove or merge away (heapr: of each expert's "
+                        "intermediate width)")
+    p.add_argument("--method", default="reap", choices=ALL_METHODS,
+                   help="expert scores, naee, expert merging (m-smoe, hc-smoe) or neuron pruning (heapr)")
+    p.add_argument("--hessian", default="fisher", choices=HESSIANS,
+                   help="heapr: output-space Hessian from loss gradients (fisher) or the identity (no backward)")
     add_profile_arg(p)
-    add_protection(p, "removed")
+    add_protection(p, "removed, merged or pruned")
     p.add_argument("--eval-data", default=None, help="held-out text for perplexity (default: windows of --data "
                                                      "after the calibration ones)")
     p.add_argument("--eval-samples", type=int, default=8, help="held-out windows (0: no perplexity)")
@@ -37,14 +44,14 @@ def _prune(args) -> int:
     check_calibration_args(args)
     cfg = PruneConfig(ratio=args.ratio, method=args.method, protect_super_experts=args.protect_super_experts,
                       seed=args.seed, calib_samples=args.num_samples, eval_samples=args.eval_samples,
-                      seq_len=args.seq_len, batch_size=args.batch_size)
+                      seq_len=args.seq_len, batch_size=args.batch_size, hessian=args.hessian)
     if args.streaming:
         from ..streamed import run_cli
 
         return run_cli(args, prune_cfg=cfg)
     prof = load_profile_arg(args.profile)
     model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code, device=device_map_arg(args))
-    plan_for(model, cfg.ratio)  # a ratio the router cannot take fails before the tokenizer and data
+    plan_for(model, cfg.ratio, cfg.method)  # a ratio the router cannot take fails before the tokenizer and data
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
     result = prune(model, tok, cfg, profile=prof, data=args.data, eval_data=args.eval_data, progress=True)
     save_pruned(model, tok, result, args.out, overwrite=args.overwrite)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..adapters import MoEAdapter
+from ..experts import expert_weights, fused_from
 from ..errors import SecompressError
 from ..layout import PerExpertExperts
 
@@ -84,14 +85,14 @@ def _set_count(module: nn.Module, E_new: int) -> None:
 
 
 @torch.no_grad()
-def remove_layer_experts(block: nn.Module, adapter: MoEAdapter, layer: int, keep: list[int], E: int) -> list[str]:
-    """Keep only experts ``keep`` (original ids, in order) of one MoE block, in place; the names sliced.
-
-    The one per-layer step of :func:`remove_experts`, also used layer by layer by the streamed engine.
-    """
+def keep_layer_experts(block: nn.Module, adapter: MoEAdapter, keep: list[int], path: str = "") -> list[str]:
+    """One MoE layer keeps only the experts ``keep`` (original ids, in this order): every
+    per-expert tensor of the experts module and of the router is sliced, the counts on the
+    modules set to E'. The per-layer half of :func:`remove_experts` (no validation, no config)."""
     experts, router = adapter.experts_of(block), adapter.router_of(block)
-    idx = torch.tensor(keep, dtype=torch.long, device="cpu")  # host index list; moved to each tensor's device
-    path, sliced = adapter.block_path(layer), []
+    E = int(router.weight.shape[0])  # [E, H]
+    idx = torch.tensor(keep, dtype=torch.long)
+    sliced = []
     for name in [n for n, _ in experts.named_parameters(recurse=False)] + \
             [n for n, _ in experts.named_buffers(recurse=False)]:
         _slice_tensor(experts, name, idx, E, f"{path}.{adapter.experts}")
@@ -102,6 +103,65 @@ def remove_layer_experts(block: nn.Module, adapter: MoEAdapter, layer: int, keep
     for m in (experts, router, block):
         _set_count(m, len(keep))
     return sliced
+
+
+def set_expert_count(model: nn.Module, adapter: MoEAdapter, E_new: int) -> None:
+    """The model-level half of expert removal: the model's count and ``config.<num_experts_key>``."""
+    _set_count(model, E_new)
+    setattr(model.config, adapter.num_experts_key, E_new)
+    if adapter.num_experts(model.config) != E_new:
+        raise SecompressError(f"config.{adapter.num_experts_key} did not take the new expert count {E_new}")
+
+
+INTERMEDIATE_ATTRS = ("intermediate_dim", "intermediate_size")  # where experts modules store I
+
+
+@torch.no_grad()
+def keep_layer_neurons(experts: nn.Module, keep: torch.Tensor) -> None:
+    """Neuron pruning of one fused experts module: expert e keeps intermediate neurons
+    ``keep[e]`` ([E, I'] indices, each row in any order; sorted here): its gate/up rows, their
+    biases and its down_proj columns. The new I' is set on the module."""
+    E = experts.gate_up_proj.shape[0]
+    if keep.ndim != 2 or keep.shape[0] != E:
+        raise ValueError(f"keep must be [{E}, width], got {tuple(keep.shape)}")
+    new = []
+    for e in range(E):
+        idx = keep[e].sort().values.to(experts.down_proj.device)
+        w = expert_weights(experts, e)
+        sub = {"gate_proj": w["gate_proj"][idx], "up_proj": w["up_proj"][idx], "down_proj": w["down_proj"][:, idx]}
+        if "down_proj_bias" in w:
+            sub.update(gate_proj_bias=w["gate_proj_bias"][idx], up_proj_bias=w["up_proj_bias"][idx],
+                       down_proj_bias=w["down_proj_bias"])
+        new.append(sub)
+    for name, t in fused_from(experts, new).items():
+        old = getattr(experts, name)
+        setattr(experts, name, nn.Parameter(t.clone(), requires_grad=old.requires_grad))
+    for attr in INTERMEDIATE_ATTRS:
+        if isinstance(getattr(experts, attr, None), int):
+            setattr(experts, attr, int(keep.shape[1]))
+
+
+def shared_multiplier_for(adapter: MoEAdapter, config, width: int) -> int | None:
+    """Where the config derives the shared expert's width from the routed one (DeepSeek:
+    ``moe_intermediate_size x n_shared_experts``), the multiplier that keeps the shared expert's
+    width at the new routed ``width``; a ValueError when none does. None: nothing to adjust."""
+    key = adapter.shared_width_multiplier_key
+    if key is None or getattr(config, key, None) is None:
+        return None
+    shared = adapter.intermediate_size(config) * int(getattr(config, key))
+    if shared % width:
+        raise ValueError(f"the shared expert's width {shared} is config.{adapter.intermediate_key} x config.{key}: "
+                         f"a routed width of {width} cannot keep it; choose a width that divides {shared}")
+    return shared // width
+
+
+def set_intermediate_size(model: nn.Module, adapter: MoEAdapter, width: int) -> None:
+    """``config.<intermediate_key>`` (each routed expert's FFN width) becomes ``width``; a shared
+    expert whose width the config derives from it keeps its width (its multiplier changes)."""
+    mult = shared_multiplier_for(adapter, model.config, width)
+    setattr(model.config, adapter.intermediate_key, int(width))
+    if mult is not None:
+        setattr(model.config, adapter.shared_width_multiplier_key, mult)
 
 
 @torch.no_grad()
@@ -134,12 +194,11 @@ def remove_experts(model: nn.Module, adapter: MoEAdapter, removed: dict[int, lis
     params_before, bytes_before = model_size(model)
     kept, sliced = {}, []
     for layer in moe_layers:
-        kept[layer] = [e for e in range(E) if e not in {int(x) for x in removed[layer]}]
-        sliced += remove_layer_experts(adapter.block_of(layers[layer]), adapter, layer, kept[layer], E)
-    _set_count(model, E_new)
-    setattr(model.config, adapter.num_experts_key, E_new)
-    if adapter.num_experts(model.config) != E_new:
-        raise SecompressError(f"config.{adapter.num_experts_key} did not take the new expert count {E_new}")
+        gone = {int(e) for e in removed[layer]}
+        keep = [e for e in range(E) if e not in gone]
+        sliced += keep_layer_experts(adapter.block_of(layers[layer]), adapter, keep, adapter.block_path(layer))
+        kept[layer] = keep
+    set_expert_count(model, adapter, E_new)
     params_after, bytes_after = model_size(model)
     log.info("removed %d of %d experts in %d MoE layers (%d parameters)", E - E_new, E, len(moe_layers),
              params_before - params_after)

@@ -11,13 +11,18 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import SecompressError, require
 from ..perplexity import perplexity
 
+if TYPE_CHECKING:
+    from ..sink import SinkHealth
+
 log = logging.getLogger(__name__)
+SINK_PREFIX = "sink/"  # sink-health rows: checked by evaluate.sink_check, not by recovery_threshold
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 
 
@@ -34,6 +39,14 @@ def measure(model, tokenizer, eval_ids: torch.Tensor, stage, label: str = "model
     if stage.tasks:
         out.update(_lm_eval(model, tokenizer, stage, label))
     return out
+
+
+def measure_sink_rows(model, eval_ids: torch.Tensor) -> tuple[dict[str, float], SinkHealth]:
+    """The sink-health summary as comparison rows, and the per-layer measurement."""
+    from ..sink import measure_sink
+
+    h = measure_sink(model, eval_ids)
+    return {f"{SINK_PREFIX}peak_massive_ratio": h.peak_ratio, f"{SINK_PREFIX}mean_sink_mass": h.mean_sink_mass}, h
 
 
 class _LmEvalNoise(logging.Filter):
@@ -123,8 +136,8 @@ class Comparison:
     def check(self, threshold: float | None) -> None:
         if threshold is None:
             return
-        bad = {m: r["recovery_se_aware"] for m, r in self.rows.items()
-               if r["recovery_se_aware"] is not None and r["recovery_se_aware"] < threshold}
+        bad = {m: r["recovery_se_aware"] for m, r in self.rows.items() if not m.startswith(SINK_PREFIX)
+               and r["recovery_se_aware"] is not None and r["recovery_se_aware"] < threshold}
         if bad:
             raise RecoveryError("quality below the recipe's recovery threshold "
                                 f"{threshold}: " + ", ".join(f"{m} recovers {v:.3f}" for m, v in bad.items()))

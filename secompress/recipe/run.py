@@ -39,7 +39,7 @@ from ..errors import option_style
 from ..outputs import atomic_dir, check_output_dir, checkpoint_bytes, temp_dir
 from ..profile import ProfileResult, profile
 from ..profile_io import dead_experts, save_profile
-from .evaluation import Comparison, measure
+from .evaluation import Comparison, measure, measure_sink_rows
 from .publish import check_push, model_card, push
 from .schema import Recipe, check_against_checkpoint
 
@@ -161,9 +161,12 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         calib, eval_ids = _data(recipe, tok)
     ev = recipe.stage("evaluate")
     baseline = None
+    sinks = {}  # column -> SinkHealth, for sink.{json,md,png} and evaluate.sink_check
     if ev:
         with stage("evaluate_baseline", "the uncompressed model"):
             baseline = measure(model, tok, eval_ids, ev, label="baseline")
+            rows, sinks["baseline"] = measure_sink_rows(model, eval_ids)
+            baseline.update(rows)
     prof, cache_hit = (None, False)
     if recipe.stage("profile") is not None:
         with stage("profile", "Super Experts"):
@@ -180,13 +183,21 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         with stage("evaluate", "SE-aware" + (" and the SE-unaware comparison variant (the same recipe with "
                                               "Super-Expert protection off)" if unaware_model is not None else "")):
             aware = measure(model, tok, eval_ids, ev, label="SE-aware")
+            rows, sinks["SE-aware"] = measure_sink_rows(model, eval_ids)
+            aware.update(rows)
             unaware = None
             if unaware_model is not None:
                 _compress(recipe, unaware_model, tok, prof, calib, protect=False, work=work)
                 unaware = measure(unaware_model, tok, eval_ids, ev, label="SE-unaware")
+                rows, sinks["SE-unaware"] = measure_sink_rows(unaware_model, eval_ids)
+                unaware.update(rows)
                 del unaware_model
             comparison = Comparison.build(baseline, aware, unaware)
         comparison.check(ev.recovery_threshold)  # raises before anything is written
+        if ev.sink_check is not None:
+            from ..sink import check_sink
+
+            check_sink(sinks["baseline"], sinks["SE-aware"], ev.sink_check, "SE-aware")
     manifest = _manifest(recipe, prof, cache_hit, stage.timings, info)
     manifest.update(mode="in memory", mode_reason=reason, device=str(device))
     t_export = time.time()
@@ -196,6 +207,10 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
             save_profile(prof, tmp / "profile")
         if comparison is not None:
             comparison.save(tmp)
+        if sinks:
+            from ..sink import save_sink
+
+            save_sink(sinks, tmp)
         if recipe.stage("export") is not None:
             _export(recipe, recipe_text, model, tok, prof, info, comparison, tmp / "model")
         manifest["timings_s"] = {**stage.timings, "export": round(time.time() - t_export, 2)}

@@ -90,10 +90,13 @@ class EvaluateStage:
     limit: int | None = None
     compare_se_unaware: bool = True  # also run the same recipe with SE protection off
     recovery_threshold: float | None = None  # fail the run if any metric recovers less than this
+    sink_check: float | None = None  # fail the run if the massive ratio or sink mass falls below this x baseline
 
     def __post_init__(self):
         if self.recovery_threshold is not None and not 0 < self.recovery_threshold <= 1:
             raise ValueError(f"recovery_threshold must be in (0, 1], got {self.recovery_threshold}")
+        if self.sink_check is not None and not 0 < self.sink_check <= 1:
+            raise ValueError(f"sink_check must be in (0, 1] (a fraction of the baseline's), got {self.sink_check}")
         if not self.perplexity and not self.tasks:
             raise ValueError("perplexity is false and tasks is empty: nothing to measure")
 
@@ -439,7 +442,7 @@ def check_against_checkpoint(recipe: Recipe) -> None:
     skeleton = build_skeleton(config)  # parameters on the meta device: nothing is read
     if (pr := recipe.stage("prune")) is not None:
         try:
-            plan_for(skeleton, pr.ratio)
+            plan_for(skeleton, pr.ratio, pr.method)  # a merge below top_k, a HEAPr width below 1
         except (ValueError, SecompressError) as e:
             raise RecipeError(f"{recipe.at('stages.prune.ratio')}: {e}") from None
     if (q := recipe.stage("quantize")) is not None:
