@@ -52,10 +52,13 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | Path, raw: bool = False):
+        from .checkpoints import check_safetensors_files
+
         self.path = Path(path)
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
             raise SecompressError(f"no safetensors weights in '{path}'")
+        check_safetensors_files(self.path)  # one line naming the file for a truncated or corrupt header
         self.where: dict[str, tuple[Path, int, dict]] = {}
         for f in files:
             with open(f, "rb") as h:

@@ -91,7 +91,7 @@ def keep_layer_experts(block: nn.Module, adapter: MoEAdapter, keep: list[int], p
     modules set to E'. The per-layer half of :func:`remove_experts` (no validation, no config)."""
     experts, router = adapter.experts_of(block), adapter.router_of(block)
     E = int(router.weight.shape[0])  # [E, H]
-    idx = torch.tensor(keep, dtype=torch.long)
+    idx = torch.tensor(keep, dtype=torch.long, device="cpu")  # host index list; moved to each tensor's device
     sliced = []
     for name in [n for n, _ in experts.named_parameters(recurse=False)] + \
             [n for n, _ in experts.named_buffers(recurse=False)]:

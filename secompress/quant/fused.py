@@ -86,14 +86,14 @@ class FusedQuantizedExperts(nn.Module):
             g = len(self.group_bits)
             gu = stack_qtensors([self._joint(quantized[e]) for e in ids])  # [E_b, 2I, H]
             dn = stack_qtensors([quantized[e]["down_proj"] for e in ids])  # [E_b, H, I]
-            self.register_buffer(f"g{g}_experts", torch.tensor(ids, dtype=torch.long))
+            self.register_buffer(f"g{g}_experts", torch.tensor(ids, dtype=torch.long, device=dn.codes.device))
             for w, qt in zip(WEIGHTS, (gu, dn)):
                 self.register_buffer(f"g{g}_{w}_codes", pack_codes(qt.codes, b))
                 self.register_buffer(f"g{g}_{w}_scales", qt.scales)
                 self.register_buffer(f"g{g}_{w}_zeros", qt.zeros)
             self.group_bits.append(b)
         dense = [e for e in range(self.num_experts) if e not in quantized]
-        self.register_buffer("dense_experts", torch.tensor(dense, dtype=torch.long))
+        self.register_buffer("dense_experts", torch.tensor(dense, dtype=torch.long, device=fused.down_proj.device))
         for w in WEIGHTS:  # 16-bit experts, bit-identical, in the fused orientation
             src = getattr(fused, w).detach()
             self.register_buffer(f"dense_{w}", src[dense].clone() if dense else  # none: a real empty tensor

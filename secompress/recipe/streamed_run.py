@@ -87,6 +87,9 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     calib, eval_ids = _data(recipe, tok)
     ev = recipe.stage("evaluate")
     notes = []
+    if ev is not None and ev.sink_check is not None:
+        raise SecompressError("evaluate.sink_check measures the compressed model in memory; a streamed run cannot "
+                              "gate on it yet: remove it, or set model.streaming: false")
     if ev is not None and ev.tasks:
         notes.append(f"lm-eval tasks {ev.tasks} skipped: they need the model in memory; run them on the export")
         log.warning(notes[-1])
