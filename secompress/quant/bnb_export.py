@@ -135,6 +135,16 @@ def _write_shards(tensors: dict[str, torch.Tensor], folder: Path) -> None:
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def write_checkpoint(model, adapter, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write ``tensors`` as (sharded) safetensors plus the model's config.json (with the transformers-4
+    keys) and generation_config.json into ``folder``: the part every per-expert export shares."""
+    _write_shards(tensors, folder)
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    write_legacy_config_keys(folder / "config.json", model.config, adapter)
+
+
 @torch.no_grad()
 def save_bnb(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
     """Write a bitsandbytes-quantized model atomically to ``out`` (see the module docstring)."""
@@ -143,11 +153,7 @@ def save_bnb(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool
     qcfg = quantization_config(model, plan, adapter, spec)
     tensors = _tensors(model, adapter)
     with atomic_dir(out, overwrite) as tmp:
-        _write_shards(tensors, tmp)
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        write_legacy_config_keys(tmp / "config.json", model.config, adapter)
+        write_checkpoint(model, adapter, tensors, tmp)
         cfg = json.loads((tmp / "config.json").read_text())
         if qcfg is not None:
             cfg["quantization_config"] = qcfg

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import check_model, load_config, write_legacy_config_keys
+from ..checkpoints import check_model, load_config
 from ..errors import SecompressError, require
 from ..layout import PROJ
 from ..outputs import atomic_dir
@@ -286,7 +286,7 @@ def save_ct(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool 
 
     from .modules import dequantized
     from .plan import PLAN_NAME
-    from .bnb_export import _tensors, _write_shards
+    from .bnb_export import _tensors, write_checkpoint
 
     if plan.se_mode == "expert" and plan.super_experts and plan.meta.get("protect_super_experts", True):
         raise SecompressError(SE_MODE_ERROR)
@@ -309,11 +309,7 @@ def save_ct(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool 
     spec = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."),
             "compatibility": {k: {"ok": ok, "why": why} for k, (ok, why) in compat.items()}}
     with atomic_dir(out, overwrite) as tmp:
-        _write_shards(tensors, tmp)
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        write_legacy_config_keys(tmp / "config.json", model.config, adapter)
+        write_checkpoint(model, adapter, tensors, tmp)
         ModelCompressor(quantization_config=qc).update_config(str(tmp))  # the library writes its own config
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
