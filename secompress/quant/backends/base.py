@@ -74,14 +74,34 @@ def layer_uniformity(plan: QuantPlan) -> tuple[bool, str]:
                                                                   sorted(mixed.items())) + " (use se_mode 'layer')")
 
 
-class Backend:
+class Exporter:
+    """What backends and export formats share: writing a checkpoint, recognising and loading it,
+    the runtimes that serve it, and the model card's load snippet."""
+
+    load_snippet: ClassVar[str] = ""  # model card code; PATH is replaced by the repo id or folder
+
+    def save(self, model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
+        raise NotImplementedError
+
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` holds a checkpoint this backend or format wrote."""
+        return False
+
+    def load(self, path: str | Path, device: str | None = None):
+        """(model, plan or None) of a checkpoint :meth:`detect` accepted."""
+        raise NotImplementedError
+
+    def compatibility(self, plan: QuantPlan) -> dict[str, tuple[bool, str]]:
+        return {}
+
+
+class Backend(Exporter):
     name: ClassVar[str]
     options: ClassVar[type] = NoOptions
     package: ClassVar[str | None] = None  # the optional package it drives
     extra: ClassVar[str | None] = None  # its pip extra: pip install 'secompress[EXTRA]'
     import_package: ClassVar[bool] = True  # False: only check it is installed (gptqmodel patches on import)
     calibrated: ClassVar[bool] = False  # uses calibration statistics: needs a profile for coverage
-    load_snippet: ClassVar[str] = ""  # model card code; PATH is replaced by the repo id or folder
     holds_codes: ClassVar[bool] = False  # apply leaves integer-coded modules: any ExportFormat can write them
     own_format: ClassVar[str | None] = None  # name of what its own save() writes, when formats are a choice
     default_format: ClassVar[str | None] = None  # export format when the config names none (None: own save)
@@ -105,22 +125,8 @@ class Backend:
     def apply(self, model, plan: QuantPlan, config, ctx: QuantContext) -> QuantPlan:
         raise NotImplementedError
 
-    def save(self, model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
-        raise NotImplementedError
 
-    def detect(self, path: Path) -> bool:
-        """Whether ``path`` holds a checkpoint this backend wrote."""
-        return False
-
-    def load(self, path: str | Path, device: str | None = None):
-        """(model, plan or None) of a checkpoint :meth:`detect` accepted."""
-        raise NotImplementedError
-
-    def compatibility(self, plan: QuantPlan) -> dict[str, tuple[bool, str]]:
-        return {}
-
-
-class ExportFormat:
+class ExportFormat(Exporter):
     """An export format of integer-coded models (``Backend.holds_codes``), registered in ``FORMATS``.
 
     ``check(config)`` refuses (ValueError) a config the format cannot hold, before anything is
@@ -131,7 +137,6 @@ class ExportFormat:
     package: ClassVar[str | None] = None  # the optional package it writes with
     extra: ClassVar[str | None] = None
     default_se_mode: ClassVar[str] = "expert"  # se_mode when the config names none
-    load_snippet: ClassVar[str] = ""
 
     def require(self) -> None:
         if self.package is not None:
@@ -139,18 +144,6 @@ class ExportFormat:
 
     def check(self, config) -> None:
         """Config-level checks (ValueError); nothing is loaded yet."""
-
-    def save(self, model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
-        raise NotImplementedError
-
-    def detect(self, path: Path) -> bool:
-        return False
-
-    def load(self, path: str | Path, device: str | None = None):
-        raise NotImplementedError
-
-    def compatibility(self, plan: QuantPlan) -> dict[str, tuple[bool, str]]:
-        return {}
 
 
 def check_group_sizes(plan: QuantPlan, group_size: int | None) -> None:
