@@ -34,14 +34,12 @@ class ExpertMLP(nn.Module):
 class PerExpertExperts(nn.Module):
     """Drop-in replacement for a fused experts module: same forward signature and result."""
 
-    def __init__(self, fused: nn.Module, no_weights: frozenset[int] = frozenset()):
-        """``no_weights``: experts whose weights stay on ``meta`` (a caller replaces their Linear
-        layers, e.g. by quantized ones); their biases are copied."""
+    def __init__(self, fused: nn.Module):
         super().__init__()
-        self.num_experts = fused.num_experts
-        self.is_concatenated = layout_of(fused).concatenated
-        self._apply_gate = fused._apply_gate  # bound method of the fused module (activation only)
         lay = layout_of(fused)
+        self.num_experts = fused.num_experts
+        self.is_concatenated = lay.concatenated
+        self._apply_gate = fused._apply_gate  # bound method of the fused module (activation only)
         gu = fused.gate_up_proj  # [E, 2I, H] (transposed: [E, H, 2I])
         H, I2 = (gu.shape[1], gu.shape[2]) if lay.transposed else (gu.shape[2], gu.shape[1])
         self.per_expert = nn.ModuleList(  # built on meta (no random init), then given copies of the weights
@@ -49,11 +47,8 @@ class PerExpertExperts(nn.Module):
         with torch.no_grad():
             for e, m in enumerate(self.per_expert):
                 for name, w in expert_weights(fused, e).items():  # gate_proj, ..., down_proj_bias
-                    is_bias = name.endswith("_bias")
-                    if e in no_weights and not is_bias:
-                        continue
                     lin = getattr(m, name.removesuffix("_bias"))
-                    setattr(lin, "bias" if is_bias else "weight",
+                    setattr(lin, "bias" if name.endswith("_bias") else "weight",
                             nn.Parameter(w.detach().clone(memory_format=torch.contiguous_format)))
         self.train(fused.training)  # new modules start in training mode; follow the module replaced
         self.current_tokens: torch.Tensor | None = None  # [c] token ids of the expert running now

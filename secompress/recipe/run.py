@@ -202,11 +202,7 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
     manifest.update(mode="in memory", mode_reason=reason, device=str(device))
     t_export = time.time()
     with stage("export", f"writing {out}"), atomic_dir(out, overwrite) as tmp:
-        (tmp / "recipe.yaml").write_text(recipe_text)
-        if prof is not None:
-            save_profile(prof, tmp / "profile")
-        if comparison is not None:
-            comparison.save(tmp)
+        write_run_files(tmp, recipe_text, prof, comparison)
         if sinks:
             from ..sink import save_sink
 
@@ -218,6 +214,15 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         manifest["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return RunResult(Path(out), manifest, comparison, finish_push(recipe, out, manifest, dry_run, stage))
+
+
+def write_run_files(folder: Path, recipe_text: str, prof, comparison) -> None:
+    """What every run writes beside the model: the recipe as run, the profile and the comparison."""
+    (folder / "recipe.yaml").write_text(recipe_text)
+    if prof is not None:
+        save_profile(prof, folder / "profile")
+    if comparison is not None:
+        comparison.save(folder)
 
 
 def finish_push(recipe: Recipe, out: Path, manifest: dict, dry_run: bool, stage: Stages | None = None) -> list[str]:

@@ -68,16 +68,14 @@ def _configs(recipe: Recipe):
 def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: bool, progress: bool,
                  reason: str, announce=log.info):
     """The recipe as streamed passes; returns a :class:`~secompress.recipe.run.RunResult`."""
-    from ..checkpoints import load_tokenizer
+    from ..checkpoints import load_config, load_tokenizer, resolve_dtype
     from ..outputs import atomic_dir
-    from ..profile_io import save_profile
     from ..prune.api import REPORT_NAME, build_result
     from ..streamed import StreamedJob, compress_streamed, plan_streamed
     from .evaluation import Comparison
     from .publish import model_card
-    from ..checkpoints import load_config, resolve_dtype
     from ..quant.backends import get_backend
-    from .run import PLAIN_SNIPPET, RunResult, _cached_profile, _data, _manifest, finish_push
+    from .run import PLAIN_SNIPPET, RunResult, _cached_profile, _data, _manifest, finish_push, write_run_files
 
     t0 = time.time()
     timings: dict[str, float] = {}
@@ -133,11 +131,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
                               calib.source, None, (None, None), res.seconds)
             pr.model = m.id
             info["prune"] = pr
-        (tmp / "recipe.yaml").write_text(recipe_text)
-        if prof is not None:
-            save_profile(prof, tmp / "profile")
-        if comparison is not None:
-            comparison.save(tmp)
+        write_run_files(tmp, recipe_text, prof, comparison)
         if export:
             dest = tmp / "model"
             if pr is not None:
