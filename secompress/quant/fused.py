@@ -17,6 +17,8 @@ H hidden, I expert FFN size.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -25,6 +27,7 @@ from ..experts import join_gate_up, layout_of, split_gate_up
 from . import rtn
 
 WEIGHTS = ("gate_up_proj", "down_proj")  # the fused weights, as transformers names them
+DEQUANT_CHUNK = 4  # experts dequantized at once (bounds the float32 temporaries)
 
 
 # ---- pure math -----------------------------------------------------------------------------
@@ -54,44 +57,51 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return ((packed[..., None] >> shifts) & (2 ** bits - 1)).reshape(*packed.shape[:-1], -1)
 
 
-def stack_qtensors(qts: list[rtn.QTensor]) -> rtn.QTensor:
-    """Stack same-shape, same-width QTensors along a new leading (expert) axis."""
-    return rtn.QTensor(*(torch.stack([getattr(q, f) for q in qts]) for f in ("codes", "scales", "zeros")),
-                       qts[0].bits)
-
-
-def _rows(qt: rtn.QTensor, rows) -> rtn.QTensor:
-    return rtn.QTensor(qt.codes[rows], qt.scales[rows], qt.zeros[rows], qt.bits)
-
-
 # ---- the module ----------------------------------------------------------------------------
 class FusedQuantizedExperts(nn.Module):
     """Drop-in replacement for a fused experts module whose experts are (partly) quantized.
 
-    ``quantized``: {expert: {"gate_proj" | "up_proj" | "down_proj": QTensor [O, In]}} in the
-    nn.Linear orientation; experts missing from it stay 16-bit, bit-identical. Same forward
-    signature and result as the fused module with the dequantized weights written in.
+    ``bits``: {expert: bit-width} of the quantized experts; ``make_expert(e)`` returns expert
+    ``e``'s {"gate_proj" | "up_proj" | "down_proj": QTensor [O, In]} in the nn.Linear orientation
+    (or pass ``quantized``, a dict of those). Experts are quantized and packed one at a time into
+    preallocated stacked buffers, so building a layer holds the layer, its packed codes and one
+    expert's unpacked codes, never every expert's. Experts missing from ``bits`` stay 16-bit,
+    bit-identical. Same forward signature and result as the fused module with the dequantized
+    weights written in.
     """
 
-    def __init__(self, fused: nn.Module, quantized: dict[int, dict[str, rtn.QTensor]]):
+    def __init__(self, fused: nn.Module, quantized: dict[int, dict[str, rtn.QTensor]] | None = None, *,
+                 bits: dict[int, int] | None = None, make_expert: Callable[[int], dict[str, rtn.QTensor]] | None = None):
         super().__init__()
+        if quantized is not None:
+            bits = {e: qts["down_proj"].bits for e, qts in quantized.items()}
+            make_expert = quantized.__getitem__
+        if bits is None or make_expert is None:
+            raise TypeError("FusedQuantizedExperts needs quantized=, or bits= and make_expert=")
         lay = layout_of(fused)
         self.num_experts = fused.num_experts
         self.is_transposed, self.has_bias, self.is_concatenated = lay.transposed, lay.has_bias, lay.concatenated
         self.weight_dtype = fused.down_proj.dtype
         self.shapes = {w: tuple(getattr(fused, w).shape) for w in WEIGHTS}  # [E, ...] as the fused module has them
         self.group_bits: list[int] = []
-        for b in sorted({qts["down_proj"].bits for qts in quantized.values()}):
-            ids = sorted(e for e, qts in quantized.items() if qts["down_proj"].bits == b)
+        for b in sorted(set(bits.values())):
+            ids = sorted(e for e, eb in bits.items() if eb == b)
             g = len(self.group_bits)
-            gu = stack_qtensors([self._joint(quantized[e]) for e in ids])  # [E_b, 2I, H]
-            dn = stack_qtensors([quantized[e]["down_proj"] for e in ids])  # [E_b, H, I]
-            self.register_buffer(f"g{g}_experts", torch.tensor(ids, dtype=torch.long, device=dn.codes.device))
-            for w, qt in zip(WEIGHTS, (gu, dn)):
-                self.register_buffer(f"g{g}_{w}_codes", pack_codes(qt.codes, b))
-                self.register_buffer(f"g{g}_{w}_scales", qt.scales)
-                self.register_buffer(f"g{g}_{w}_zeros", qt.zeros)
+            for i, e in enumerate(ids):
+                qts = make_expert(e)
+                for w, qt in zip(WEIGHTS, (self._joint(qts), qts["down_proj"])):  # [2I, H], [H, I]
+                    if qt.bits != b:
+                        raise ValueError(f"expert {e}: {w} has {qt.bits}-bit codes, planned {b}")
+                    parts = {"codes": pack_codes(qt.codes, b), "scales": qt.scales, "zeros": qt.zeros}
+                    for f, t in parts.items():
+                        if i == 0:  # [E_b, ...] on the codes' device, filled one expert at a time
+                            self.register_buffer(f"g{g}_{w}_{f}", t.new_empty((len(ids), *t.shape)))
+                        getattr(self, f"g{g}_{w}_{f}")[i] = t
+                del qts
+            self.register_buffer(f"g{g}_experts", torch.tensor(ids, dtype=torch.long,
+                                                               device=getattr(self, f"g{g}_down_proj_codes").device))
             self.group_bits.append(b)
+        quantized = bits
         dense = [e for e in range(self.num_experts) if e not in quantized]
         self.register_buffer("dense_experts", torch.tensor(dense, dtype=torch.long, device=fused.down_proj.device))
         for w in WEIGHTS:  # 16-bit experts, bit-identical, in the fused orientation
@@ -121,6 +131,12 @@ class FusedQuantizedExperts(nn.Module):
         return rtn.QTensor(unpack_codes(getattr(self, f"g{g}_{w}_codes"), b, n), getattr(self, f"g{g}_{w}_scales"),
                            getattr(self, f"g{g}_{w}_zeros"), b)
 
+    def _expert_qtensor(self, g: int, w: str, i: int) -> rtn.QTensor:
+        """Row ``i`` of group ``g``'s codes of fused weight ``w``, unpacked alone."""
+        b, n = self.group_bits[g], self.shapes[w][-2 if self.is_transposed else -1]  # In
+        return rtn.QTensor(unpack_codes(getattr(self, f"g{g}_{w}_codes")[i], b, n), getattr(self, f"g{g}_{w}_scales")[i],
+                           getattr(self, f"g{g}_{w}_zeros")[i], b)
+
     def quantized_experts(self) -> dict[int, tuple[int, int]]:
         """expert -> (group, row in the group)."""
         return {int(e): (g, i) for g in range(len(self.group_bits))
@@ -133,8 +149,8 @@ class FusedQuantizedExperts(nn.Module):
             return None
         g, i = where
         if proj == "down_proj":
-            return _rows(self.group_qtensor(g, "down_proj"), i)
-        joint = _rows(self.group_qtensor(g, "gate_up_proj"), i)  # [2I, H]
+            return self._expert_qtensor(g, "down_proj", i)
+        joint = self._expert_qtensor(g, "gate_up_proj", i)  # [2I, H]
         parts = [split_gate_up(getattr(joint, f), self.is_concatenated) for f in ("codes", "scales", "zeros")]
         k = 0 if proj == "gate_proj" else 1
         return rtn.QTensor(parts[0][k], parts[1][k], parts[2][k], joint.bits)
@@ -153,25 +169,27 @@ class FusedQuantizedExperts(nn.Module):
 
     # ---- computing ---------------------------------------------------------------------------
     def fused_weights(self) -> dict[str, torch.Tensor]:
-        """The fused weights ``gate_up_proj`` / ``down_proj`` dequantized: one dequantize per bit group."""
+        """The fused weights ``gate_up_proj`` / ``down_proj`` dequantized into one preallocated tensor
+        each, a few experts at a time (float32 temporaries stay a few experts' size, whatever E is)."""
         out = {}
         for w in WEIGHTS:
-            dev = getattr(self, f"dense_{w}").device
-            full = None
-            for g in range(len(self.group_bits)):
-                deq = rtn.dequantize(self.group_qtensor(g, w), self.weight_dtype)  # [E_b, O, In]
-                deq = deq.transpose(-1, -2) if self.is_transposed else deq
+            dense = getattr(self, f"dense_{w}")
+            if not self.group_bits:
+                out[w] = dense
+                continue
+            dev = getattr(self, f"g0_{w}_codes").device  # (an empty dense buffer may stay on meta)
+            full = torch.empty(self.shapes[w], dtype=self.weight_dtype, device=dev)  # [E, ...]
+            for g, b in enumerate(self.group_bits):
                 ids = getattr(self, f"g{g}_experts")
-                if ids.numel() == self.num_experts:
-                    full = deq  # every expert in one group: no scatter
-                    break
-                if full is None:
-                    full = torch.empty(self.shapes[w], dtype=self.weight_dtype, device=dev)
-                full[ids] = deq
-            if full is None:
-                full = getattr(self, f"dense_{w}")
-            elif self.dense_experts.numel():
-                full[self.dense_experts] = getattr(self, f"dense_{w}")
+                codes, scales, zeros = (getattr(self, f"g{g}_{w}_{f}") for f in ("codes", "scales", "zeros"))
+                n = self.shapes[w][-2 if self.is_transposed else -1]  # In
+                for a in range(0, ids.numel(), DEQUANT_CHUNK):
+                    z = min(a + DEQUANT_CHUNK, ids.numel())
+                    qt = rtn.QTensor(unpack_codes(codes[a:z], b, n), scales[a:z], zeros[a:z], b)
+                    deq = rtn.dequantize(qt, self.weight_dtype)  # [c, O, In]
+                    full[ids[a:z]] = deq.transpose(-1, -2) if self.is_transposed else deq
+            if self.dense_experts.numel():
+                full[self.dense_experts] = dense
             out[w] = full
         return out
 

@@ -97,9 +97,12 @@ def apply_plan(model, plan: QuantPlan, make) -> None:
     for name, parent, attr, lin, b in list(planned_linears(model, plan)):
         setattr(parent, attr, QuantizedLinear.from_linear(lin, make(name, lin.weight, b)))
     for block, experts, todo in list(planned_expert_layers(model, plan, adapter)):
-        quantized = {e: {p: make(f"{n}.{p}", w, bits) for p, w in expert_weights(experts, e).items() if p in PROJ}
-                     for e, (n, bits) in todo.items()}
-        setattr(block, adapter.experts, FusedQuantizedExperts(experts, quantized))
+        def make_expert(e: int, experts=experts, todo=todo) -> dict:  # one expert at a time (peak memory)
+            n, bits = todo[e]
+            return {p: make(f"{n}.{p}", w, bits) for p, w in expert_weights(experts, e).items() if p in PROJ}
+
+        setattr(block, adapter.experts, FusedQuantizedExperts(experts, bits={e: b for e, (_, b) in todo.items()},
+                                                              make_expert=make_expert))
 
 
 @contextmanager
