@@ -128,3 +128,57 @@ class ShardWriter:
             idx.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             out.append(idx)
         return out
+
+
+class PartWriter:
+    """Shards written as the tensors come, one group (a decoder layer) at a time, when their
+    names and sizes are not known up front (the compressed-tensors export: packed sizes follow
+    from the library's compressor). Each :meth:`write_part` writes its tensors to a new file at
+    once (a group over ``max_shard_bytes`` is split), so nothing is held; :meth:`close` renames
+    the files to transformers' ``model-0000i-of-0000N.safetensors`` names (one file:
+    ``model.safetensors``) and writes the index."""
+
+    def __init__(self, folder: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES):
+        self.folder, self.max = Path(folder), max_shard_bytes
+        self.parts: list[tuple[Path, list[str], int]] = []  # (file, tensor names, bytes)
+        self.names: set[str] = set()
+
+    def write_part(self, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        dup = self.names.intersection(tensors)
+        if dup:
+            raise SecompressError(f"PartWriter: '{sorted(dup)[0]}' written twice")
+        groups: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for k, t in tensors.items():
+            n = t.numel() * t.element_size()
+            if groups[-1] and size + n > self.max:
+                groups.append({})
+                size = 0
+            groups[-1][k] = t.detach().to("cpu").contiguous()
+            size += n
+        for g in groups:
+            if not g:
+                continue
+            path = self.folder / f".part-{len(self.parts):05d}.safetensors"
+            save_file(g, str(path), metadata={"format": "pt"})
+            self.parts.append((path, list(g), sum(t.numel() * t.element_size() for t in g.values())))
+            self.names.update(g)
+
+    def close(self) -> list[Path]:
+        n = len(self.parts)
+        if n == 0:
+            raise SecompressError("PartWriter: nothing was written")
+        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        out = []
+        for (path, _, _), name in zip(self.parts, names):
+            path.rename(self.folder / name)
+            out.append(self.folder / name)
+        if n > 1:
+            index = {"metadata": {"total_size": sum(b for _, _, b in self.parts)},
+                     "weight_map": {k: name for (_, keys, _), name in zip(self.parts, names) for k in keys}}
+            idx = self.folder / "model.safetensors.index.json"
+            idx.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            out.append(idx)
+        return out

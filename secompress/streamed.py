@@ -44,6 +44,7 @@ from .streaming import Checkpoint, build_skeleton
 log = logging.getLogger(__name__)
 GiB = 2**30
 RUNTIME_BYTES = GiB // 2  # the Python, torch and transformers runtime itself
+STREAMED_FORMATS = ("compressed-tensors", "dequantized")
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,14 @@ class StreamedJob:
         if self.quant is not None and self.quant.method != "rtn":
             raise SecompressError(f"quantization method '{self.quant.method}' runs in memory only; streaming "
                                   "supports method 'rtn' (or set model.streaming: false)")
-        if self.quant is not None and self.quant.format != "dequantized":
+        if self.quant is not None and self.quant.format not in STREAMED_FORMATS:
             raise SecompressError(f"export format '{self.quant.format}' is written in memory only; the streamed "
-                                  "engine writes format 'dequantized' (--format dequantized, "
-                                  "stages.quantize.format: dequantized) or set model.streaming: false")
+                                  f"engine writes {' or '.join(STREAMED_FORMATS)} (--format, "
+                                  "stages.quantize.format) or set model.streaming: false")
+
+    @property
+    def format(self) -> str | None:
+        return None if self.quant is None else self.quant.format
 
 
 @dataclass
@@ -87,10 +92,20 @@ class StreamedPlan:
     layer_bytes: int  # the largest decoder layer in the compute dtype
     rest_bytes: int  # embeddings, final norm, output head
     profile: object | None = None
+    ct: tuple | None = None  # (QuantizationConfig, compatibility) of a compressed-tensors export
 
     @property
     def output_bytes(self) -> int:
-        return sum(s.nbytes for s in self.out_specs) + sum(s.nbytes for s in self.code_specs)
+        """Size of the export: the 16-bit tensors and the codes file (dequantized format), or the 16-bit
+        tensors less the quantized weights plus their packed codes, float32 scales and zero points."""
+        plain = sum(s.nbytes for s in self.out_specs)
+        codes = sum(s.nbytes for s in self.code_specs)
+        if self.ct is None:
+            return plain + codes
+        el = torch.empty((), dtype=self.job.dtype, device="meta").element_size()
+        dense = sum(math.prod(shape) for shape, _, _ in self.code_shapes.values()) * el
+        scales = sum(s.nbytes for s in self.code_specs if s.name.endswith(".scales"))
+        return plain - dense + codes + scales  # scales float16 -> float32
 
     def peak_bytes(self, num_windows: int = 0, seq_len: int = 0, streams: int = 2) -> int:
         """Estimated peak memory: the embeddings and head, a layer materialised plus what quantization
@@ -200,8 +215,15 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
     sd = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
     out_specs = specs_of(as_saved(model, sd))
     cspecs, cshapes = code_specs(qplan, job.quant.group_size) if qplan is not None else ([], {})
+    ct = None
+    if job.format == "compressed-tensors":
+        from .errors import require
+        from .quant.ct_stream import ct_config
+
+        require("compressed_tensors", "ct", "the compressed-tensors export")
+        ct = ct_config(model, qplan)  # refuses (se_mode expert, a config vLLM rejects) before any compute
     return StreamedPlan(path, job, config, model, kept, removal, selection, qplan, out_specs, cspecs, cshapes,
-                        disk, layer_b, rest_b, profile)
+                        disk, layer_b, rest_b, profile, ct)
 
 
 def _remapped(prof, removal):
@@ -274,6 +296,24 @@ class ExportLayers:
                 self.codes.write(k, v)
 
 
+class ExportLayersCT:
+    """Write each layer in compressed-tensors format as it finishes (:mod:`secompress.quant.ct_stream`)."""
+
+    def __init__(self, eng: LayerEngine, writer, plan, qc, symmetric: bool):
+        self.eng, self.writer, self.plan, self.qc, self.symmetric = eng, writer, plan, qc, symmetric
+
+    def write_rest(self) -> None:
+        from .quant.ct_stream import rest_tensors
+
+        self.writer.write_part(rest_tensors(self.eng.model, self.eng.adapter))
+
+    def on_layer(self, index: int, layer, inputs: LayerInputs) -> None:
+        from .quant.ct_stream import layer_tensors
+
+        self.writer.write_part(layer_tensors(self.eng.model, self.eng.adapter, index, self.plan.layer(index),
+                                             self.qc, self.symmetric))
+
+
 # ---- the pass -----------------------------------------------------------------------------------------
 @dataclass
 class StreamedResult:
@@ -333,7 +373,15 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
 
     def one_pass(folder: Path | None):
         writer = codes = None
-        if folder is not None:
+        if folder is not None and plan.ct is not None:
+            from .shards import PartWriter
+
+            writer = PartWriter(folder)
+            exporter = ExportLayersCT(eng, writer, plan.quant_plan, plan.ct[0], bool(job.quant.symmetric))
+            eng.load_rest()
+            exporter.write_rest()
+            callbacks.append(exporter)
+        elif folder is not None:
             writer = ShardWriter(folder, plan.out_specs)
             if plan.code_specs:
                 from .quant.api import CODES_NAME
@@ -370,6 +418,13 @@ def _write_side_files(plan: StreamedPlan, folder: Path, tokenizer, extra_files: 
     from .quant.api import PLAN_NAME
 
     model = plan.model
+    if plan.ct is not None:
+        from .quant.ct_stream import finish_ct
+
+        finish_ct(folder, model, plan.ct[0], plan.quant_plan, plan.ct[1], plan.job.dtype, tokenizer)
+        for name, text in extra_files.items():
+            (folder / name).write_text(text)
+        return
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)

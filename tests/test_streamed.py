@@ -1,6 +1,7 @@
 """The layer-by-layer engine: streamed prune + RTN + export + perplexity are bit-identical to the
 in-memory path on all seven architectures, allocate nothing without an explicit device, and
 refuse bad input (disk space, in-memory-only methods, unknown devices) before any compute."""
+import copy
 import json
 import sys
 from pathlib import Path
@@ -68,6 +69,7 @@ def test_streamed_bit_identical_to_in_memory(tmp_path, model_type):
 
     loss_before = mean_loss(model, eval_ids, 2)
     r = prune(model, tok, pc, profile=prof, data=calib)
+    pruned = copy.deepcopy(model)
     qplan = quantize_(model, qc, profile=remap_profile(prof, r))
     loss_after = mean_loss(model, eval_ids, 2)
     save_quantized(model, tok, qplan, tmp_path / "mem")
@@ -89,6 +91,24 @@ def test_streamed_bit_identical_to_in_memory(tmp_path, model_type):
         assert f1.metadata() == f2.metadata()
     for name in ("config.json", "quantization_plan.json"):
         assert json.loads((tmp_path / "mem" / name).read_text()) == json.loads((tmp_path / "str" / name).read_text())
+
+    # the compressed-tensors export (the default format; the SE's layer 16-bit in `ignore`), written per layer
+    qct = QuantConfig(bits=4, group_size=8, symmetric=True)
+    assert qct.format == "compressed-tensors"
+    save_quantized(pruned, tok, quantize_(pruned, qct, profile=remap_profile(prof, r)), tmp_path / "mem_ct")
+    plan = plan_streamed(src, StreamedJob(prune=pc, quant=qct, dtype=torch.float32, device="cpu"), prof)
+    with DeviceTrap() as trap:
+        compress_streamed(plan, None, tmp_path / "str_ct", tok, progress=False)
+    assert trap.hits == [], trap.hits[:5]
+    a, b = _tensors(tmp_path / "mem_ct"), _tensors(tmp_path / "str_ct")
+    assert set(a) == set(b) and any(k.endswith("weight_packed") for _, k in a)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for name in ("config.json", "quantization_plan.json"):
+        assert json.loads((tmp_path / "mem_ct" / name).read_text()) == \
+            json.loads((tmp_path / "str_ct" / name).read_text()), name
+    size = sum(f.stat().st_size for f in (tmp_path / "str_ct").glob("*.safetensors"))
+    assert abs(plan.output_bytes - size) < 0.05 * size  # the up-front estimate of the export's size
 
 
 def test_shard_writer_many_shards_load_with_transformers(tmp_path):

@@ -106,8 +106,9 @@ def apply_plan(model, plan: QuantPlan, make) -> None:
 
 
 @contextmanager
-def dequantized(model):
-    """Inside the block the model has plain Linear / fused modules with the dequantized weights."""
+def dequantized(model, experts: bool = True):
+    """Inside the block the model has plain Linear / fused modules with the dequantized weights
+    (``experts=False``: quantized fused experts stay as they are; only Linear units are swapped)."""
     adapter = check_model(model)
     swaps = []  # (parent, attr, quantized module, plain module)
     inside = set()
@@ -116,7 +117,8 @@ def dequantized(model):
         qe = adapter.experts_of(block)
         if isinstance(qe, QuantizedExperts):
             inside |= {id(m) for m in qe.modules()}
-            swaps.append((block, adapter.experts, qe, qe.to_fused()))
+            if experts:
+                swaps.append((block, adapter.experts, qe, qe.to_fused()))
     for name, mod in list(model.named_modules()):
         if isinstance(mod, QuantizedLinear) and id(mod) not in inside:
             parent, _, attr = name.rpartition(".")
