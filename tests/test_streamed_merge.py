@@ -1,0 +1,125 @@
+"""Expert merging (M-SMoE, HC-SMoE) and HEAPr on the layer-by-layer engine: the same groups, widths,
+report and exported tensors as the in-memory path; a planted Super Expert survives a streamed merge
+bit for bit; bad requests are refused before any weight is read."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from secompress.adapters import get_adapter
+from secompress.checkpoints import load_model, load_tokenizer
+from secompress.data import CalibrationData, load_calibration
+from secompress.errors import SecompressError
+from secompress.experts import expert_weights
+from secompress.profile import ProfileConfig, profile
+from secompress.prune import PruneConfig, prune, save_pruned
+from secompress.prune.streamed_merge import streamed_result
+from secompress.quant.api import QuantConfig
+from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+from secompress.testing import make_tiny, plant_super_expert, save_tiny
+
+N, S, B = 4, 24, 2  # calibration windows, their length, windows per batch
+
+
+def _tensors(folder) -> dict:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            out.update({k: h.get_tensor(k) for k in h.keys()})
+    return out
+
+
+def _setup(tmp_path, model_type, plant=None):
+    m = make_tiny(model_type, num_hidden_layers=3)
+    if plant is not None:
+        plant(m)
+    src = save_tiny(m, tmp_path / "in")
+    tok = load_tokenizer(src)
+    calib = load_calibration("builtin", tok, N, S)
+    calib = CalibrationData(calib.input_ids, calib.source, calib.sha256)
+    model = load_model(src, torch.float32)
+    prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=N, seq_len=S, batch_size=B),
+                   progress=False)
+    return src, tok, calib, model, prof
+
+
+def _both(tmp_path, model_type, method, hessian="identity", plant=None):
+    """(in-memory PruneResult, streamed PruneResult, in-memory tensors, streamed tensors, output dirs)."""
+    src, tok, calib, model, prof = _setup(tmp_path, model_type, plant)
+    pc = PruneConfig(0.5, method, calib_samples=N, eval_samples=0, seq_len=S, batch_size=B, hessian=hessian)
+    r = prune(model, tok, pc, profile=prof, data=calib)
+    save_pruned(model, tok, r, tmp_path / "mem")
+    plan = plan_streamed(src, StreamedJob(prune=pc, dtype=torch.float32, device="cpu", batch_size=B), prof,
+                         calib=calib.input_ids)
+    res = compress_streamed(plan, None, tmp_path / "str", tok, progress=False)
+    rs = streamed_result(plan.restructure, plan.model, res.extra["restructure"], prof, calib.source, (None, None), 0)
+    return r, rs, _tensors(tmp_path / "mem"), _tensors(tmp_path / "str"), plan
+
+
+def _same_report(r, rs):
+    a, b = r.to_json(), rs.to_json()
+    for k in ("layers", "num_experts_after", "parameters", "bytes", "details", "removed_super_experts"):
+        assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("model_type,method", [("qwen2_moe", "m-smoe"), ("deepseek_v3", "m-smoe"),
+                                               ("mixtral", "hc-smoe"), ("deepseek_v3", "hc-smoe"),
+                                               ("qwen2_moe", "heapr"), ("olmoe", "heapr")])
+def test_streamed_equals_in_memory(tmp_path, model_type, method):
+    r, rs, a, b, plan = _both(tmp_path, model_type, method)
+    _same_report(r, rs)
+    specs = {s.name: tuple(s.shape) for s in plan.out_specs}
+    assert set(a) == set(b) == set(specs)
+    for k in a:
+        assert tuple(b[k].shape) == specs[k] and torch.equal(a[k], b[k]), k
+    assert json.loads((tmp_path / "mem" / "config.json").read_text()) == \
+        json.loads((tmp_path / "str" / "config.json").read_text())
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
+def test_streamed_heapr_fisher_matches_in_memory(tmp_path, model_type):
+    """Layer-wise gradient checkpointing gives the in-memory backward's dL/dy: the same graph per layer,
+    the incoming gradient handed on; the scores may differ by float rounding only, the kept neurons not."""
+    r, rs, a, b, _ = _both(tmp_path, model_type, "heapr", hessian="fisher")
+    _same_report(r, rs)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_streamed_merge_keeps_a_planted_super_expert_bit_identical(tmp_path):
+    def plant(m):
+        plant_super_expert(m, 1, 3, scale=300.0)
+
+    r, rs, a, b, _ = _both(tmp_path, "qwen3_moe", "m-smoe", plant=plant)
+    assert rs.super_experts == [(1, 3)] and rs.removed_super_experts == []
+    assert (3,) in [tuple(g) for g in rs.extra["merge"]["groups"]["1"]]
+    src_model = make_tiny("qwen3_moe", num_hidden_layers=3)
+    plant(src_model)
+    ad = get_adapter(src_model.config)
+    se = expert_weights(ad.experts_of(ad.block_of(ad.layers(src_model)[1])), 3)
+    merged = load_model(tmp_path / "str", torch.float32)
+    new = rs.kept[1].index(3)
+    after = expert_weights(ad.experts_of(ad.block_of(ad.layers(merged)[1])), new)
+    for k, v in se.items():
+        assert torch.equal(after[k], v), k
+    assert torch.equal(ad.router_of(ad.block_of(ad.layers(merged)[1])).weight[new],
+                       ad.router_of(ad.block_of(ad.layers(src_model)[1])).weight[3])
+
+
+def test_streamed_merge_and_heapr_refuse_bad_input_up_front(tmp_path):
+    src, tok, calib, model, prof = _setup(tmp_path, "qwen3_moe")
+    job = lambda method, ratio=0.5, **k: StreamedJob(prune=PruneConfig(ratio, method, **k), dtype=torch.float32)  # noqa: E731
+    with pytest.raises(ValueError, match="fewer than top_k"):
+        plan_streamed(src, job("m-smoe", 0.9), prof, calib=calib.input_ids)  # 8 -> 1 expert, top_k 2
+    with pytest.raises(ValueError, match="kept width"):
+        plan_streamed(src, job("heapr", 0.99), prof, calib=calib.input_ids)  # 32 -> 0 neurons
+    other = profile(make_tiny("mixtral"), tok, config=ProfileConfig(num_samples=2, seq_len=32), progress=False)
+    with pytest.raises(SecompressError, match="profile is of a mixtral"):
+        plan_streamed(src, job("hc-smoe"), other, calib=calib.input_ids)
+    with pytest.raises(SecompressError, match="calibration windows"):
+        plan_streamed(src, job("heapr"), prof)
+    with pytest.raises(SecompressError, match="merging .* and quantization"):
+        StreamedJob(prune=PruneConfig(0.5, "m-smoe"), quant=QuantConfig(bits=4, format="dequantized"))
+    with pytest.raises(SecompressError, match="naee"):
+        StreamedJob(prune=PruneConfig(0.5, "naee"))
