@@ -14,10 +14,13 @@ from secompress.errors import SecompressError
 from secompress.experts import expert_weights
 from secompress.profile import ProfileConfig, profile
 from secompress.prune import PruneConfig, prune, save_pruned
-from secompress.prune.streamed_merge import streamed_result
+from secompress.prune.layer_stats import collect
+from secompress.prune.streamed_merge import fisher_stats, streamed_result
 from secompress.quant.api import QuantConfig
 from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
 from secompress.testing import make_tiny, plant_super_expert, save_tiny
+
+from test_streamed import DeviceTrap
 
 N, S, B = 4, 24, 2  # calibration windows, their length, windows per batch
 
@@ -52,7 +55,9 @@ def _both(tmp_path, model_type, method, hessian="identity", plant=None):
     save_pruned(model, tok, r, tmp_path / "mem")
     plan = plan_streamed(src, StreamedJob(prune=pc, dtype=torch.float32, device="cpu", batch_size=B), prof,
                          calib=calib.input_ids)
-    res = compress_streamed(plan, None, tmp_path / "str", tok, progress=False)
+    with DeviceTrap() as trap:  # every tensor the streamed pass makes names its device
+        res = compress_streamed(plan, None, tmp_path / "str", tok, progress=False)
+    assert trap.hits == [], trap.hits[:5]
     rs = streamed_result(plan.restructure, plan.model, res.extra["restructure"], prof, calib.source, (None, None), 0)
     return r, rs, _tensors(tmp_path / "mem"), _tensors(tmp_path / "str"), plan
 
@@ -80,11 +85,17 @@ def test_streamed_equals_in_memory(tmp_path, model_type, method):
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "deepseek_v3"])
 def test_streamed_heapr_fisher_matches_in_memory(tmp_path, model_type):
     """Layer-wise gradient checkpointing gives the in-memory backward's dL/dy: the same graph per layer,
-    the incoming gradient handed on; the scores may differ by float rounding only, the kept neurons not."""
-    r, rs, a, b, _ = _both(tmp_path, model_type, "heapr", hessian="fisher")
+    the incoming gradient handed on (scores held to 1e-6: a device's kernels may order sums differently)."""
+    r, rs, a, b, plan = _both(tmp_path, model_type, "heapr", hessian="fisher")
     _same_report(r, rs)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    src, _, calib, model, _ = _setup(tmp_path / "again", model_type)
+    mem = collect(model, get_adapter(model.config), calib.input_ids, B, ("heapr",), hessian="fisher")
+    st = fisher_stats(src, plan.config, torch.float32, torch.device("cpu"), plan.restructure, progress=False)
+    for l in mem:  # on the CPU even bit-identical: the same per-layer graphs, chunks and float64 sums
+        torch.testing.assert_close(st[l].heapr, mem[l].heapr, rtol=1e-6, atol=0)
+        assert torch.equal(st[l].freq, mem[l].freq)
 
 
 def test_streamed_merge_keeps_a_planted_super_expert_bit_identical(tmp_path):
@@ -123,3 +134,53 @@ def test_streamed_merge_and_heapr_refuse_bad_input_up_front(tmp_path):
         StreamedJob(prune=PruneConfig(0.5, "m-smoe"), quant=QuantConfig(bits=4, format="dequantized"))
     with pytest.raises(SecompressError, match="naee"):
         StreamedJob(prune=PruneConfig(0.5, "naee"))
+
+
+def test_cli_prune_streaming_merges_and_prunes_neurons_like_in_memory(tmp_path):
+    from secompress.cli import main
+
+    src = str(save_tiny(make_tiny("olmoe", num_hidden_layers=3), tmp_path / "in"))
+    common = ["--ratio", "0.5", "--samples", "4", "--eval-samples", "2", "--seq-len", "32", "--device", "cpu",
+              "--batch-size", "2"]
+    for method in ("hc-smoe", "heapr"):  # heapr: the default Fisher Hessian
+        assert main(["prune", src, "--method", method, *common, "--out", str(tmp_path / f"m-{method}")]) == 0
+        assert main(["prune", src, "--method", method, *common, "--streaming", "--out", str(tmp_path / f"s-{method}")]) == 0
+        a, b = (json.loads((tmp_path / f"{d}-{method}" / "prune_report.json").read_text()) for d in "ms")
+        for k in ("layers", "details", "parameters", "num_experts_after"):
+            assert a[k] == b[k], (method, k)
+        assert a["perplexity"]["after"] == b["perplexity"]["after"]
+        ta, tb = _tensors(tmp_path / f"m-{method}"), _tensors(tmp_path / f"s-{method}")
+        assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_recipe_streamed_heapr_with_rtn_matches_in_memory(tmp_path, monkeypatch):
+    from secompress.recipe.run import run_recipe
+    from secompress.recipe.schema import parse_recipe
+
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
+    m = make_tiny("qwen2_moe", num_hidden_layers=3)
+    plant_super_expert(m, layer=1, expert=3)
+    src = save_tiny(m, tmp_path / "tiny")
+    text = f"""\
+version: 1
+name: tiny
+model: {{id: {src}, model_type: qwen2_moe, streaming: STREAMING}}
+data: {{num_samples: 4, seq_len: 32, batch_size: 2, eval_samples: 2}}
+stages:
+  - profile: {{}}
+  - prune: {{ratio: 0.5, method: heapr}}
+  - quantize: {{method: rtn, bits: 4, group_size: 16, se_mode: layer}}
+  - evaluate: {{perplexity: true}}
+  - export: {{format: dequantized}}
+"""
+    runs = {}
+    for mode in ("false", "true"):
+        t = text.replace("STREAMING", mode)
+        runs[mode] = run_recipe(parse_recipe(t, "t.yaml"), t, tmp_path / mode, progress=False)
+    mem, st = runs["false"], runs["true"]
+    assert st.manifest["mode"] == "streamed"
+    assert st.comparison.rows["perplexity"] == mem.comparison.rows["perplexity"]
+    a, b = _tensors(tmp_path / "false" / "model"), _tensors(tmp_path / "true" / "model")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = (json.loads((tmp_path / d / "model" / "prune_report.json").read_text()) for d in ("false", "true"))
+    assert ra["details"] == rb["details"] and ra["layers"] == rb["layers"]

@@ -47,7 +47,7 @@ class LayerStats:
         bad = set(self.want) - set(WANTS)
         if bad:
             raise ValueError(f"unknown statistics {sorted(bad)}; known: {WANTS}")
-        self.freq = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.freq = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")  # host statistics
 
     @torch.no_grad()
     def observe(self, experts: nn.Module, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor,
@@ -74,7 +74,7 @@ class LayerStats:
                     down = expert_weights(experts, e)["down_proj"]  # [H, I]
                     s = atomic_scores(act, top_w[tok, slot], down, None if grad is None else grad[tok]).cpu()
                     if self.heapr is None:
-                        self.heapr = torch.zeros(E, act.shape[1], dtype=torch.float64)
+                        self.heapr = torch.zeros(E, act.shape[1], dtype=torch.float64, device="cpu")
                     self.heapr[e] += s
                 if e in self.track:
                     col = y[:, self.track[e]].abs()  # [c]
