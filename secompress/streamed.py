@@ -418,6 +418,11 @@ def run_cli(args, prune_cfg=None, quant_cfg=None) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, load_config(args.model, args.revision, args.trust_remote_code))
     job = StreamedJob(prune=prune_cfg, quant=quant_cfg, dtype=dtype, device=str(device), batch_size=args.batch_size)
+    if prune_cfg is not None:  # a ratio the router (or the expert width) cannot take fails before the profile pass
+        from .prune.api import plan_for
+
+        plan_for(build_skeleton(load_config(args.model, args.revision, args.trust_remote_code)), prune_cfg.ratio,
+                 prune_cfg.method)
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
     n_eval = getattr(args, "eval_samples", 0) if prune_cfg is not None else 0
     samples = args.num_samples

@@ -118,7 +118,11 @@ def test_streamed_merge_keeps_a_planted_super_expert_bit_identical(tmp_path):
                        ad.router_of(ad.block_of(ad.layers(src_model)[1])).weight[3])
 
 
-def test_streamed_merge_and_heapr_refuse_bad_input_up_front(tmp_path):
+def test_streamed_merge_and_heapr_refuse_bad_input_up_front(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from secompress.cli import main
+
     src, tok, calib, model, prof = _setup(tmp_path, "qwen3_moe")
     job = lambda method, ratio=0.5, **k: StreamedJob(prune=PruneConfig(ratio, method, **k), dtype=torch.float32)  # noqa: E731
     with pytest.raises(ValueError, match="fewer than top_k"):
@@ -130,10 +134,25 @@ def test_streamed_merge_and_heapr_refuse_bad_input_up_front(tmp_path):
         plan_streamed(src, job("hc-smoe"), other, calib=calib.input_ids)
     with pytest.raises(SecompressError, match="calibration windows"):
         plan_streamed(src, job("heapr"), prof)
+    aux = save_tiny(make_tiny("qwen3_moe", num_hidden_layers=3, output_router_logits=True), tmp_path / "aux")
+    with pytest.raises(SecompressError, match="hessian: identity"):
+        plan_streamed(aux, job("heapr"), prof, calib=calib.input_ids)
+    plan_streamed(aux, job("heapr", hessian="identity"), prof, calib=calib.input_ids)  # forward-only: fine
     with pytest.raises(SecompressError, match="merging .* and quantization"):
         StreamedJob(prune=PruneConfig(0.5, "m-smoe"), quant=QuantConfig(bits=4, format="dequantized"))
     with pytest.raises(SecompressError, match="naee"):
         StreamedJob(prune=PruneConfig(0.5, "naee"))
+
+    def no(*a, **k):
+        raise AssertionError("profiled before the ratio was checked")
+
+    monkeypatch.setattr(sys.modules["secompress.profile"], "profile", no)
+    capsys.readouterr()
+    for method, ratio, says in (("m-smoe", "0.9", "top_k"), ("heapr", "0.99", "kept width")):
+        out = tmp_path / f"o-{method}"
+        assert main(["prune", str(src), "--ratio", ratio, "--method", method, "--streaming", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and not out.exists(), err
 
 
 def test_cli_prune_streaming_merges_and_prunes_neurons_like_in_memory(tmp_path):

@@ -97,6 +97,11 @@ def plan_restructure(model: nn.Module, adapter: MoEAdapter, config, profile, cal
         raise SecompressError(f"streamed '{config.method}' decides from calibration windows: pass them as "
                               "plan_streamed(..., calib=ids [N, S])")
     check_profile_matches(profile, model)
+    if config.method not in MERGE_METHODS and config.hessian == "fisher" and \
+            getattr(model.config, "output_router_logits", False):
+        raise SecompressError("streamed HEAPr backpropagates the next-token loss layer by layer; this config adds "
+                              "the router's load-balancing loss (output_router_logits: true), which it does not "
+                              "reproduce: use hessian: identity, or model.streaming: false")
     target = plan_for(model, config.ratio, config.method)  # ValueError: below top_k, or no width left
     moe = adapter.moe_layer_indices(model)
     routed = protected_by_layer(profile.se_ids())
