@@ -11,7 +11,8 @@ materialise it from the shards onto the device, run the hidden states of the ``b
 streams through it, call every :class:`LayerCallback` (prune, quantize, export, ...) in order,
 run the other streams through the layer as the callbacks left it, drop it. Hidden states stay
 on the device. Peak memory is about one layer (and what callbacks make of it), the embeddings
-and output head, and the streams' hidden states (N x S x H each), whatever the depth.
+and output head, and the streams' hidden states (N x S x H each; twice for a ``keep_inputs``
+stream while the callbacks run), whatever the depth.
 Anchors: llm-compressor's sequential pipeline (modifiers act in a per-layer callback) and
 gptqmodel's layer loop.
 Legend: N windows, S sequence length, H hidden size, V vocabulary.
