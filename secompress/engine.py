@@ -11,7 +11,8 @@ materialise it from the shards onto the device, run the hidden states of the ``b
 streams through it, call every :class:`LayerCallback` (prune, quantize, export, ...) in order,
 run the other streams through the layer as the callbacks left it, drop it. Hidden states stay
 on the device. Peak memory is about one layer (and what callbacks make of it), the embeddings
-and output head, and the streams' hidden states (N x S x H each), whatever the depth.
+and output head, and the streams' hidden states (N x S x H each; twice for a ``keep_inputs``
+stream while the callbacks run), whatever the depth.
 Anchors: llm-compressor's sequential pipeline (modifiers act in a per-layer callback) and
 gptqmodel's layer loop.
 Legend: N windows, S sequence length, H hidden size, V vocabulary.
@@ -20,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -39,10 +41,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class LayerInputs:
     """What decoder layer ``index`` receives, per stream and chunk: hidden states [B, S, H] and the
-    other positional/keyword arguments (masks, position embeddings)."""
+    other positional/keyword arguments (masks, position embeddings). ``hidden``/``args``: the
+    streams that go through the layer after the callbacks; ``entered``/``entered_args``: the
+    ``before`` streams opened with ``keep_inputs`` (what they carried into the layer, i.e. the
+    original model's hidden states there)."""
 
     hidden: dict[str, list[torch.Tensor]]
     args: dict[str, list[tuple[tuple, dict]]]
+    entered: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    entered_args: dict[str, list[tuple[tuple, dict]]] = field(default_factory=dict)
 
 
 class LayerCallback(Protocol):
@@ -53,10 +60,14 @@ class LayerCallback(Protocol):
 
 @dataclass
 class Stream:
-    """Token windows [N, S] in chunks; ``before``: through each layer before the callbacks change it."""
+    """Token windows [N, S] in chunks; ``before``: through each layer before the callbacks change it;
+    ``keep_inputs`` (``before`` streams): also hand the callbacks the hidden states the stream
+    carried into the layer (:attr:`LayerInputs.entered`), at the cost of one more [N, S, H] copy
+    of the stream alive while the callbacks run."""
 
     chunks: list[torch.Tensor]
     before: bool = False
+    keep_inputs: bool = False
 
 
 class _Done(nn.Module):
@@ -117,11 +128,13 @@ class LayerEngine:
             layer = layers[i]
             with self.ckpt.reading():
                 _materialise(layer, self.layer_prefix(i), self.ckpt, self.adapter, self.dtype, self.device)
+            entered = {n: hidden[n] for n, s in streams.items() if s.before and s.keep_inputs}
             for name, s in streams.items():
                 if s.before:
                     hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
             inputs = LayerInputs({n: hidden[n] for n, s in streams.items() if not s.before},
-                                 {n: args[n][i] for n, s in streams.items() if not s.before})
+                                 {n: args[n][i] for n, s in streams.items() if not s.before},
+                                 entered, {n: args[n][i] for n in entered})
             for cb in callbacks:
                 cb.on_layer(i, layers[i], inputs)
             layer = layers[i]  # a callback may have replaced modules inside it, not the layer itself
@@ -129,22 +142,29 @@ class LayerEngine:
                 if not s.before:
                     hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
             layers[i] = _Done()
-            del layer
+            del layer, inputs, entered
             _return_freed_memory()
         return hidden
 
-    @torch.no_grad()
-    def logits(self, final: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """[B, S, V] logits from one chunk's final hidden states, through the model's own forward
-        (final norm, output head and any logit scaling), with the decoder layers stood in for."""
+    @contextmanager
+    def replayed(self, final: torch.Tensor):
+        """Inside, ``self.model(input_ids=ids, ...)`` for one chunk runs the model's own forward (final
+        norm, output head, logit scaling, its loss with ``labels``) on that chunk's final hidden states
+        ``final`` [B, S, H], the decoder layers stood in for (gradients reach ``final`` if it needs them)."""
         parent_path, _, attr = self.adapter.layers_path.rpartition(".")
         parent = self.model.get_submodule(parent_path)
         real = getattr(parent, attr)
         setattr(parent, attr, nn.ModuleList([_Replay(final)] + [_Replay(None) for _ in range(len(real) - 1)]))
         try:
-            return self.model(input_ids=ids.to(self.device), use_cache=False).logits
+            yield self.model
         finally:
             setattr(parent, attr, real)
+
+    @torch.no_grad()
+    def logits(self, final: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """[B, S, V] logits from one chunk's final hidden states (see :meth:`replayed`)."""
+        with self.replayed(final) as model:
+            return model(input_ids=ids.to(self.device), use_cache=False).logits
 
     def mean_loss(self, final: list[torch.Tensor], chunks: list[torch.Tensor]) -> float:
         """Mean next-token cross-entropy over the chunks, as :func:`secompress.perplexity.mean_loss`."""

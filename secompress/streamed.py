@@ -56,10 +56,17 @@ class StreamedJob:
     batch_size: int = 8  # evaluation windows per chunk (as secompress.perplexity.mean_loss)
 
     def __post_init__(self):
-        if self.prune is not None and self.prune.method not in SCORERS:
+        from .prune.api import MERGE_METHODS, NEURON_METHODS
+
+        restructure = (*MERGE_METHODS, *NEURON_METHODS)
+        if self.prune is not None and self.prune.method not in (*SCORERS, *restructure):
             raise SecompressError(f"pruning method '{self.prune.method}' runs in memory only (it needs more than "
-                                  "the profile's statistics); use a score method (reap, frequency, easy_ep, random) "
-                                  "with streaming, or model.streaming: false")
+                                  "the profile's statistics); use a score method (reap, frequency, easy_ep, random), "
+                                  f"{', '.join(restructure)} with streaming, or model.streaming: false")
+        if self.prune is not None and self.prune.method in MERGE_METHODS and self.quant is not None:
+            raise SecompressError(f"merging ('{self.prune.method}') and quantization cannot share one streamed pass "
+                                  "(the quantization plan needs the merged experts' ids, known only during the "
+                                  "pass): prune --streaming first, then quantize its output, or model.streaming: false")
         if self.quant is not None and self.quant.method != "rtn":
             raise SecompressError(f"quantization method '{self.quant.method}' runs in memory only; streaming "
                                   "supports method 'rtn' (or set model.streaming: false)")
@@ -92,6 +99,7 @@ class StreamedPlan:
     layer_bytes: int  # the largest decoder layer in the compute dtype
     rest_bytes: int  # embeddings, final norm, output head
     profile: object | None = None
+    restructure: object | None = None  # merging / HEAPr: secompress.prune.streamed_merge.RestructurePlan
     ct: tuple | None = None  # (QuantizationConfig, compatibility) of a compressed-tensors export
 
     @property
@@ -182,10 +190,12 @@ def code_specs(plan, group_size: int | None) -> tuple[list[TensorSpec], dict[str
     return specs, shapes
 
 
-def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: bool | None = None) -> StreamedPlan:
+def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: bool | None = None,
+                  calib: torch.Tensor | None = None) -> StreamedPlan:
     """Decide everything on the meta skeleton (no weights read); raises before any compute.
 
-    ``protect`` overrides both configs' ``protect_super_experts`` (False: the SE-unaware variant)."""
+    ``protect`` overrides both configs' ``protect_super_experts`` (False: the SE-unaware variant);
+    ``calib`` [N, S]: the calibration windows merging and HEAPr decide from."""
     from .prune.api import plan_for, score_selection
     from .prune.structural import remove_experts
 
@@ -195,9 +205,16 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
     adapter = check_model(model)
     _cast_meta(model, job.dtype)
     disk, layer_b, rest_b, _ = checkpoint_sizes(path, adapter.layers_path, job.dtype)
-    kept = removal = selection = qplan = None
+    kept = removal = selection = qplan = restructure = None
     prof = profile
-    if job.prune is not None:
+    if job.prune is not None and job.prune.method not in SCORERS:  # merging / HEAPr: final shapes now, ids in the pass
+        from .prune.streamed_merge import plan_restructure
+
+        if profile is None:
+            raise SecompressError("streamed merging and HEAPr need the streamed profile (Super Experts): profile first")
+        pcfg = job.prune if protect is None else dataclasses.replace(job.prune, protect_super_experts=protect)
+        restructure = plan_restructure(model, adapter, pcfg, profile, calib)
+    elif job.prune is not None:
         if profile is None:
             raise SecompressError("streamed pruning needs the streamed profile's statistics: profile first")
         pcfg = job.prune if protect is None else dataclasses.replace(job.prune, protect_super_experts=protect)
@@ -223,7 +240,7 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
         require("compressed_tensors", "ct", "the compressed-tensors export")
         ct = ct_config(model, qplan)  # refuses (se_mode expert, a config vLLM rejects) before any compute
     return StreamedPlan(path, job, config, model, kept, removal, selection, qplan, out_specs, cspecs, cshapes,
-                        disk, layer_b, rest_b, profile, ct)
+                        disk, layer_b, rest_b, profile, restructure, ct)
 
 
 def _remapped(prof, removal):
@@ -369,6 +386,13 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
             streams["before"] = Stream(chunks, before=True)
         streams["after"] = Stream(chunks)
     res = StreamedResult(plan)
+    if plan.restructure is not None:  # merging / HEAPr: each MoE layer decided from the calibration windows
+        from .prune.streamed_merge import restructure_callback
+
+        merger = restructure_callback(eng, plan.restructure, progress)
+        callbacks.insert(0, merger)  # before quantization and export
+        streams.update(merger.streams)
+        res.extra["restructure"] = merger.record
     log.info("%s", plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0))))
 
     def one_pass(folder: Path | None):
@@ -449,6 +473,11 @@ def run_cli(args, prune_cfg=None, quant_cfg=None) -> int:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, load_config(args.model, args.revision, args.trust_remote_code))
     job = StreamedJob(prune=prune_cfg, quant=quant_cfg, dtype=dtype, device=str(device), batch_size=args.batch_size)
+    if prune_cfg is not None:  # a ratio the router (or the expert width) cannot take fails before the profile pass
+        from .prune.api import plan_for
+
+        plan_for(build_skeleton(load_config(args.model, args.revision, args.trust_remote_code)), prune_cfg.ratio,
+                 prune_cfg.method)
     tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
     n_eval = getattr(args, "eval_samples", 0) if prune_cfg is not None else 0
     samples = args.num_samples
@@ -464,16 +493,22 @@ def run_cli(args, prune_cfg=None, quant_cfg=None) -> int:
         prof = profile(args.model, tok, data=calib, device=str(device),
                        config=ProfileConfig(num_samples=samples, seq_len=seq_len, streaming=True, dtype=args.dtype,
                                             batch_size=args.batch_size))
-    plan = plan_streamed(args.model, job, prof)
+    plan = plan_streamed(args.model, job, prof, calib=both.input_ids[:samples])
     print(plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0))))
 
     def side(res: StreamedResult) -> dict[str, str]:
-        if plan.removal is None:
-            return {}
         from .prune.api import REPORT_NAME, build_result
+        from .prune.streamed_merge import streamed_result
 
-        pr = build_result(prune_cfg, plan.model, plan.removal, plan.selection, prof, sorted(plan.kept),
-                          both.source, None, (res.perplexity_before, res.perplexity_after), res.seconds)
+        ppl = (res.perplexity_before, res.perplexity_after)
+        if plan.restructure is not None:
+            pr = streamed_result(plan.restructure, plan.model, res.extra["restructure"], prof, both.source, ppl,
+                                 res.seconds)
+        elif plan.removal is not None:
+            pr = build_result(prune_cfg, plan.model, plan.removal, plan.selection, prof, sorted(plan.kept),
+                              both.source, None, ppl, res.seconds)
+        else:
+            return {}
         pr.model = str(args.model)
         return {REPORT_NAME: json.dumps(pr.to_json(), indent=2) + "\n"}
 

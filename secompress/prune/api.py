@@ -270,33 +270,48 @@ def _restructure(model, adapter, plan, calib: CalibrationData, held_out, profile
                     track=se_channels if config.method in NEURON_METHODS else None, hessian=config.hessian,
                     progress=progress)
     ppl_before = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
-    params_before, bytes_before = model_size(model)
+    sizes = model_size(model)
+    I = adapter.intermediate_size(model.config)
     if config.method in MERGE_METHODS:
         decisions = merge_model(model, adapter, stats, plan, config.method, ses, protect)
-        kept = {l: d.representatives for l, d in decisions.items()}
         touched = merged_super_experts(decisions, ses)
+    else:
+        decisions, touched = heapr_model(model, adapter, stats, plan, se_channels, protect)
+    ppl_after = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
+    return restructure_result(config, model, E, moe_layers, decisions, touched, (*sizes, *model_size(model)),
+                              profile, calib.source, held_out, (ppl_before, ppl_after), time.perf_counter() - t0, I)
+
+
+def restructure_result(config: PruneConfig, model, E: int, moe_layers: list[int], decisions: dict, touched: list,
+                       sizes: tuple[int, int, int, int], profile: ProfileResult, data_source: str, held_out,
+                       ppl: tuple[float | None, float | None], seconds: float, width_before: int | None = None
+                       ) -> PruneResult:
+    """The :class:`PruneResult` of merging or HEAPr (in memory or streamed). ``model``: the result
+    (its config has the final expert count / width); ``decisions``: {layer: MergeDecision or
+    NeuronDecision}; ``touched``: SEs merged or missing massive neurons; ``sizes``: (parameters,
+    bytes) before, then after; ``width_before``: HEAPr's expert width before."""
+    adapter = check_model(model)
+    if config.method in MERGE_METHODS:
+        kept = {l: d.representatives for l, d in decisions.items()}
         extra = {"merge": {"method": config.method, "groups": {str(l): d.to_json() for l, d in decisions.items()},
                            "router": "each group keeps its representative's router row (first id of the group)"}}
     else:
-        I = adapter.intermediate_size(model.config)
-        decisions, touched = heapr_model(model, adapter, stats, plan, se_channels, protect)
         kept = {l: list(range(E)) for l in moe_layers}
-        extra = {"heapr": {"hessian": config.hessian, "intermediate_size_before": I, "intermediate_size_after": plan,
+        extra = {"heapr": {"hessian": config.hessian, "intermediate_size_before": width_before,
+                           "intermediate_size_after": adapter.intermediate_size(model.config),
                            "layers": {str(l): d.to_json() for l, d in decisions.items()},
                            "super_experts_missing_massive_neurons": [list(t) for t in touched]}}
-    ppl_after = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
-    params_after, bytes_after = model_size(model)
     return PruneResult(
         config=config, model=str(getattr(model, "name_or_path", "") or type(model).__name__),
         model_type=model.config.model_type, num_experts_before=E, num_experts_after=adapter.num_experts(model.config),
         moe_layers=moe_layers, kept=kept, removed={l: [e for e in range(E) if e not in kept[l]] for l in moe_layers},
-        super_experts=ses, removed_super_experts=touched, protection_changes=[],
-        params_before=params_before, params_after=params_after, bytes_before=bytes_before, bytes_after=bytes_after,
-        perplexity_before=ppl_before, perplexity_after=ppl_after, data_source=calib.source,
+        super_experts=profile.se_ids(), removed_super_experts=touched, protection_changes=[],
+        params_before=sizes[0], params_after=sizes[2], bytes_before=sizes[1], bytes_after=sizes[3],
+        perplexity_before=ppl[0], perplexity_after=ppl[1], data_source=data_source,
         eval_source=held_out.source if held_out is not None else "",
         eval_tokens=held_out.num_tokens if held_out is not None else 0,
         profile_source=f"{profile.data_source} ({profile.num_tokens} tokens)",
-        seconds=time.perf_counter() - t0, extra=extra)
+        seconds=seconds, extra=extra)
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ def _add_prune(sub) -> None:
     p.add_argument("--eval-samples", type=int, default=8, help="held-out windows (0: no perplexity)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random method")
     p.add_argument("--streaming", action="store_true",
-                   help="one decoder layer at a time (models larger than memory; score methods only)")
+                   help="one decoder layer at a time (models larger than memory; score methods, m-smoe, hc-smoe, heapr)")
 
 
 def _prune(args) -> int:

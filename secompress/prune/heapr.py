@@ -81,7 +81,7 @@ def select_neurons(scores: torch.Tensor, width: int, protected: dict[int, list[i
         order = sorted(range(I), key=lambda j: (-float(scores[e, j]), j))
         rest = [j for j in order if j not in set(must)]
         keep.append(sorted(must + rest[: width - len(must)]))
-    return torch.tensor(keep, dtype=torch.long)
+    return torch.tensor(keep, dtype=torch.long, device="cpu")
 
 
 def nonuniform_widths(scores: torch.Tensor, width: int) -> torch.Tensor:

@@ -9,9 +9,10 @@ the loss with respect to the experts' output:
   heapr     [E, I]  HEAPr atomic-expert scores                     (:mod:`.heapr`)
   massive   {e: (|y_c|, act [I])} for tracked (expert, channel)s: the down_proj input on the
             token where the expert writes its largest |output| on that channel (SE neurons)
-A layer-by-layer engine calls :meth:`LayerStats.observe` with each batch of a layer's inputs;
-:func:`collect` is the in-memory driver: hooks on every MoE layer, one forward per batch
-(plus one backward for HEAPr's Fisher scores), hooks removed on exit.
+Both drivers use :func:`capture` (hooks on the MoE layers' experts and routers, removed on exit)
+and :meth:`LayerStats.observe_captured`: :func:`collect` is the in-memory driver (hooks on every
+MoE layer, one forward per batch plus one backward for HEAPr's Fisher scores);
+:mod:`secompress.prune.streamed_merge` hooks the one layer the streamed engine holds.
 Legend: T tokens, K top-k, E experts, H hidden size, I expert FFN size.
 """
 from __future__ import annotations
@@ -46,7 +47,7 @@ class LayerStats:
         bad = set(self.want) - set(WANTS)
         if bad:
             raise ValueError(f"unknown statistics {sorted(bad)}; known: {WANTS}")
-        self.freq = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.freq = torch.zeros(self.num_experts, dtype=torch.float64, device="cpu")  # host statistics
 
     @torch.no_grad()
     def observe(self, experts: nn.Module, x: torch.Tensor, top_idx: torch.Tensor, top_w: torch.Tensor,
@@ -73,13 +74,17 @@ class LayerStats:
                     down = expert_weights(experts, e)["down_proj"]  # [H, I]
                     s = atomic_scores(act, top_w[tok, slot], down, None if grad is None else grad[tok]).cpu()
                     if self.heapr is None:
-                        self.heapr = torch.zeros(E, act.shape[1], dtype=torch.float64)
+                        self.heapr = torch.zeros(E, act.shape[1], dtype=torch.float64, device="cpu")
                     self.heapr[e] += s
                 if e in self.track:
                     col = y[:, self.track[e]].abs()  # [c]
                     r = int(col.argmax())
                     if e not in self.massive or float(col[r]) > self.massive[e][0]:
                         self.massive[e] = (float(col[r]), act[r].detach().double().cpu())
+
+    def observe_captured(self, experts: nn.Module, s: dict) -> None:
+        """:meth:`observe` on what :func:`capture` stored for this layer (and ``s["grad"]`` if set)."""
+        self.observe(experts, s["x"], s["idx"], s["w"], s.get("logits"), s.get("grad"))
 
     def router_logits(self) -> torch.Tensor:
         return torch.cat(self.logits)  # [T, E]
@@ -89,9 +94,10 @@ class LayerStats:
 
 
 @contextmanager
-def _capture(model: nn.Module, adapter: MoEAdapter, layers: list[int], store: dict, grads: bool):
+def capture(model: nn.Module, adapter: MoEAdapter, layers: list[int], store: dict, grads: bool):
     """Hooks that put each MoE layer's (x, top_idx, top_w, logits, output) of the last forward into
-    ``store[layer]``; with ``grads`` the outputs stay in the graph for autograd."""
+    ``store[layer]``; with ``grads`` the outputs ``y`` stay in the graph for autograd. ``model``
+    only has to hold ``layers`` (materialised) under ``adapter.layers_path``."""
     handles = []
     try:
         for l in layers:
@@ -111,9 +117,6 @@ def _capture(model: nn.Module, adapter: MoEAdapter, layers: list[int], store: di
             handles.append(adapter.router_of(block).register_forward_hook(router))
             if grads:
                 handles.append(adapter.experts_of(block).register_forward_hook(post))
-        if grads:
-            handles.append(model.get_input_embeddings().register_forward_hook(
-                lambda m, a, o: o.detach().requires_grad_(True)))
         yield store
     finally:
         for h in handles:
@@ -121,7 +124,18 @@ def _capture(model: nn.Module, adapter: MoEAdapter, layers: list[int], store: di
 
 
 @contextmanager
-def _frozen(model: nn.Module):
+def _graph_from_embeddings(model: nn.Module):
+    """The input embeddings' output needs a gradient inside (a graph to backpropagate through
+    although every parameter is frozen)."""
+    h = model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True))
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+@contextmanager
+def frozen(model: nn.Module):
     """No parameter needs a gradient inside (activation gradients only); restored on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     try:
@@ -150,9 +164,9 @@ def collect(model: nn.Module, adapter: MoEAdapter, ids: torch.Tensor, batch_size
     for chunk in tqdm(ids.split(batch_size), desc="calibration statistics", unit="batch", disable=not progress):
         store: dict = {}
         chunk = chunk.to(dev)
-        with _capture(model, adapter, layers, store, grads):
+        with capture(model, adapter, layers, store, grads):
             if grads:
-                with _frozen(model), torch.enable_grad():
+                with frozen(model), _graph_from_embeddings(model), torch.enable_grad():
                     loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss
                     g = torch.autograd.grad(loss, [store[l]["y"] for l in layers])
                 for l, gl in zip(layers, g):
@@ -161,7 +175,5 @@ def collect(model: nn.Module, adapter: MoEAdapter, ids: torch.Tensor, batch_size
                 with torch.no_grad():
                     model(input_ids=chunk, use_cache=False)
         for l in layers:
-            s = store[l]
-            stats[l].observe(adapter.experts_of(adapter.block_of(adapter.layers(model)[l])), s["x"], s["idx"],
-                             s["w"], s.get("logits"), s.get("grad"))
+            stats[l].observe_captured(adapter.experts_of(adapter.block_of(adapter.layers(model)[l])), store[l])
     return stats

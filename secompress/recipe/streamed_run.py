@@ -101,9 +101,9 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     if recipe.stage("profile") is not None:
         prof, cache_hit = _cached_profile(recipe, None, tok, calib, progress, streaming=True, device=str(device))
     timings["profile"] = round(time.time() - t, 2)
-    plan = plan_streamed(m.id, job, prof)
+    plan = plan_streamed(m.id, job, prof, calib=calib.input_ids)
     compare = ev is not None and ev.compare_se_unaware and prof is not None
-    plan_u = plan_streamed(m.id, job, prof, protect=False) if compare else None
+    plan_u = plan_streamed(m.id, job, prof, protect=False, calib=calib.input_ids) if compare else None
     measure = ev is not None and ev.perplexity
     announce(f"{plan.describe(*(eval_ids.shape if measure else (0, 0)))} ({reason})")
     export = recipe.stage("export") is not None
@@ -126,9 +126,15 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
             comparison.check(ev.recovery_threshold)
         info = {}
         pr = None
-        if plan.removal is not None:
+        if plan.restructure is not None:  # merging / HEAPr: decided during the pass
+            from ..prune.streamed_merge import streamed_result
+
+            pr = streamed_result(plan.restructure, plan.model, res.extra["restructure"], prof, calib.source,
+                                 (None, None), res.seconds)
+        elif plan.removal is not None:
             pr = build_result(pc, plan.model, plan.removal, plan.selection, prof, sorted(plan.removal.kept),
                               calib.source, None, (None, None), res.seconds)
+        if pr is not None:
             pr.model = m.id
             info["prune"] = pr
         write_run_files(tmp, recipe_text, prof, comparison)
