@@ -145,6 +145,7 @@ class LayerEngine:
                                  entered, {n: args[n][i] for n in entered})
             for cb in callbacks:
                 cb.on_layer(i, layers[i], inputs)
+                _return_freed_memory()  # what the callback freed (the pruned or quantized weights) goes back now
             layer = layers[i]  # a callback may have replaced modules inside it, not the layer itself
             for name, s in streams.items():
                 if not s.before:

@@ -235,9 +235,13 @@ def report(compat: dict[str, tuple[bool, str]]) -> str:
 # ---- save ----------------------------------------------------------------------------------
 def _qtensors(model, plan: QuantPlan, adapter) -> dict[str, rtn.QTensor]:
     """Checkpoint module name -> the quantized codes held by the model, for every planned unit."""
+    return dict(iter_qtensors(model, plan, adapter))
+
+
+def iter_qtensors(model, plan: QuantPlan, adapter):
+    """(checkpoint module name, its unpacked codes) one weight at a time (:func:`_qtensors` lazily)."""
     from .modules import QuantizedLinear
 
-    out = {}
     for name, b in plan.bits.items():
         if b is None:
             continue
@@ -252,19 +256,19 @@ def _qtensors(model, plan: QuantPlan, adapter) -> dict[str, rtn.QTensor]:
             if qt is None or qt.bits != b:
                 raise SecompressError(f"'{key}' is planned at {b} bits but the model does not hold {b}-bit codes "
                                       "for it: save the model quantize_ (or the GPTQ codes) returned this plan for")
-            out[disk] = qt
-    return out
+            yield disk, qt
 
 
-def _compress(qts: dict[str, rtn.QTensor], qc, symmetric: bool) -> dict[str, torch.Tensor]:
-    """compressed-tensors' pack-quantized compressor on each weight; checks the codes come back exactly."""
+def _compress(qts, qc, symmetric: bool) -> dict[str, torch.Tensor]:
+    """compressed-tensors' pack-quantized compressor on each weight of ``qts`` ({name: QTensor}, or
+    (name, QTensor) pairs taken one at a time); checks the codes come back exactly."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
     compressor = BaseCompressor.get_value_from_registry(PACKED)
     qd = qc.model_dump()
     out = {}
-    for name, qt in qts.items():
+    for name, qt in (qts.items() if isinstance(qts, dict) else qts):
         scheme = qc.config_groups[scheme_of(qd, name)]
         want_gs = scheme.weights.group_size or qt.codes.shape[-1]
         if qt.group_size != want_gs:

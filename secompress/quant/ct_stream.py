@@ -26,8 +26,8 @@ import torch
 from ..checkpoints import check_model
 from ..experts import expert_weights
 from ..streaming import disk_key
-from .compressed_tensors import (FORMAT, SE_MODE_ERROR, _compress, _qtensors, build_config, compatibility,
-                                 report, vllm_rule_problems)
+from .compressed_tensors import (FORMAT, SE_MODE_ERROR, _compress, build_config, compatibility, iter_qtensors, report,
+                                 vllm_rule_problems)
 from .fused import WEIGHTS, FusedQuantizedExperts
 from .plan import PLAN_NAME, QuantPlan
 
@@ -97,10 +97,10 @@ def layer_tensors(model, adapter, index: int, plan: QuantPlan, qc, symmetric: bo
         out.update(_quantized_expert_biases(experts, ex_name, adapter))
     elif experts is not None:
         out.update(_expert_tensors(experts, ex_name, adapter, weights=True))
-    qts = _qtensors(model, plan, adapter)
-    for name in qts:  # a quantized Linear's 16-bit weight (experts' weights were never added)
-        out.pop(f"{name}.weight", None)
-    out.update(_compress(qts, qc, symmetric))
+    for n, b in plan.bits.items():  # a quantized Linear's 16-bit weight (experts' weights were never added)
+        if b is not None and plan.units[n].expert is None:
+            out.pop(f"{disk_key(adapter, n)}.weight", None)
+    out.update(_compress(iter_qtensors(model, plan, adapter), qc, symmetric))  # one weight's codes at a time
     return out
 
 
