@@ -4,8 +4,9 @@
 when the checkpoint, in the compute dtype, exceeds ``model.memory_share`` of the available memory)
 and says why. :func:`run_streamed` then runs the same stages as the in-memory run, as passes over
 the shards (:mod:`secompress.streamed`): the streamed SE profile (cached like the in-memory one);
-one pass with the baseline perplexity, pruning, RTN, the SE-aware perplexity and the export; one
-SE-unaware pass (perplexity only, never a copy of the model). Everything is planned and checked
+one pass with the baseline perplexity, pruning, quantization, the SE-aware perplexity and the
+export (RTN and bitsandbytes per layer; GPTQ: gptqmodel's child process on the pruned checkpoint
+first, :mod:`secompress.quant.gptq_stream`); one SE-unaware pass (perplexity only, never a copy of the model). Everything is planned and checked
 (methods, disk space) before the first pass. lm-eval tasks need the model in memory: in streamed
 mode they are skipped with a warning and the manifest says so (run them on the export).
 """
@@ -74,7 +75,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     from ..streamed import StreamedJob, compress_streamed, plan_streamed
     from .evaluation import Comparison
     from .publish import model_card
-    from ..quant.backends import get_backend
+    from ..quant.backends import exporter
     from .run import PLAIN_SNIPPET, RunResult, _cached_profile, _data, _manifest, finish_push, write_run_files
 
     t0 = time.time()
@@ -119,7 +120,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
             aware = {"perplexity": res.perplexity_after} if measure else {}
             unaware = None
             if plan_u is not None and measure:
-                unaware = {"perplexity": compress_streamed(plan_u, eval_ids, None, baseline=False,
+                unaware = {"perplexity": compress_streamed(plan_u, eval_ids, None, tok, baseline=False,
                                                            progress=progress).perplexity_after}
             comparison = Comparison.build({"perplexity": res.perplexity_before} if measure else {}, aware, unaware)
             timings["evaluate_se_unaware"] = round(time.time() - t, 2)
@@ -144,7 +145,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
                 (dest / REPORT_NAME).write_text(json.dumps(pr.to_json(), indent=1))
             prune_info = None if pr is None else {"method": pr.config.method, "num_experts_after": pr.num_experts_after,
                                                   "removed_per_layer": pr.num_experts_before - pr.num_experts_after}
-            snippet = get_backend("rtn").load_snippet if plan.quant_plan is not None else PLAIN_SNIPPET
+            snippet = exporter(plan.quant_plan.meta).load_snippet if plan.quant_plan is not None else PLAIN_SNIPPET
             (dest / "README.md").write_text(model_card(
                 recipe, recipe_text, prof.se_ids() if prof is not None else [], comparison,
                 plan.quant_plan.table() if plan.quant_plan is not None else None, prune_info, snippet))
