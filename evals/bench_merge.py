@@ -154,7 +154,7 @@ def main() -> None:
               f"ratio {row['peak_massive_ratio']:.1f} sink {row['mean_sink_mass']:.4f} gate {row['sink_gate']} "
               f"SEs touched {row['super_experts_touched']} ({row['seconds']} s)", flush=True)
     out = Path(args.out)
-    plot_sink(sinks, out.with_suffix(".png"), f"{Path(args.model).name}: sink health after compression")
+    plot_sink(sinks, out.with_suffix(".png"), f"{label(args.model)}: sink health after 50% compression")
     out.write_text(json.dumps({"model": args.model, "sinks": {k: h.to_json() for k, h in sinks.items()}, "super_experts": [list(s) for s in prof.se_ids()],
                                "calibration": f"builtin, {args.samples} x {args.seq_len}",
                                "eval": f"reference held-out stream, {args.eval_samples} x {args.seq_len}",
@@ -176,10 +176,16 @@ def combine(files: list[str], out: str) -> None:
     res["parts"] = files
     keys = ("hidden_max", "hidden_first_max", "hidden_median", "sink_mass")
     plot_sink({k: SinkHealth(*(v[x] for x in keys)) for k, v in res["sinks"].items()}, Path(out).with_suffix(".png"),
-              f"{Path(res['model']).name}: sink health after compression (50%)")
+              f"{label(res['model'])}: sink health after 50% compression")
     Path(out).write_text(json.dumps(res, indent=1) + "\n")
     print(table(res["rows"]))
     print(f"wrote {out} and {Path(out).with_suffix('.png')}")
+
+
+def label(model: str) -> str:
+    """A model folder's name for titles ('evals/reference/model' -> 'reference model')."""
+    p = Path(model)
+    return f"{p.parent.name} model" if p.name == "model" else p.name
 
 
 def table(rows: list[dict]) -> str:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import threading
@@ -50,10 +51,17 @@ SE_LAYER, SE_EXPERT, SE_CHANNEL, SE_SCALE = 1, 5, 7, 300.0
 
 
 class PeakRSS:
-    """Peak resident memory of this process inside the block (sampled)."""
+    """Peak resident memory of this process inside the block (sampled). Above ``CAP`` bytes (``--rss-cap-gib``)
+    the process reports the step as killed and exits 137, as an OOM kill would, before the machine swaps."""
+
+    CAP: int | None = None
+    step = ""
+
+    def __init__(self, step: str = ""):
+        self.step = step
 
     def __enter__(self):
-        self.peak, self._stop = _rss(), False
+        self.peak, self._stop, self._t0 = _rss(), False, time.perf_counter()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
         return self
@@ -61,6 +69,9 @@ class PeakRSS:
     def _loop(self):
         while not self._stop:
             self.peak = max(self.peak, _rss())
+            if self.CAP is not None and self.peak > self.CAP:
+                report(self.step, time.perf_counter() - self._t0, self.peak, killed=f"RSS over the {self.CAP / 2**30:.0f} GiB cap")
+                os._exit(137)
             time.sleep(0.1)
 
     def __exit__(self, *exc):
@@ -133,17 +144,26 @@ def generate(folder: Path, config) -> str:
     return se_key
 
 
-def raw_read_gbps(path: Path, limit: int = 4 * 2**30) -> float:
-    """Plain sequential read of a file (page cache not dropped: an upper bound when cached)."""
-    buf = bytearray(64 * 2**20)
+def raw_read_gbps(path: Path, limit: int = 4 * 2**30) -> tuple[float, str]:
+    """Sequential read of a file with O_DIRECT (the disk itself, not the page cache) where the file
+    system allows it, else a plain read (an upper bound when the file is cached); (GB/s, how)."""
+    import mmap
+
+    buf = mmap.mmap(-1, 64 * 2**20)  # page-aligned, as O_DIRECT needs
+    try:
+        fd, how = os.open(path, os.O_RDONLY | os.O_DIRECT), "O_DIRECT"
+    except OSError:
+        fd, how = os.open(path, os.O_RDONLY), "buffered (page cache not bypassed)"
     n, t0 = 0, time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
+    try:
         while n < limit:
-            k = f.readinto(buf)
+            k = os.readv(fd, [buf])
             if not k:
                 break
             n += k
-    return n / (time.perf_counter() - t0) / 1e9
+    finally:
+        os.close(fd)
+    return n / (time.perf_counter() - t0) / 1e9, how
 
 
 def main() -> None:
@@ -158,8 +178,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the export")
     ap.add_argument("--generate-only", action="store_true")
     ap.add_argument("--no-unaware", action="store_true", help="skip the SE-unaware pass")
+    ap.add_argument("--rss-cap-gib", type=float, default=None, help="stop a step whose peak RSS passes this")
     ap.add_argument("--format", choices=("compressed-tensors", "dequantized"), default="compressed-tensors")
     a = ap.parse_args()
+    PeakRSS.CAP = None if a.rss_cap_gib is None else int(a.rss_cap_gib * 2**30)
 
     from secompress.checkpoints import load_tokenizer
     from secompress.data import CalibrationData, load_calibration
@@ -225,7 +247,7 @@ def main() -> None:
         from secompress.prune import prune, remap_profile
         from secompress.quant.api import quantize_, save_quantized
 
-        with PeakRSS() as p:
+        with PeakRSS("compress+export+ppl (in memory)") as p:
             t0 = time.perf_counter()
             model = load_model(src, torch.bfloat16)
             before = perplexity(model, eval_ids, 4)
@@ -252,8 +274,12 @@ def main() -> None:
         se_identical = bool(torch.equal(se_in, ck_out.get(out_key))) if out_key in ck_out.where else "quantized"
         k_emb = "model.embed_tokens.weight"  # a 16-bit tensor outside the layers
         err = float((ck_in.get(k_emb).float() - ck_out.get(k_emb).float()).abs().max())
-    stock = out_u if ct else out
-    m, info = AutoModelForCausalLM.from_pretrained(stock, device_map="meta", output_loading_info=True)
+    stock = out if not ct else out_u if out_u.is_dir() else None  # in-memory mode writes no unaware export
+    info, experts_after = {"missing_keys": [], "unexpected_keys": []}, None
+    if stock is not None:
+        m, info = AutoModelForCausalLM.from_pretrained(stock, device_map="meta", output_loading_info=True)
+        experts_after = m.config.num_experts
+        del m
     extra = {}
     if ct:  # one packed expert of the last layer through compressed-tensors' own unpacker
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -268,12 +294,12 @@ def main() -> None:
             w_hat = (q.reshape(shape[0], s_.shape[1], -1) * s_[..., None]).reshape(shape)
             w = ck_in.get(f"model.layers.{L}.mlp.experts.{kept[L][e_new]}.down_proj.weight").float()
         extra = {"packed_expert_max_err": float((w - w_hat).abs().max()), "rtn_bound": float(s_.max() / 2)}
-    results.append(report("checks", 0, _rss(), se_bit_identical=se_identical, stock_loaded=str(stock.name),
+    results.append(report("checks", 0, _rss(), se_bit_identical=se_identical, stock_loaded=stock and stock.name,
                           missing=len(info["missing_keys"]), unexpected=len(info["unexpected_keys"]),
-                          experts_after=m.config.num_experts, embed_max_abs_err=err, **extra))
-    del m
+                          experts_after=experts_after, embed_max_abs_err=err, **extra))
     shard = max(src.glob("*.safetensors"), key=lambda f: f.stat().st_size)
-    results.append(report("disk", 0, _rss(), raw_read_gbps=round(raw_read_gbps(shard), 3)))
+    gbps, how = raw_read_gbps(shard)
+    results.append(report("disk", 0, _rss(), raw_read_gbps=round(gbps, 3), read=how))
     print(json.dumps({"summary": results, "ru_maxrss_gib": round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}))
     if not a.keep:

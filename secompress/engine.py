@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -63,11 +64,17 @@ class Stream:
     """Token windows [N, S] in chunks; ``before``: through each layer before the callbacks change it;
     ``keep_inputs`` (``before`` streams): also hand the callbacks the hidden states the stream
     carried into the layer (:attr:`LayerInputs.entered`), at the cost of one more [N, S, H] copy
-    of the stream alive while the callbacks run."""
+    of the stream alive while the callbacks run; ``watch(i, layer)``: a context manager entered
+    around the stream's chunks going through decoder layer ``i`` (e.g. the measuring hooks of
+    :meth:`secompress.sink_meter.SinkMeter.watch`)."""
 
     chunks: list[torch.Tensor]
     before: bool = False
     keep_inputs: bool = False
+    watch: Callable[[int, nn.Module], AbstractContextManager] | None = None
+
+    def through(self, index: int, layer: nn.Module) -> AbstractContextManager:
+        return self.watch(index, layer) if self.watch is not None else nullcontext()
 
 
 class _Done(nn.Module):
@@ -131,7 +138,8 @@ class LayerEngine:
             entered = {n: hidden[n] for n, s in streams.items() if s.before and s.keep_inputs}
             for name, s in streams.items():
                 if s.before:
-                    hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
+                    with s.through(i, layer):
+                        hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
             inputs = LayerInputs({n: hidden[n] for n, s in streams.items() if not s.before},
                                  {n: args[n][i] for n, s in streams.items() if not s.before},
                                  entered, {n: args[n][i] for n in entered})
@@ -140,7 +148,8 @@ class LayerEngine:
             layer = layers[i]  # a callback may have replaced modules inside it, not the layer itself
             for name, s in streams.items():
                 if not s.before:
-                    hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
+                    with s.through(i, layer):
+                        hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
             layers[i] = _Done()
             del layer, inputs, entered
             _return_freed_memory()

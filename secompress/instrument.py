@@ -128,7 +128,23 @@ class Recorder:
         """probs [B, heads, S, S]: mean attention that queries 1.. put on key 0."""
         if probs is None or probs.shape[-2] < 2:
             return
-        self.sink_mass.setdefault(layer, []).append(float(probs[:, :, 1:, 0].float().mean()))
+        self.observe_sink_edge(layer, sink_edge(probs))
+
+    @torch.no_grad()
+    def observe_sink_edge(self, layer: int, edge: torch.Tensor) -> None:
+        """edge [B, heads, S-1]: the attention queries 1.. put on key 0 (:func:`sink_edge`)."""
+        self.sink_mass.setdefault(layer, []).append(edge_mass(edge))
+
+
+def sink_edge(probs: torch.Tensor) -> torch.Tensor:
+    """probs [B, heads, S, S] -> [B, heads, S-1]: the attention queries 1.. put on key 0 (a view)."""
+    return probs[:, :, 1:, 0]
+
+
+def edge_mass(edge: torch.Tensor) -> float:
+    """Mean of ``edge`` [B, heads, S-1], summed in a contiguous float32 copy so that the result does
+    not depend on where the rows came from (a view of the probabilities or a concatenation)."""
+    return float(edge.float().contiguous().mean())
 
 
 @torch.no_grad()
@@ -188,6 +204,17 @@ def _shared_hook(rec: Recorder, layer: int, E: int):
     return hook
 
 
+def layer_output_hooks(layer: nn.Module, on_hidden, on_attention=None) -> list:
+    """Forward hooks handing ``on_hidden`` the hidden states [B, S, H] a decoder layer outputs and
+    ``on_attention`` the probabilities [B, heads, S, S] its ``self_attn`` returns (None where the
+    attention implementation returns none: eager does); returns the handles to remove."""
+    handles = [layer.register_forward_hook(lambda m, a, o: on_hidden(o[0] if isinstance(o, tuple) else o))]
+    if on_attention is not None and hasattr(layer, "self_attn"):
+        handles.append(layer.self_attn.register_forward_hook(
+            lambda m, a, o: on_attention(o[1] if isinstance(o, tuple) else None)))
+    return handles
+
+
 @contextmanager
 def instrument(model: nn.Module, adapter: MoEAdapter, rec: Recorder, attention: bool = True, experts: bool = True):
     """Record expert (unless ``experts=False``), hidden-state and attention statistics; restore the
@@ -195,11 +222,8 @@ def instrument(model: nn.Module, adapter: MoEAdapter, rec: Recorder, attention: 
     handles, swapped, record_experts = [], [], experts
     try:
         for i, layer in enumerate(adapter.layers(model)):
-            handles.append(layer.register_forward_hook(
-                lambda m, a, o, i=i: rec.observe_hidden(i, o[0] if isinstance(o, tuple) else o)))
-            if attention and hasattr(layer, "self_attn"):
-                handles.append(layer.self_attn.register_forward_hook(
-                    lambda m, a, o, i=i: rec.observe_attention(i, o[1] if isinstance(o, tuple) else None)))
+            handles += layer_output_hooks(layer, lambda h, i=i: rec.observe_hidden(i, h),
+                                          (lambda p, i=i: rec.observe_attention(i, p)) if attention else None)
             block = adapter.block_of(layer)
             if block is None or not record_experts:
                 continue

@@ -33,6 +33,7 @@ from .checkpoints import check_model
 from .se_rule import massive_ratio
 
 log = logging.getLogger(__name__)
+SINK_BATCH_SIZE = 4  # windows per batch of the per-batch statistics (median |h|, sink mass)
 
 
 class SinkHealthError(SecompressError):
@@ -65,9 +66,21 @@ class SinkHealth:
                 "hidden_first_max": self.hidden_first_max, "hidden_median": self.hidden_median}
 
 
+def sink_health(rec: Recorder, num_layers: int) -> SinkHealth:
+    """The per-layer statistics a :class:`~secompress.instrument.Recorder` collected (hidden states
+    and attention, one observation per batch of windows) as a :class:`SinkHealth`; the in-memory
+    (:func:`measure_sink`) and the streamed (:mod:`secompress.sink_meter`) measurements both end here."""
+    L = num_layers
+    return SinkHealth([rec.hidden_max.get(l, math.nan) for l in range(L)],
+                      [rec.hidden_first_max.get(l, math.nan) for l in range(L)],
+                      [float(np.mean(rec.hidden_median[l])) if l in rec.hidden_median else math.nan for l in range(L)],
+                      [float(np.mean(rec.sink_mass[l])) if rec.sink_mass.get(l) else math.nan for l in range(L)])
+
+
 @torch.no_grad()
-def measure_sink(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> SinkHealth:
-    """Sink health of ``model`` on windows ``ids [N, S]`` (attention switched to eager meanwhile)."""
+def measure_sink(model: nn.Module, ids: torch.Tensor, batch_size: int = SINK_BATCH_SIZE) -> SinkHealth:
+    """Sink health of ``model`` on windows ``ids [N, S]`` (attention switched to eager meanwhile),
+    ``batch_size`` windows per forward (the median |h| and the sink mass are per-batch means)."""
     from .profile import _eager_attention
 
     adapter = check_model(model)
@@ -77,11 +90,7 @@ def measure_sink(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> Si
     with _eager_attention(model, True), instrument(model, adapter, rec, attention=True, experts=False):
         for chunk in ids.split(batch_size):
             base(input_ids=chunk.to(dev), use_cache=False)
-    L = len(adapter.layers(model))
-    return SinkHealth([rec.hidden_max.get(l, math.nan) for l in range(L)],
-                      [rec.hidden_first_max.get(l, math.nan) for l in range(L)],
-                      [float(np.mean(rec.hidden_median[l])) if l in rec.hidden_median else math.nan for l in range(L)],
-                      [float(np.mean(rec.sink_mass[l])) if rec.sink_mass.get(l) else math.nan for l in range(L)])
+    return sink_health(rec, len(adapter.layers(model)))
 
 
 def check_sink(baseline: SinkHealth, compressed: SinkHealth, threshold: float, label: str = "compressed") -> None:

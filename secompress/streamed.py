@@ -381,6 +381,8 @@ class StreamedResult:
     seconds: float = 0.0
     prune_result: object | None = None
     extra: dict = field(default_factory=dict)
+    sink_before: object | None = None  # SinkHealth of the original model (``sink=True``, baseline stream)
+    sink_after: object | None = None  # SinkHealth of the compressed model (``sink=True``)
 
     @property
     def perplexity_before(self) -> float | None:
@@ -404,16 +406,18 @@ def check_disk(out: Path, need: int) -> None:
 
 def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, out: str | Path | None = None,
                       tokenizer=None, baseline: bool = True, overwrite: bool = False, progress: bool = True,
-                      extra_files=None) -> StreamedResult:
+                      extra_files=None, sink: bool = False) -> StreamedResult:
     """One streamed pass: baseline and compressed perplexity over ``eval_ids`` [N, S] (when given) and the
     export into ``out`` (when given; atomic, with the tokenizer, config, plan, codes and the files
-    ``extra_files(result) -> {name: text}`` gives once the perplexities are known)."""
+    ``extra_files(result) -> {name: text}`` gives once the perplexities are known). ``sink``: also the
+    baseline and compressed :class:`~secompress.sink.SinkHealth` over ``eval_ids``
+    (:mod:`secompress.sink_meter`; equal to :func:`~secompress.sink.measure_sink` in memory)."""
     t0 = time.perf_counter()
     job = plan.job
     if plan.quant_plan is not None and job.quant.method == "gptq" and plan.gptq_dir is None:
         from .quant.gptq_stream import compress_gptq  # gptqmodel first, then this pass over its codes
 
-        return compress_gptq(plan, eval_ids, out, tokenizer, baseline, overwrite, progress, extra_files)
+        return compress_gptq(plan, eval_ids, out, tokenizer, baseline, overwrite, progress, extra_files, sink)
     if out is not None:
         out = check_output_dir(out, overwrite)
         check_disk(out, plan.output_bytes)
@@ -425,10 +429,15 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
         callbacks.append(_quantizer(eng, plan))
     streams = {}
     chunks = list(eval_ids.split(job.batch_size)) if eval_ids is not None else []
+    meters = {}
+    if sink and chunks:
+        from .sink_meter import SinkMeter
+
+        meters = {n: SinkMeter(len(eng.layers)) for n in (("before", "after") if baseline else ("after",))}
     if chunks:
         if baseline:
-            streams["before"] = Stream(chunks, before=True)
-        streams["after"] = Stream(chunks)
+            streams["before"] = Stream(chunks, before=True, watch=meters["before"].watch if meters else None)
+        streams["after"] = Stream(chunks, watch=meters["after"].watch if meters else None)
     res = StreamedResult(plan)
     if plan.restructure is not None:  # merging / HEAPr: each MoE layer decided from the calibration windows
         from .prune.streamed_merge import restructure_callback
@@ -474,6 +483,10 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
             res.loss_before = eng.mean_loss(final.pop("before"), chunks)
         if "after" in final:
             res.loss_after = eng.mean_loss(final.pop("after"), chunks)
+        if "before" in meters:
+            res.sink_before = meters["before"].health()
+        if "after" in meters:
+            res.sink_after = meters["after"].health()
         if writer is not None:
             writer.close()
             if codes is not None:

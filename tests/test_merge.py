@@ -156,7 +156,7 @@ def test_every_architecture_merges_and_prunes_neurons_and_reloads_in_stock_trans
             expected[f"{arch}-{method}/shapes"] = {f"{ad.block_path(layer)}.{ad.experts}.{n}": list(p.shape)
                                                    for n, p in ex.named_parameters()}
     proc = subprocess.run([sys.executable, "-c", _FRESH, json.dumps(paths)], capture_output=True, text=True,
-                          timeout=180, cwd=tmp_path)
+                          timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in paths:

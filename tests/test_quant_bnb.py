@@ -87,7 +87,7 @@ def _reload_in_fresh_process(out, ids, tmp_path) -> dict:
         f"torch.save({{'logits': logits, 'se': {{p: getattr(se, p).weight for p in {PROJ!r}}}, "
         "'se_type': type(se.down_proj).__name__, 'q_type': type(q).__name__, 'q_dtype': str(q.weight.dtype)}, "
         f"{str(tmp_path / 'r.pt')!r})\n")
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=180)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=600)
     return torch.load(tmp_path / "r.pt")
 
 

@@ -192,8 +192,9 @@ stages:
     st = run_recipe(recipe, text, tmp_path / "st", progress=False, announce=said.append)
     assert st.manifest["mode"] == "streamed" and said[-1].startswith("plan: streamed layer by layer on cpu")
     assert st.manifest["plan"]["estimated_peak_bytes"] > 0
-    # the in-memory run also measures sink health (sink/ rows); the streamed one does not (yet)
     assert st.comparison.rows["perplexity"] == mem.comparison.rows["perplexity"]
+    for row in ("sink/peak_massive_ratio", "sink/mean_sink_mass"):  # measured during the streamed passes
+        assert st.comparison.rows[row] == mem.comparison.rows[row]
     assert st.comparison.rows["perplexity"]["se_unaware"]
     a, b = _tensors(tmp_path / "mem" / "model"), _tensors(tmp_path / "st" / "model")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

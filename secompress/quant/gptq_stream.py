@@ -66,8 +66,9 @@ def _work_dir(out: Path | None):
 
 
 def compress_gptq(plan, eval_ids=None, out=None, tokenizer=None, baseline: bool = True, overwrite: bool = False,
-                  progress: bool = True, extra_files=None):
-    """The streamed GPTQ run of ``plan`` (see the module docstring); returns a StreamedResult."""
+                  progress: bool = True, extra_files=None, sink: bool = False):
+    """The streamed GPTQ run of ``plan`` (see the module docstring); returns a StreamedResult (baseline
+    perplexity and sink health from the pruning pass when pruning, compressed ones from the last pass)."""
     from ..checkpoints import load_config, load_tokenizer
     from ..outputs import check_output_dir
     from ..streamed import check_disk, compress_streamed
@@ -92,7 +93,7 @@ def compress_gptq(plan, eval_ids=None, out=None, tokenizer=None, baseline: bool 
                 ct=None, calib=None, export_bytes=None)
             src = work / "pruned"
             first = compress_streamed(plain_plan, eval_ids if baseline else None, src, tokenizer, baseline=True,
-                                      progress=progress)
+                                      progress=progress, sink=sink)
             extra["pruned_seconds"] = first.seconds
             if first.loss_after is not None:
                 extra["loss_pruned"] = first.loss_after
@@ -107,15 +108,16 @@ def compress_gptq(plan, eval_ids=None, out=None, tokenizer=None, baseline: bool 
                                      selection=None, gptq_dir=work / "gptq")
 
         def side(r):
-            r = dataclasses.replace(r, plan=plan, loss_before=first.loss_before if pruning else r.loss_before,
-                                    seconds=time.perf_counter() - t0)
+            if pruning:
+                r = dataclasses.replace(r, loss_before=first.loss_before, sink_before=first.sink_before)
+            r = dataclasses.replace(r, plan=plan, seconds=time.perf_counter() - t0)
             return extra_files(r) if extra_files else {}
 
         res = compress_streamed(second, eval_ids, out, tokenizer, baseline=baseline and not pruning,
-                                overwrite=overwrite, progress=progress, extra_files=side)
+                                overwrite=overwrite, progress=progress, extra_files=side, sink=sink)
     res.plan = plan
     if pruning:
-        res.loss_before = first.loss_before
+        res.loss_before, res.sink_before = first.loss_before, first.sink_before
     res.extra.update(extra)
     res.seconds = time.perf_counter() - t0
     return res

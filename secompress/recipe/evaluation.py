@@ -46,7 +46,12 @@ def measure_sink_rows(model, eval_ids: torch.Tensor) -> tuple[dict[str, float], 
     from ..sink import measure_sink
 
     h = measure_sink(model, eval_ids)
-    return {f"{SINK_PREFIX}peak_massive_ratio": h.peak_ratio, f"{SINK_PREFIX}mean_sink_mass": h.mean_sink_mass}, h
+    return sink_rows(h), h
+
+
+def sink_rows(h: SinkHealth) -> dict[str, float]:
+    """The sink-health summary of one model as comparison rows."""
+    return {f"{SINK_PREFIX}peak_massive_ratio": h.peak_ratio, f"{SINK_PREFIX}mean_sink_mass": h.mean_sink_mass}
 
 
 class _LmEvalNoise(logging.Filter):

@@ -5,8 +5,13 @@ when the checkpoint, in the compute dtype, exceeds ``model.memory_share`` of the
 and says why. :func:`run_streamed` then runs the same stages as the in-memory run, as passes over
 the shards (:mod:`secompress.streamed`): the streamed SE profile (cached like the in-memory one);
 one pass with the baseline perplexity, pruning, quantization, the SE-aware perplexity and the
-export (RTN and bitsandbytes per layer; GPTQ: gptqmodel's child process on the pruned checkpoint
-first, :mod:`secompress.quant.gptq_stream`); one SE-unaware pass (perplexity only, never a copy of the model). Everything is planned and checked
+export (RTN and bitsandbytes per layer; GPTQ runs gptqmodel's child process on the pruned checkpoint
+first, :mod:`secompress.quant.gptq_stream`); one SE-unaware pass (evaluation only, never a copy of
+the model). The evaluate stage's sink health
+(baseline, SE-aware, SE-unaware; ``sink.{json,md,png}``) is measured during those passes
+(:mod:`secompress.sink_meter`, the numbers :func:`~secompress.sink.measure_sink` gives in memory);
+``evaluate.sink_check`` is applied right after the first pass, so a lost attention sink fails
+the run before the SE-unaware pass and leaves nothing behind. Everything is planned and checked
 (methods, disk space) before the first pass. lm-eval tasks need the model in memory: in streamed
 mode they are skipped with a warning and the manifest says so (run them on the export).
 """
@@ -73,7 +78,8 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     from ..outputs import atomic_dir
     from ..prune.api import REPORT_NAME, build_result
     from ..streamed import StreamedJob, compress_streamed, plan_streamed
-    from .evaluation import Comparison
+    from ..sink import check_sink, save_sink
+    from .evaluation import Comparison, sink_rows
     from .publish import model_card
     from ..quant.backends import exporter
     from .run import PLAIN_SNIPPET, RunResult, _cached_profile, _data, _manifest, finish_push, write_run_files
@@ -86,9 +92,6 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     calib, eval_ids = _data(recipe, tok)
     ev = recipe.stage("evaluate")
     notes = []
-    if ev is not None and ev.sink_check is not None:
-        raise SecompressError("evaluate.sink_check measures the compressed model in memory; a streamed run cannot "
-                              "gate on it yet: remove it, or set model.streaming: false")
     if ev is not None and ev.tasks:
         notes.append(f"lm-eval tasks {ev.tasks} skipped: they need the model in memory; run them on the export")
         log.warning(notes[-1])
@@ -106,23 +109,33 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     compare = ev is not None and ev.compare_se_unaware and prof is not None
     plan_u = plan_streamed(m.id, job, prof, protect=False, calib=calib.input_ids) if compare else None
     measure = ev is not None and ev.perplexity
-    announce(f"{plan.describe(*(eval_ids.shape if measure else (0, 0)))} ({reason})")
+    sink = ev is not None  # as in memory: sink health of every variant the evaluate stage measures
+    windows = eval_ids if sink else None  # the evaluation windows, through every pass
+    announce(f"{plan.describe(*(windows.shape if windows is not None else (0, 0)))} ({reason})")
     export = recipe.stage("export") is not None
 
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp:  # a failed gate below removes it, the export inside included
         t = time.time()
-        res = compress_streamed(plan, eval_ids if measure else None, tmp / "model" if export else None, tok,
-                                progress=progress)
+        res = compress_streamed(plan, windows, tmp / "model" if export else None, tok, progress=progress,
+                                sink=sink)
         timings["compress_export"] = round(time.time() - t, 2)
+        sinks = {"baseline": res.sink_before, "SE-aware": res.sink_after} if sink else {}
+        if sink and ev.sink_check is not None:  # before the SE-unaware pass: a lost sink fails the run now
+            check_sink(sinks["baseline"], sinks["SE-aware"], ev.sink_check, "SE-aware")
         comparison = None
         if ev is not None:
             t = time.time()
+            rows = {"perplexity": res.perplexity_before} if measure else {}
             aware = {"perplexity": res.perplexity_after} if measure else {}
             unaware = None
-            if plan_u is not None and measure:
-                unaware = {"perplexity": compress_streamed(plan_u, eval_ids, None, tok, baseline=False,
-                                                           progress=progress).perplexity_after}
-            comparison = Comparison.build({"perplexity": res.perplexity_before} if measure else {}, aware, unaware)
+            if plan_u is not None:
+                r_u = compress_streamed(plan_u, windows, None, tok, baseline=False, progress=progress, sink=sink)
+                unaware = {"perplexity": r_u.perplexity_after} if measure else {}
+                unaware.update(sink_rows(r_u.sink_after))
+                sinks["SE-unaware"] = r_u.sink_after
+            rows.update(sink_rows(sinks["baseline"]))
+            aware.update(sink_rows(sinks["SE-aware"]))
+            comparison = Comparison.build(rows, aware, unaware)
             timings["evaluate_se_unaware"] = round(time.time() - t, 2)
             comparison.check(ev.recovery_threshold)
         info = {}
@@ -139,6 +152,8 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
             pr.model = m.id
             info["prune"] = pr
         write_run_files(tmp, recipe_text, prof, comparison)
+        if sinks:
+            save_sink(sinks, tmp)
         if export:
             dest = tmp / "model"
             if pr is not None:
@@ -153,7 +168,8 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
         manifest.update(mode="streamed", mode_reason=reason, device=str(device), notes=notes,
                         plan={"checkpoint_bytes": plan.checkpoint_bytes, "largest_layer_bytes": plan.layer_bytes,
                               "embeddings_head_bytes": plan.rest_bytes, "output_bytes": plan.output_bytes,
-                              "estimated_peak_bytes": plan.peak_bytes(*(eval_ids.shape if measure else (0, 0)))})
+                              "estimated_peak_bytes": plan.peak_bytes(*(windows.shape if windows is not None
+                                                                        else (0, 0)))})
         manifest["wall_seconds"] = round(time.time() - t0, 2)
         import resource
 
