@@ -239,9 +239,9 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
         qcfg = job.quant if protect is None else dataclasses.replace(job.quant, protect_super_experts=protect)
         if removal is not None and prof is not None:
             prof = _remapped(prof, removal)
-        if qcfg.method != "rtn" and prof is None:
-            raise SecompressError(f"streamed '{qcfg.method}' needs the streamed profile (Super Experts, calibration "
-                                  "coverage): profile first")
+        if qcfg.method == "gptq" and prof is None:
+            raise SecompressError("streamed GPTQ needs the streamed profile (calibration coverage, Super Experts): "
+                                  "profile first")
         qplan = plan_quantization(model, qcfg, profile=prof)
         if qcfg.method == "gptq":
             from .quant.gptq_stream import check_gptq

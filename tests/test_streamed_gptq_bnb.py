@@ -119,3 +119,53 @@ def test_streamed_gptq_and_bnb_refuse_bad_combinations_up_front(tmp_path):
     if importlib.util.find_spec("gptqmodel") is not None:
         with pytest.raises(SecompressError, match="calibration windows"):
             plan_streamed(src, job, prof)
+
+
+def test_cli_quantize_streaming_bnb_matches_in_memory(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes", reason="needs the bnb extra")
+    from secompress.cli import main
+
+    m = make_tiny("olmoe", num_hidden_layers=3)
+    plant_super_expert(m, 1, 3)
+    src = str(save_tiny(m, tmp_path / "in"))
+    q = ["quantize", src, "--method", "bnb", "--bits", "4", "--group-size", "-1", "--no-se-protection", "--dtype",
+         "float32", "--option", "quant_type=fp4"]
+    assert main([*q, "--out", str(tmp_path / "qm")]) == 0
+    assert main([*q, "--streaming", "--out", str(tmp_path / "qs")]) == 0
+    assert "streamed layer by layer" in capsys.readouterr().out
+    _same_export(tmp_path / "qm", tmp_path / "qs")
+    gptq = [*q[:2], "--method", "gptq", "--group-size", "32", "--format", "gptqmodel", "--streaming"]
+    assert main([*gptq, "--out", str(tmp_path / "g")]) == 2
+    assert "in memory only" in capsys.readouterr().err
+
+
+def test_run_recipe_streamed_bnb_matches_in_memory(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes", reason="needs the bnb extra")
+    from secompress.recipe import streamed_run
+    from secompress.recipe.run import run_recipe
+    from secompress.recipe.schema import parse_recipe
+
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
+    m = make_tiny("qwen2_moe", num_hidden_layers=3)
+    plant_super_expert(m, layer=1, expert=3)
+    src = save_tiny(m, tmp_path / "tiny")
+    text = f"""\
+version: 1
+name: tiny
+model: {{id: {src}, model_type: qwen2_moe, dtype: float32}}
+data: {{num_samples: 4, seq_len: 32, batch_size: 4, eval_samples: 4}}
+stages:
+  - profile: {{}}
+  - prune: {{ratio: 0.25, method: reap}}
+  - quantize: {{method: bnb, bits: 4, group_size: null}}
+  - evaluate: {{perplexity: true}}
+  - export: {{}}
+"""
+    recipe = parse_recipe(text, "t.yaml")
+    mem = run_recipe(recipe, text, tmp_path / "mem", progress=False)
+    monkeypatch.setattr(streamed_run, "available_memory", lambda: 1000)  # auto: the checkpoint no longer fits
+    st = run_recipe(recipe, text, tmp_path / "st", progress=False)
+    assert mem.manifest["mode"] == "in memory" and st.manifest["mode"] == "streamed"
+    assert st.comparison.rows["perplexity"] == mem.comparison.rows["perplexity"]
+    _same_export(tmp_path / "mem" / "model", tmp_path / "st" / "model")
+    assert "bitsandbytes" in (tmp_path / "st" / "model" / "README.md").read_text()

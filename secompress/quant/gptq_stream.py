@@ -14,8 +14,8 @@ Up to three steps; this process never holds more than the engine's one layer:
    (:func:`~secompress.quant.gptq_codes.load_gptq_codes` with the layer's part of the plan), runs the
    evaluation windows through it (compressed perplexity; baseline too when not pruning) and writes
    the layer in the chosen export format (compressed-tensors or dequantized).
-The work folder (pruned checkpoint, gptqmodel's output) sits next to the output, is counted in the
-disk check and is removed whatever happens. The result equals the in-memory ``prune`` +
+The work folder (pruned checkpoint, gptqmodel's output) sits next to the output (in the system's
+temporary folder when there is none), is counted in the disk check and is removed whatever happens. The result equals the in-memory ``prune`` +
 ``quantize_(method 'gptq')`` + ``save_quantized`` (tested), which runs the same child on the same
 checkpoint bytes.
 """
