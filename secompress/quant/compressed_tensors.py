@@ -219,6 +219,9 @@ def compatibility(qcfg: dict, plan: QuantPlan, adapter) -> dict[str, tuple[bool,
     elif len(widths) > 1:
         tf = (False, f"transformers dequantizes every expert with one scheme, this export has {widths} bits: "
                      "use secompress.load")
+    elif not sym:
+        tf = (False, "transformers 5.24's compressed-tensors dequantizer drops the zero points of asymmetric codes "
+                     "('Asymmetric quant requires zero-point values'): use secompress.load, or quantize symmetric")
     else:
         tf = (True, "AutoModelForCausalLM.from_pretrained dequantizes into the fused experts (dense 16-bit in memory)")
     return {"transformers": tf, "vllm": vllm, "sglang": sglang,

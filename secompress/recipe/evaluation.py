@@ -36,7 +36,7 @@ def measure(model, tokenizer, eval_ids: torch.Tensor, stage, label: str = "model
     out: dict[str, float] = {}
     if stage.perplexity:
         out["perplexity"] = perplexity(model, eval_ids)
-    if stage.tasks:
+    if stage.tasks and stage.backend == "hf":  # vllm: the tasks run on the export (recipe.export_eval)
         out.update(_lm_eval(model, tokenizer, stage, label))
     return out
 
@@ -113,6 +113,11 @@ def _lm_eval(model, tokenizer, stage, label: str) -> dict[str, float]:
         tm = TaskManager(include_path=[str(Path(p)) for p in stage.task_paths] or None)
         res = lm_eval.simple_evaluate(model=lm, tasks=list(stage.tasks), task_manager=tm, limit=stage.limit,
                                       log_samples=False, bootstrap_iters=0)
+    return task_rows(res)
+
+
+def task_rows(res: dict) -> dict[str, float]:
+    """``{task/metric: value}`` from lm-eval's ``simple_evaluate`` result (stderr rows left out)."""
     out = {}
     for task, metrics in res["results"].items():
         for key, value in metrics.items():
@@ -120,6 +125,15 @@ def _lm_eval(model, tokenizer, stage, label: str) -> dict[str, float]:
             if comma and isinstance(value, (int, float)) and not name.endswith("_stderr"):
                 out[f"{task}/{name}"] = float(value)
     return out
+
+
+def _row(metric: str, b: float | None, aware: float | None, unaware: float | None) -> dict[str, float | None]:
+    row = {"baseline": b, "se_aware": aware, "se_unaware": unaware}
+    lower = metric.split("/")[-1] in LOWER_IS_BETTER
+    for col in ("se_aware", "se_unaware"):
+        v = row[col]
+        row[f"recovery_{col}"] = None if v in (None, 0) or not b else (b / v if lower else v / b)
+    return row
 
 
 @dataclass
@@ -130,13 +144,15 @@ class Comparison:
     def build(baseline: dict, aware: dict, unaware: dict | None) -> "Comparison":
         c = Comparison()
         for m, b in baseline.items():
-            row = {"baseline": b, "se_aware": aware.get(m), "se_unaware": (unaware or {}).get(m)}
-            for col in ("se_aware", "se_unaware"):
-                v = row[col]
-                lower = m.split("/")[-1] in LOWER_IS_BETTER
-                row[f"recovery_{col}"] = None if v in (None, 0) or not b else (b / v if lower else v / b)
-            c.rows[m] = row
+            c.rows[m] = _row(m, b, aware.get(m), (unaware or {}).get(m))
         return c
+
+    def add(self, aware: dict[str, float], baseline: dict[str, float] | None = None,
+            unaware: dict[str, float] | None = None) -> None:
+        """Rows for metrics measured after the table was built (lm-eval tasks on the export); a column
+        without a number (baseline or SE-unaware not measured) reads n/a, and so does its recovery."""
+        for m, v in aware.items():
+            self.rows[m] = _row(m, (baseline or {}).get(m), v, (unaware or {}).get(m))
 
     def check(self, threshold: float | None) -> None:
         if threshold is None:
@@ -202,4 +218,4 @@ class Comparison:
     def _label(self, metric: str) -> str:
         r = self.rows[metric]
         b = r["baseline"]
-        return f"{metric}\nbaseline {b:.4g}" + (" (lower is better)" if metric.split("/")[-1] in LOWER_IS_BETTER else "")
+        return f"{metric}\nbaseline {'n/a' if b is None else f'{b:.4g}'}" + (" (lower is better)" if metric.split("/")[-1] in LOWER_IS_BETTER else "")

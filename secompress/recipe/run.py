@@ -40,6 +40,7 @@ from ..outputs import atomic_dir, check_output_dir, checkpoint_bytes, temp_dir
 from ..profile import ProfileResult, profile
 from ..profile_io import dead_experts, save_profile
 from .evaluation import Comparison, measure, measure_sink_rows
+from .export_eval import check_backend, check_vllm_loads, in_memory_vllm_tasks, plan_report
 from .publish import check_push, model_card, push
 from .schema import Recipe, check_against_checkpoint
 
@@ -120,6 +121,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: boo
     need = int(1.5 * checkpoint_bytes(recipe.model.id)) if recipe.stage("export") is not None else 0
     out = check_output_dir(out, overwrite, inputs=inputs, root=root, need_bytes=need)
     check_against_checkpoint(recipe)
+    check_backend(recipe)  # evaluate.backend vllm: installed, a GPU, an export to evaluate
     if (st := recipe.stage("push")) is not None:
         check_push(st, dry_run)
     report = report or log.info
@@ -178,6 +180,9 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
     unaware_model = copy.deepcopy(model) if ev and ev.compare_se_unaware and prof is not None else None
     with stage("compress", " + ".join(n for n in ("prune", "quantize") if recipe.stage(n)) or "nothing to do"):
         info = _compress(recipe, model, tok, prof, calib, protect=True, work=work)
+    vllm_tasks = bool(ev and ev.tasks and ev.backend == "vllm")  # run on the export once written
+    if vllm_tasks:  # an export vLLM cannot load is refused before evaluation and export
+        check_vllm_loads(recipe, plan_report(info.get("quantize"), model))
     comparison = None
     if ev:
         with stage("evaluate", "SE-aware" + (" and the SE-unaware comparison variant (the same recipe with "
@@ -202,13 +207,17 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
     manifest.update(mode="in memory", mode_reason=reason, device=str(device))
     t_export = time.time()
     with stage("export", f"writing {out}"), atomic_dir(out, overwrite) as tmp:
-        write_run_files(tmp, recipe_text, prof, comparison)
         if sinks:
             from ..sink import save_sink
 
             save_sink(sinks, tmp)
         if recipe.stage("export") is not None:
-            _export(recipe, recipe_text, model, tok, prof, info, comparison, tmp / "model")
+            def on_export(dest: Path) -> None:  # evaluate.backend vllm: the tasks on the export, before its card
+                manifest.setdefault("notes", []).extend(in_memory_vllm_tasks(recipe, model, tok, dest, comparison))
+
+            _export(recipe, recipe_text, model, tok, prof, info, comparison, tmp / "model",
+                    on_export if vllm_tasks else None)
+        write_run_files(tmp, recipe_text, prof, comparison)  # after the export: the comparison is complete
         manifest["timings_s"] = {**stage.timings, "export": round(time.time() - t_export, 2)}
         manifest["wall_seconds"] = round(time.time() - t0, 2)
         manifest["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
@@ -240,7 +249,10 @@ def finish_push(recipe: Recipe, out: Path, manifest: dict, dry_run: bool, stage:
 PLAIN_SNIPPET = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')"
 
 
-def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path) -> None:
+def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path,
+            on_export: Callable[[Path], None] | None = None) -> None:
+    """Write the export to ``dest``; ``on_export(dest)`` runs once the checkpoint is written, before the
+    model card (which holds the comparison)."""
     plan_text = None
     if "quantize" in info:  # in the plan's export format (export.format), else its backend's own
         from ..quant.backends import exporter
@@ -260,6 +272,8 @@ def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path)
         model.save_pretrained(dest)
         tok.save_pretrained(dest)
         snippet = PLAIN_SNIPPET
+    if on_export is not None:
+        on_export(dest)
     pr = info.get("prune")
     if pr is not None and not (dest / "prune_report.json").exists():
         (dest / "prune_report.json").write_text(json.dumps(pr.to_json(), indent=1))

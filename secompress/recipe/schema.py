@@ -40,6 +40,7 @@ from ..se_rule import SERule
 
 SCHEMA_VERSION = 1
 # a recipe's name becomes a folder name under the output root: one plain path component only
+EVAL_BACKENDS = ("hf", "vllm")  # evaluate.backend: what runs the lm-eval tasks
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
@@ -91,8 +92,29 @@ class EvaluateStage:
     compare_se_unaware: bool = True  # also run the same recipe with SE protection off
     recovery_threshold: float | None = None  # fail the run if any metric recovers less than this
     sink_check: float | None = None  # fail the run if the massive ratio or sink mass falls below this x baseline
+    # how lm-eval runs the tasks: hf (transformers; in memory, or the export with device_map=auto in a streamed
+    # run) | vllm (the exported checkpoint in vLLM; needs a GPU and an export vLLM loads)
+    backend: str = "hf"
+    tensor_parallel_size: int = 1  # vllm: GPUs one model is split over
+    gpu_memory_utilization: float = 0.9  # vllm: share of each GPU's memory vLLM may take
+    max_model_len: int | None = None  # vllm: context length to reserve KV cache for (None: the model's own)
 
     def __post_init__(self):
+        if self.backend not in EVAL_BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(EVAL_BACKENDS)}, got {self.backend!r}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be >= 1, got {self.tensor_parallel_size}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.backend != "vllm":
+            odd = [k for k, v in (("tensor_parallel_size", 1), ("gpu_memory_utilization", 0.9),
+                                  ("max_model_len", None)) if getattr(self, k) != v]
+            if odd:
+                raise ValueError(f"{odd[0]} sizes the vllm backend; backend is {self.backend!r}")
+        if self.backend == "vllm" and not self.tasks:
+            raise ValueError("backend 'vllm' runs the lm-eval tasks, and tasks is empty")
         if self.recovery_threshold is not None and not 0 < self.recovery_threshold <= 1:
             raise ValueError(f"recovery_threshold must be in (0, 1], got {self.recovery_threshold}")
         if self.sink_check is not None and not 0 < self.sink_check <= 1:

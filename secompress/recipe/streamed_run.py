@@ -12,8 +12,9 @@ the model). The evaluate stage's sink health
 (:mod:`secompress.sink_meter`, the numbers :func:`~secompress.sink.measure_sink` gives in memory);
 ``evaluate.sink_check`` is applied right after the first pass, so a lost attention sink fails
 the run before the SE-unaware pass and leaves nothing behind. Everything is planned and checked
-(methods, disk space) before the first pass. lm-eval tasks need the model in memory: in streamed
-mode they are skipped with a warning and the manifest says so (run them on the export).
+(methods, disk space) before the first pass. lm-eval tasks run on the export once it is written
+(:mod:`secompress.recipe.export_eval`, ``evaluate.backend``); their baseline and SE-unaware numbers
+would need more passes over the source, so the manifest says they were not measured.
 """
 from __future__ import annotations
 
@@ -80,6 +81,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     from ..streamed import StreamedJob, compress_streamed, plan_streamed
     from ..sink import check_sink, save_sink
     from .evaluation import Comparison, sink_rows
+    from .export_eval import check_vllm_loads, plan_report, streamed_tasks
     from .publish import model_card
     from ..quant.backends import exporter
     from .run import PLAIN_SNIPPET, RunResult, _cached_profile, _data, _manifest, finish_push, write_run_files
@@ -92,9 +94,6 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     calib, eval_ids = _data(recipe, tok)
     ev = recipe.stage("evaluate")
     notes = []
-    if ev is not None and ev.tasks:
-        notes.append(f"lm-eval tasks {ev.tasks} skipped: they need the model in memory; run them on the export")
-        log.warning(notes[-1])
     pc, qc = _configs(recipe)
     dtype = resolve_dtype(m.dtype, load_config(m.id, m.revision, m.trust_remote_code))
     job = StreamedJob(prune=pc, quant=qc, dtype=dtype, device=str(device))  # checks methods
@@ -106,6 +105,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
         prof, cache_hit = _cached_profile(recipe, None, tok, calib, progress, streaming=True, device=str(device))
     timings["profile"] = round(time.time() - t, 2)
     plan = plan_streamed(m.id, job, prof, calib=calib.input_ids)
+    check_vllm_loads(recipe, plan.ct[1] if plan.ct is not None else plan_report(plan.quant_plan))  # export_eval
     compare = ev is not None and ev.compare_se_unaware and prof is not None
     plan_u = plan_streamed(m.id, job, prof, protect=False, calib=calib.input_ids) if compare else None
     measure = ev is not None and ev.perplexity
@@ -137,6 +137,11 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
             aware.update(sink_rows(sinks["SE-aware"]))
             comparison = Comparison.build(rows, aware, unaware)
             timings["evaluate_se_unaware"] = round(time.time() - t, 2)
+            # ---- lm-eval tasks on the written export (secompress.recipe.export_eval) ----
+            t = time.time()
+            streamed_tasks(recipe, tmp / "model" if export else None, tok, dtype, comparison, notes)
+            timings["evaluate_tasks"] = round(time.time() - t, 2)
+            # ---- end of the lm-eval block ----
             comparison.check(ev.recovery_threshold)
         info = {}
         pr = None
