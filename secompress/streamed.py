@@ -15,8 +15,10 @@ remove the experts (:func:`~secompress.prune.structural.keep_layer_experts`), qu
 (:func:`~secompress.quant.api.apply_plan` on the layer's part of the plan), run the windows
 through the compressed layer, write its dequantized tensors and packed codes, drop it. The
 results are bit-identical to the in-memory path (tests on all seven architectures).
-NAEE (it reconstructs layer outputs from many candidate sets), GPTQ and bitsandbytes stay
-in memory only.
+GPTQ runs gptqmodel on a checkpoint, then reads its codes back per layer
+(:mod:`~secompress.quant.gptq_stream`); bitsandbytes quantizes and writes its export per layer
+(:mod:`~secompress.quant.bnb_stream`). NAEE (it reconstructs layer outputs from many candidate
+sets) stays in memory only.
 Legend: N windows, S sequence length, H hidden size, L decoder layers.
 """
 from __future__ import annotations
@@ -45,12 +47,13 @@ log = logging.getLogger(__name__)
 GiB = 2**30
 RUNTIME_BYTES = GiB // 2  # the Python, torch and transformers runtime itself
 STREAMED_FORMATS = ("compressed-tensors", "dequantized")
+STREAMED_METHODS = ("rtn", "gptq", "bnb")  # gptq: quant/gptq_stream.py; bnb (its own format): quant/bnb_stream.py
 
 
 @dataclass(frozen=True)
 class StreamedJob:
     prune: object | None = None  # PruneConfig (a score method)
-    quant: object | None = None  # QuantConfig (method rtn)
+    quant: object | None = None  # QuantConfig (method rtn, gptq or bnb)
     dtype: torch.dtype = torch.float32
     device: str = "cpu"  # resolved already (secompress.devices.resolve_device)
     batch_size: int = 8  # evaluation windows per chunk (as secompress.perplexity.mean_loss)
@@ -67,10 +70,13 @@ class StreamedJob:
             raise SecompressError(f"merging ('{self.prune.method}') and quantization cannot share one streamed pass "
                                   "(the quantization plan needs the merged experts' ids, known only during the "
                                   "pass): prune --streaming first, then quantize its output, or model.streaming: false")
-        if self.quant is not None and self.quant.method != "rtn":
+        if self.quant is not None and self.quant.method not in STREAMED_METHODS:
             raise SecompressError(f"quantization method '{self.quant.method}' runs in memory only; streaming "
-                                  "supports method 'rtn' (or set model.streaming: false)")
-        if self.quant is not None and self.quant.format not in STREAMED_FORMATS:
+                                  f"supports {', '.join(STREAMED_METHODS)} (or set model.streaming: false)")
+        if self.quant is not None and self.quant.method == "gptq" and self.quant.format == "gptqmodel":
+            raise SecompressError("format 'gptqmodel' (gptqmodel's own folder) is written in memory only; streamed "
+                                  f"GPTQ writes {' or '.join(STREAMED_FORMATS)} (--format, stages.quantize.format)")
+        if self.quant is not None and self.quant.method != "bnb" and self.quant.format not in STREAMED_FORMATS:
             raise SecompressError(f"export format '{self.quant.format}' is written in memory only; the streamed "
                                   f"engine writes {' or '.join(STREAMED_FORMATS)} (--format, "
                                   "stages.quantize.format) or set model.streaming: false")
@@ -101,11 +107,16 @@ class StreamedPlan:
     profile: object | None = None
     restructure: object | None = None  # merging / HEAPr: secompress.prune.streamed_merge.RestructurePlan
     ct: tuple | None = None  # (QuantizationConfig, compatibility) of a compressed-tensors export
+    calib: torch.Tensor | None = None  # [N, S] calibration windows (GPTQ's, handed to gptqmodel)
+    gptq_dir: Path | None = None  # GPTQ: the folder gptqmodel wrote; its codes are read per layer (gptq_stream)
+    export_bytes: int | None = None  # the export's size when the method estimates its own (bnb)
 
     @property
     def output_bytes(self) -> int:
         """Size of the export: the 16-bit tensors and the codes file (dequantized format), or the 16-bit
         tensors less the quantized weights plus their packed codes, float32 scales and zero points."""
+        if self.export_bytes is not None:
+            return self.export_bytes
         plain = sum(s.nbytes for s in self.out_specs)
         codes = sum(s.nbytes for s in self.code_specs)
         if self.ct is None:
@@ -195,7 +206,7 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
     """Decide everything on the meta skeleton (no weights read); raises before any compute.
 
     ``protect`` overrides both configs' ``protect_super_experts`` (False: the SE-unaware variant);
-    ``calib`` [N, S]: the calibration windows merging and HEAPr decide from."""
+    ``calib`` [N, S]: the calibration windows merging and HEAPr decide from (GPTQ: gptqmodel's)."""
     from .prune.api import plan_for, score_selection
     from .prune.structural import remove_experts
 
@@ -228,10 +239,23 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
         qcfg = job.quant if protect is None else dataclasses.replace(job.quant, protect_super_experts=protect)
         if removal is not None and prof is not None:
             prof = _remapped(prof, removal)
+        if qcfg.method == "gptq" and prof is None:
+            raise SecompressError("streamed GPTQ needs the streamed profile (calibration coverage, Super Experts): "
+                                  "profile first")
         qplan = plan_quantization(model, qcfg, profile=prof)
+        if qcfg.method == "gptq":
+            from .quant.gptq_stream import check_gptq
+
+            check_gptq(qcfg, prof, calib)  # calibration windows and coverage, before any compute
     sd = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
     out_specs = specs_of(as_saved(model, sd))
-    cspecs, cshapes = code_specs(qplan, job.quant.group_size) if qplan is not None else ([], {})
+    cspecs, cshapes, export_bytes = [], {}, None
+    if job.quant is not None and job.quant.method == "bnb":  # its own format: no codes file
+        from .quant.bnb_stream import bnb_bytes
+
+        export_bytes = bnb_bytes(model, qplan, job.dtype)
+    elif qplan is not None:
+        cspecs, cshapes = code_specs(qplan, job.quant.group_size)
     ct = None
     if job.format == "compressed-tensors":
         from .errors import require
@@ -240,7 +264,9 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
         require("compressed_tensors", "ct", "the compressed-tensors export")
         ct = ct_config(model, qplan)  # refuses (se_mode expert, a config vLLM rejects) before any compute
     return StreamedPlan(path, job, config, model, kept, removal, selection, qplan, out_specs, cspecs, cshapes,
-                        disk, layer_b, rest_b, profile, restructure, ct)
+                        disk, layer_b, rest_b, profile, restructure, ct,
+                        calib=calib if job.quant is not None and job.quant.method == "gptq" else None,
+                        export_bytes=export_bytes)
 
 
 def _remapped(prof, removal):
@@ -284,6 +310,20 @@ class QuantizeLayers:
         sub = self.plan.layer(index)
         if any(b is not None for b in sub.bits.values()):
             apply_plan(self.eng.model, sub, self.make)
+
+
+def _quantizer(eng: LayerEngine, plan: StreamedPlan):
+    """The per-layer quantization callback of the plan's method."""
+    q = plan.job.quant
+    if q.method == "gptq":
+        from .quant.gptq_stream import LoadGptqLayers
+
+        return LoadGptqLayers(eng, plan.quant_plan, plan.gptq_dir)
+    if q.method == "bnb":
+        from .quant.bnb_stream import QuantizeLayersBnb
+
+        return QuantizeLayersBnb(eng, plan.quant_plan, q.options.quant_type)
+    return QuantizeLayers(eng, plan.quant_plan, q.group_size, q.symmetric)
 
 
 class ExportLayers:
@@ -374,6 +414,10 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
     (:mod:`secompress.sink_meter`; equal to :func:`~secompress.sink.measure_sink` in memory)."""
     t0 = time.perf_counter()
     job = plan.job
+    if plan.quant_plan is not None and job.quant.method == "gptq" and plan.gptq_dir is None:
+        from .quant.gptq_stream import compress_gptq  # gptqmodel first, then this pass over its codes
+
+        return compress_gptq(plan, eval_ids, out, tokenizer, baseline, overwrite, progress, extra_files, sink)
     if out is not None:
         out = check_output_dir(out, overwrite)
         check_disk(out, plan.output_bytes)
@@ -382,7 +426,7 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
     if plan.kept is not None:
         callbacks.append(PruneLayers(eng, plan.kept, plan.removal.num_experts_before))
     if plan.quant_plan is not None:
-        callbacks.append(QuantizeLayers(eng, plan.quant_plan, job.quant.group_size, job.quant.symmetric))
+        callbacks.append(_quantizer(eng, plan))
     streams = {}
     chunks = list(eval_ids.split(job.batch_size)) if eval_ids is not None else []
     meters = {}
@@ -406,7 +450,15 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
 
     def one_pass(folder: Path | None):
         writer = codes = None
-        if folder is not None and plan.ct is not None:
+        if folder is not None and job.quant is not None and job.quant.method == "bnb":
+            from .quant.bnb_stream import ExportLayersBnb
+
+            exporter = ExportLayersBnb(eng, folder, plan.quant_plan)
+            writer = exporter.writer
+            eng.load_rest()
+            exporter.write_rest()
+            callbacks.append(exporter)
+        elif folder is not None and plan.ct is not None:
             from .shards import PartWriter
 
             writer = PartWriter(folder)
@@ -455,6 +507,13 @@ def _write_side_files(plan: StreamedPlan, folder: Path, tokenizer, extra_files: 
     from .quant.api import PLAN_NAME
 
     model = plan.model
+    if plan.job.quant is not None and plan.job.quant.method == "bnb":
+        from .quant.bnb_stream import finish_bnb
+
+        finish_bnb(folder, model, plan.quant_plan, plan.job, tokenizer)
+        for name, text in extra_files.items():
+            (folder / name).write_text(text)
+        return
     if plan.ct is not None:
         from .quant.ct_stream import finish_ct
 

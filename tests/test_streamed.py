@@ -145,7 +145,7 @@ def test_refusals_before_compute(tmp_path, monkeypatch):
     with pytest.raises(SecompressError, match="naee"):
         StreamedJob(prune=PruneConfig(ratio=0.25, method="naee"))
     with pytest.raises(SecompressError, match="in memory only"):
-        StreamedJob(quant=QuantConfig(method="bnb"))
+        StreamedJob(quant=QuantConfig(method="gptq", group_size=32, format="gptqmodel"))
     plan = plan_streamed(src, StreamedJob(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False,
                                                              format="dequantized")))
     assert plan.output_bytes > plan.checkpoint_bytes  # dequantized export + codes
@@ -228,5 +228,5 @@ def test_cli_prune_and_quantize_streaming_match_in_memory(tmp_path, capsys):
 
 
 def test_streaming_refuses_export_formats_it_does_not_write():
-    with pytest.raises(SecompressError, match="format 'compressed-tensors' is written in memory only"):
-        StreamedJob(quant=QuantConfig(bits=4, group_size=16))
+    with pytest.raises(SecompressError, match="format 'gptqmodel' .* is written in memory only"):
+        StreamedJob(quant=QuantConfig(method="gptq", bits=4, group_size=16, format="gptqmodel"))

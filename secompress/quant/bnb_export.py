@@ -72,13 +72,35 @@ def _spec(model, plan: QuantPlan, adapter) -> dict:
 
 def _tensors(model, adapter) -> dict[str, torch.Tensor]:
     """Every tensor to store, keyed as on disk; fused 16-bit experts are split per expert."""
+    return _collect(model.state_dict(), adapter, _fused16(model, adapter, adapter.moe_layer_indices(model)))
+
+
+def layer_tensors(model, adapter, index: int) -> dict[str, torch.Tensor]:
+    """The tensors of decoder layer ``index`` alone, as :func:`_tensors` stores them (the streamed export)."""
+    layer = adapter.layers(model)[index]
+    moe = [index] if adapter.block_of(layer) is not None else []
+    return _collect(layer.state_dict(prefix=f"{adapter.layers_path}.{index}."), adapter, _fused16(model, adapter, moe))
+
+
+def rest_tensors(model, adapter) -> dict[str, torch.Tensor]:
+    """The tensors outside the decoder layers (embeddings, final norm, output head), as :func:`_tensors`."""
+    head = adapter.layers_path + "."
+    return _collect({k: v for k, v in model.state_dict().items() if not k.startswith(head)}, adapter, {})
+
+
+def _fused16(model, adapter, indices) -> dict[str, nn.Module]:
+    """State-dict prefix -> fused experts module of the MoE layers ``indices`` whose experts stayed fused."""
     fused = {}
-    for i in adapter.moe_layer_indices(model):
+    for i in indices:
         ex = adapter.experts_of(adapter.block_of(adapter.layers(model)[i]))
         if not isinstance(ex, PerExpertExperts):
             fused[f"{adapter.block_path(i)}.{adapter.experts}."] = ex
+    return fused
+
+
+def _collect(state: dict, adapter, fused: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
     out, seen = {}, set()
-    for k, v in model.state_dict().items():
+    for k, v in state.items():
         if any(k.startswith(p) for p in fused):
             continue
         if isinstance(v, torch.Tensor) and v.device.type != "meta":
@@ -139,6 +161,11 @@ def write_checkpoint(model, adapter, tensors: dict[str, torch.Tensor], folder: P
     """Write ``tensors`` as (sharded) safetensors plus the model's config.json (with the transformers-4
     keys) and generation_config.json into ``folder``: the part every per-expert export shares."""
     _write_shards(tensors, folder)
+    write_config(model, adapter, folder)
+
+
+def write_config(model, adapter, folder: Path) -> None:
+    """config.json with the transformers-4 keys, and generation_config.json."""
     model.config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
@@ -153,19 +180,27 @@ def save_bnb(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool
     qcfg = quantization_config(model, plan, adapter, spec)
     tensors = _tensors(model, adapter)
     with atomic_dir(out, overwrite) as tmp:
-        write_checkpoint(model, adapter, tensors, tmp)
-        cfg = json.loads((tmp / "config.json").read_text())
-        if qcfg is not None:
-            cfg["quantization_config"] = qcfg
-        cfg.setdefault("torch_dtype", spec["compute_dtype"])
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        d = plan.to_json()
-        d["export"] = spec
-        (tmp / PLAN_NAME).write_text(json.dumps(d, indent=2) + "\n")
+        _write_shards(tensors, tmp)
+        write_side_files(tmp, model, adapter, plan, spec, qcfg, tokenizer)
     log.info("wrote %s (%s, bits %s)", out, FORMAT, spec["bits"])
     return Path(out)
+
+
+def write_side_files(folder: Path, model, adapter, plan: QuantPlan, spec: dict, qcfg: dict | None,
+                     tokenizer=None) -> None:
+    """config.json (transformers-4 keys, the bitsandbytes quantization_config when there is one),
+    generation_config.json, the tokenizer and the plan with its export spec."""
+    write_config(model, adapter, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if qcfg is not None:
+        cfg["quantization_config"] = qcfg
+    cfg.setdefault("torch_dtype", spec["compute_dtype"])
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    d = plan.to_json()
+    d["export"] = spec
+    (folder / PLAN_NAME).write_text(json.dumps(d, indent=2) + "\n")
 
 
 # ---- load ----------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def _add_quantize(sub) -> None:
                    help="an option of the method's backend, e.g. quant_type=fp4 for bnb (repeatable)")
     add_profile_arg(p)
     p.add_argument("--streaming", action="store_true",
-                   help="one decoder layer at a time (models larger than memory; method rtn only)")
+                   help="one decoder layer at a time (models larger than memory; gptq: gptqmodel's child holds "
+                        "its own copy of the model)")
 
 
 def backend_options(method: str, pairs: list[str]):

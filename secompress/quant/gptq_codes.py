@@ -29,11 +29,11 @@ from .plan import QuantPlan
 def unpack_rows(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """[R, C] int32 holding a little-endian bit stream per column -> [n, C] uint8 values."""
     u = packed.to(torch.int64) & 0xFFFFFFFF  # [R, C]
-    bitplanes = (u[:, None, :] >> torch.arange(32)[None, :, None]) & 1  # [R, 32, C]
+    bitplanes = (u[:, None, :] >> torch.arange(32, device=u.device)[None, :, None]) & 1  # [R, 32, C]
     stream = bitplanes.reshape(-1, packed.shape[1])[: n * bits]  # [n * b, C]
     if stream.shape[0] < n * bits:
         raise SecompressError(f"packed tensor {tuple(packed.shape)} holds fewer than {n} {bits}-bit values")
-    weights = (1 << torch.arange(bits))[None, :, None]
+    weights = (1 << torch.arange(bits, device=u.device))[None, :, None]
     return (stream.reshape(n, bits, -1) * weights).sum(1).to(torch.uint8)
 
 
@@ -42,7 +42,8 @@ def gptq_qtensor(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tens
     """One GPTQ v1 Linear as an :class:`~secompress.quant.rtn.QTensor` (codes [O, In], scales/zeros [O, G])."""
     G, O = scales.shape
     gs = in_features // G
-    if G * gs != in_features or not torch.equal(g_idx.long(), torch.arange(in_features) // gs):
+    if G * gs != in_features or not torch.equal(g_idx.long(),
+                                                torch.arange(in_features, device=g_idx.device) // gs):
         raise SecompressError("GPTQ groups are not contiguous (desc_act / act-order checkpoints are not supported)")
     codes = unpack_rows(qweight, bits, in_features).T.contiguous()  # [O, In]
     zeros = unpack_rows(qzeros.T.contiguous(), bits, O).T.to(torch.int16) + 1  # [G, O]: v1 stores z - 1

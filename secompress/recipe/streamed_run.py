@@ -4,8 +4,10 @@
 when the checkpoint, in the compute dtype, exceeds ``model.memory_share`` of the available memory)
 and says why. :func:`run_streamed` then runs the same stages as the in-memory run, as passes over
 the shards (:mod:`secompress.streamed`): the streamed SE profile (cached like the in-memory one);
-one pass with the baseline perplexity, pruning, RTN, the SE-aware perplexity and the export; one
-SE-unaware pass (evaluation only, never a copy of the model). The evaluate stage's sink health
+one pass with the baseline perplexity, pruning, quantization, the SE-aware perplexity and the
+export (RTN and bitsandbytes per layer; GPTQ runs gptqmodel's child process on the pruned checkpoint
+first, :mod:`secompress.quant.gptq_stream`); one SE-unaware pass (evaluation only, never a copy of
+the model). The evaluate stage's sink health
 (baseline, SE-aware, SE-unaware; ``sink.{json,md,png}``) is measured during those passes
 (:mod:`secompress.sink_meter`, the numbers :func:`~secompress.sink.measure_sink` gives in memory);
 ``evaluate.sink_check`` is applied right after the first pass, so a lost attention sink fails
@@ -81,7 +83,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     from .evaluation import Comparison, sink_rows
     from .export_eval import check_vllm_loads, plan_report, streamed_tasks
     from .publish import model_card
-    from ..quant.backends import get_backend
+    from ..quant.backends import exporter
     from .run import PLAIN_SNIPPET, RunResult, _cached_profile, _data, _manifest, finish_push, write_run_files
 
     t0 = time.time()
@@ -127,7 +129,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
             aware = {"perplexity": res.perplexity_after} if measure else {}
             unaware = None
             if plan_u is not None:
-                r_u = compress_streamed(plan_u, windows, None, baseline=False, progress=progress, sink=sink)
+                r_u = compress_streamed(plan_u, windows, None, tok, baseline=False, progress=progress, sink=sink)
                 unaware = {"perplexity": r_u.perplexity_after} if measure else {}
                 unaware.update(sink_rows(r_u.sink_after))
                 sinks["SE-unaware"] = r_u.sink_after
@@ -163,7 +165,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
                 (dest / REPORT_NAME).write_text(json.dumps(pr.to_json(), indent=1))
             prune_info = None if pr is None else {"method": pr.config.method, "num_experts_after": pr.num_experts_after,
                                                   "removed_per_layer": pr.num_experts_before - pr.num_experts_after}
-            snippet = get_backend("rtn").load_snippet if plan.quant_plan is not None else PLAIN_SNIPPET
+            snippet = exporter(plan.quant_plan.meta).load_snippet if plan.quant_plan is not None else PLAIN_SNIPPET
             (dest / "README.md").write_text(model_card(
                 recipe, recipe_text, prof.se_ids() if prof is not None else [], comparison,
                 plan.quant_plan.table() if plan.quant_plan is not None else None, prune_info, snippet))

@@ -1,0 +1,171 @@
+"""Streamed GPTQ and bitsandbytes: the export and the perplexities equal the in-memory path's
+(GPTQ: the same gptqmodel child on the same checkpoint bytes; bnb: the same quantization per layer)."""
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from secompress.checkpoints import load_model, load_tokenizer
+from secompress.data import CalibrationData, load_calibration
+from secompress.errors import SecompressError
+from secompress.perplexity import mean_loss
+from secompress.profile import ProfileConfig, profile
+from secompress.prune import PruneConfig, prune, remap_profile
+from secompress.quant.api import QuantConfig, quantize_, save_quantized
+from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+from secompress.testing import make_tiny, plant_super_expert, save_tiny
+from test_streamed import DeviceTrap, _tensors
+
+
+def _setup(tmp_path, model_type, n_calib=6, seq_len=24, layers=3):
+    m = make_tiny(model_type, num_hidden_layers=layers)
+    plant_super_expert(m, 1, 3)
+    src = save_tiny(m, tmp_path / "in")
+    tok = load_tokenizer(src)
+    both = load_calibration("builtin", tok, n_calib + 4, seq_len)
+    calib = CalibrationData(both.input_ids[:n_calib], both.source, both.sha256)
+    return src, tok, calib, both.input_ids[n_calib:]
+
+
+def _same_export(a_dir, b_dir, files=("config.json", "quantization_plan.json")):
+    a, b = _tensors(a_dir), _tensors(b_dir)
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    for name in files:
+        assert json.loads((a_dir / name).read_text()) == json.loads((b_dir / name).read_text()), name
+    return a
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs the gptq extra")
+def test_streamed_gptq_with_pruning_equals_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    src, tok, calib, eval_ids = _setup(tmp_path, "qwen3_moe", n_calib=8, seq_len=32, layers=2)
+    model = load_model(src, torch.float32)
+    prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=8, seq_len=32, batch_size=4),
+                   progress=False)
+    pc = PruneConfig(ratio=0.25, method="reap", eval_samples=0)
+    qc = QuantConfig(method="gptq", bits=4, group_size=32)
+    assert qc.format == "compressed-tensors"
+    loss_before = mean_loss(model, eval_ids, 2)
+    r = prune(model, tok, pc, profile=prof, data=calib)
+    qplan = quantize_(model, qc, profile=remap_profile(prof, r), tokenizer=tok, data=calib, work=tmp_path / "work")
+    loss_after = mean_loss(model, eval_ids, 2)
+    save_quantized(model, tok, qplan, tmp_path / "mem")
+
+    plan = plan_streamed(src, StreamedJob(prune=pc, quant=qc, dtype=torch.float32, device="cpu", batch_size=2), prof,
+                         calib=calib.input_ids)
+    with DeviceTrap() as trap:
+        res = compress_streamed(plan, eval_ids, tmp_path / "str", tok, progress=False)
+    assert trap.hits == [], trap.hits[:5]
+    assert res.loss_before == loss_before and res.loss_after == loss_after, (res.loss_before, loss_before,
+                                                                             res.loss_after, loss_after)
+    a = _same_export(tmp_path / "mem", tmp_path / "str")
+    assert any(k.endswith("weight_packed") for _, k in a)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".str")]  # the work folder is gone
+
+
+@pytest.mark.parametrize("model_type, bits, dtype, prune_too", [
+    ("qwen3_moe", 4, torch.float32, True), ("mixtral", 8, torch.float32, False), ("gpt_oss", 4, torch.bfloat16, False),
+    ("deepseek_v3", 4, torch.float32, True)])
+def test_streamed_bnb_bit_identical_to_in_memory(tmp_path, model_type, bits, dtype, prune_too):
+    pytest.importorskip("bitsandbytes", reason="needs the bnb extra")
+    from secompress.quant.bnb_export import load_bnb
+
+    src, tok, calib, eval_ids = _setup(tmp_path, model_type)
+    model = load_model(src, dtype)
+    prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=6, seq_len=24, batch_size=3),
+                   progress=False)
+    pc = PruneConfig(ratio=0.25, method="reap", eval_samples=0) if prune_too else None
+    qc = QuantConfig(method="bnb", bits=bits, group_size=None)
+    loss_before = mean_loss(model, eval_ids, 2)
+    qprof = prof
+    if pc is not None:
+        qprof = remap_profile(prof, prune(model, tok, pc, profile=prof, data=calib))
+    qplan = quantize_(model, qc, profile=qprof)
+    loss_after = mean_loss(model, eval_ids, 2)
+    save_quantized(model, tok, qplan, tmp_path / "mem")
+
+    plan = plan_streamed(src, StreamedJob(prune=pc, quant=qc, dtype=dtype, device="cpu", batch_size=2), prof)
+    assert json.dumps(plan.quant_plan.to_json()) == json.dumps(qplan.to_json())
+    with DeviceTrap() as trap:
+        res = compress_streamed(plan, eval_ids, tmp_path / "str", tok, progress=False)
+    assert trap.hits == [], trap.hits[:5]
+    assert res.loss_before == loss_before and res.loss_after == loss_after
+    a = _same_export(tmp_path / "mem", tmp_path / "str")
+    assert any(t.dtype == (torch.uint8 if bits == 4 else torch.int8) for t in a.values())
+    size = sum(f.stat().st_size for f in (tmp_path / "str").glob("*.safetensors"))
+    assert abs(plan.output_bytes - size) < 0.1 * size, (plan.output_bytes, size)  # the up-front estimate
+    back, _ = load_bnb(tmp_path / "str")  # the streamed export loads with its real bnb modules
+    with torch.no_grad():
+        ids = eval_ids[:2]
+        assert torch.equal(back(input_ids=ids).logits, copy.deepcopy(model)(input_ids=ids).logits)
+
+
+def test_streamed_gptq_and_bnb_refuse_bad_combinations_up_front(tmp_path):
+    with pytest.raises(SecompressError, match="in memory only"):
+        StreamedJob(quant=QuantConfig(method="gptq", group_size=32, format="gptqmodel"))
+    with pytest.raises(SecompressError, match="cannot share one streamed pass"):
+        StreamedJob(prune=PruneConfig(ratio=0.25, method="m-smoe"), quant=QuantConfig(method="bnb", group_size=None))
+    src, tok, calib, _ = _setup(tmp_path, "qwen3_moe")
+    job = StreamedJob(quant=QuantConfig(method="gptq", bits=4, group_size=32))
+    with pytest.raises(SecompressError, match="needs the streamed profile"):
+        plan_streamed(src, job)
+    model = load_model(src, torch.float32)
+    prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=6, seq_len=24, batch_size=3),
+                   progress=False)
+    if importlib.util.find_spec("gptqmodel") is not None:
+        with pytest.raises(SecompressError, match="calibration windows"):
+            plan_streamed(src, job, prof)
+
+
+def test_cli_quantize_streaming_bnb_matches_in_memory(tmp_path, capsys):
+    pytest.importorskip("bitsandbytes", reason="needs the bnb extra")
+    from secompress.cli import main
+
+    m = make_tiny("olmoe", num_hidden_layers=3)
+    plant_super_expert(m, 1, 3)
+    src = str(save_tiny(m, tmp_path / "in"))
+    q = ["quantize", src, "--method", "bnb", "--bits", "4", "--group-size", "-1", "--no-se-protection", "--dtype",
+         "float32", "--option", "quant_type=fp4"]
+    assert main([*q, "--out", str(tmp_path / "qm")]) == 0
+    assert main([*q, "--streaming", "--out", str(tmp_path / "qs")]) == 0
+    assert "streamed layer by layer" in capsys.readouterr().out
+    _same_export(tmp_path / "qm", tmp_path / "qs")
+    gptq = [*q[:2], "--method", "gptq", "--group-size", "32", "--format", "gptqmodel", "--streaming"]
+    assert main([*gptq, "--out", str(tmp_path / "g")]) == 2
+    assert "in memory only" in capsys.readouterr().err
+
+
+def test_run_recipe_streamed_bnb_matches_in_memory(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes", reason="needs the bnb extra")
+    from secompress.recipe import streamed_run
+    from secompress.recipe.run import run_recipe
+    from secompress.recipe.schema import parse_recipe
+
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
+    m = make_tiny("qwen2_moe", num_hidden_layers=3)
+    plant_super_expert(m, layer=1, expert=3)
+    src = save_tiny(m, tmp_path / "tiny")
+    text = f"""\
+version: 1
+name: tiny
+model: {{id: {src}, model_type: qwen2_moe, dtype: float32}}
+data: {{num_samples: 4, seq_len: 32, batch_size: 4, eval_samples: 4}}
+stages:
+  - profile: {{}}
+  - prune: {{ratio: 0.25, method: reap}}
+  - quantize: {{method: bnb, bits: 4, group_size: null}}
+  - evaluate: {{perplexity: true}}
+  - export: {{}}
+"""
+    recipe = parse_recipe(text, "t.yaml")
+    mem = run_recipe(recipe, text, tmp_path / "mem", progress=False)
+    monkeypatch.setattr(streamed_run, "available_memory", lambda: 1000)  # auto: the checkpoint no longer fits
+    st = run_recipe(recipe, text, tmp_path / "st", progress=False)
+    assert mem.manifest["mode"] == "in memory" and st.manifest["mode"] == "streamed"
+    assert st.comparison.rows["perplexity"] == mem.comparison.rows["perplexity"]
+    _same_export(tmp_path / "mem" / "model", tmp_path / "st" / "model")
+    assert "bitsandbytes" in (tmp_path / "st" / "model" / "README.md").read_text()
