@@ -7,18 +7,18 @@
 Two passes over the checkpoint make a compress run: the streamed profile (the Super-Expert
 rule compares maxima across layers, so every layer must be seen before any is changed), then
 this pass. Everything that does not need weights is decided first, on the meta skeleton: the
-experts to remove (score-based methods from the profile's statistics), the pruned config and
-shapes, the quantization plan, every output tensor's name, dtype and shape, the size on disk
-(checked against the free space) and the peak memory. Then one pass per decoder layer:
-materialise, run the evaluation windows through the original layer (baseline perplexity),
-remove the experts (:func:`~secompress.prune.structural.keep_layer_experts`), quantize
-(:func:`~secompress.quant.api.apply_plan` on the layer's part of the plan), run the windows
-through the compressed layer, write its dequantized tensors and packed codes, drop it. The
-results are bit-identical to the in-memory path (tests on all seven architectures).
-GPTQ runs gptqmodel on a checkpoint, then reads its codes back per layer
-(:mod:`~secompress.quant.gptq_stream`); bitsandbytes quantizes and writes its export per layer
-(:mod:`~secompress.quant.bnb_stream`). NAEE (it reconstructs layer outputs from many candidate
-sets) stays in memory only.
+experts to remove (score-based methods from the profile's statistics) or the final expert count
+/ width (merging and HEAPr, :mod:`secompress.prune.streamed_merge`), the compressed config and
+shapes, the quantization plan, the export's config (compressed-tensors: refused here when vLLM's
+rule would reject it), the size on disk (checked against the free space) and the peak memory.
+Then one pass per decoder layer: materialise, run the evaluation windows through the original
+layer (baseline perplexity and sink health), remove or merge experts, quantize (RTN or
+bitsandbytes on the layer's part of the plan; GPTQ codes read back from gptqmodel's checkpoint,
+:mod:`secompress.quant.gptq_stream`), run the windows through the compressed layer, write its
+tensors (compressed-tensors :mod:`secompress.quant.ct_stream`, bitsandbytes
+:mod:`secompress.quant.bnb_stream`, or dequantized + codes), drop it. The results are
+bit-identical to the in-memory path (tests on all seven architectures). NAEE (it reconstructs
+layer outputs from many candidate sets) stays in memory only.
 Legend: N windows, S sequence length, H hidden size, L decoder layers.
 """
 from __future__ import annotations
