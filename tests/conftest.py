@@ -25,3 +25,14 @@ def tiny_dir(tmp_path_factory):
         return cache[model_type]
 
     return get
+
+
+@pytest.fixture
+def planted_qwen2_moe(tmp_path, monkeypatch):
+    """A saved 3-layer tiny qwen2_moe with a Super Expert planted at (1, 3), and a private profile cache."""
+    from secompress.testing import plant_super_expert
+
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
+    m = make_tiny("qwen2_moe", num_hidden_layers=3)
+    plant_super_expert(m, layer=1, expert=3)
+    return save_tiny(m, tmp_path / "tiny")

@@ -203,17 +203,14 @@ def test_comparison_add_keeps_missing_columns_empty():
         c.check(0.9)
 
 
-def test_in_memory_run_with_vllm_evaluates_the_source_and_the_export(tmp_path, monkeypatch):
+def test_in_memory_run_with_vllm_evaluates_the_source_and_the_export(tmp_path, monkeypatch, planted_qwen2_moe):
     """The wiring of an in-memory run with backend vllm (vLLM itself is not installed here: lm-eval's
     simple_evaluate is replaced by a recorder): no in-memory lm-eval, then vLLM arguments for the source
     (baseline) and the written export (SE-aware), their rows in comparison.json and the model card."""
     import secompress.recipe.evaluation as evaluation
     import secompress.recipe.run as run
 
-    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
-    m = make_tiny("qwen2_moe", num_hidden_layers=3)
-    plant_super_expert(m, layer=1, expert=3)
-    src = save_tiny(m, tmp_path / "tiny")
+    src = planted_qwen2_moe
     quant = "  - quantize: {method: rtn, bits: 4, group_size: 16, se_mode: layer, symmetric: true}\n"
     text = _recipe(src, f"{{tasks: [{TASK}], backend: vllm, max_model_len: 64, compare_se_unaware: false}}",
                    quant, streaming="false")

@@ -139,16 +139,13 @@ def test_cli_quantize_streaming_bnb_matches_in_memory(tmp_path, capsys):
     assert "in memory only" in capsys.readouterr().err
 
 
-def test_run_recipe_streamed_bnb_matches_in_memory(tmp_path, monkeypatch):
+def test_run_recipe_streamed_bnb_matches_in_memory(tmp_path, monkeypatch, planted_qwen2_moe):
     pytest.importorskip("bitsandbytes", reason="needs the bnb extra")
     from secompress.recipe import streamed_run
     from secompress.recipe.run import run_recipe
     from secompress.recipe.schema import parse_recipe
 
-    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
-    m = make_tiny("qwen2_moe", num_hidden_layers=3)
-    plant_super_expert(m, layer=1, expert=3)
-    src = save_tiny(m, tmp_path / "tiny")
+    src = planted_qwen2_moe
     text = f"""\
 version: 1
 name: tiny

@@ -172,14 +172,11 @@ def test_cli_prune_streaming_merges_and_prunes_neurons_like_in_memory(tmp_path):
         assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_recipe_streamed_heapr_with_rtn_matches_in_memory(tmp_path, monkeypatch):
+def test_recipe_streamed_heapr_with_rtn_matches_in_memory(tmp_path, planted_qwen2_moe):
     from secompress.recipe.run import run_recipe
     from secompress.recipe.schema import parse_recipe
 
-    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
-    m = make_tiny("qwen2_moe", num_hidden_layers=3)
-    plant_super_expert(m, layer=1, expert=3)
-    src = save_tiny(m, tmp_path / "tiny")
+    src = planted_qwen2_moe
     text = f"""\
 version: 1
 name: tiny
