@@ -129,13 +129,26 @@ class StreamedPlan:
     def peak_bytes(self, num_windows: int = 0, seq_len: int = 0, streams: int = 2) -> int:
         """Estimated peak memory: the embeddings and head, a layer materialised plus what quantization
         makes of it (codes, then the dequantized copy written out: about 2.5 layers at the worst moment),
-        the streams' hidden states [N, S, H] in float32, one chunk's attention scores and the runtime."""
+        the streams' hidden states [N, S, H] in float32, one chunk's attention scores and the runtime;
+        merging / HEAPr: the calibration stream [Nc, S, H] twice (what it carried into the layer too) and,
+        for HEAPr's Fisher Hessian, every layer's calibration input kept for the backward pass."""
         H = int(getattr(self.config, "hidden_size", 0))
         heads = int(getattr(self.config, "num_attention_heads", 1))
         hidden = streams * num_windows * seq_len * H * 4
         attn = self.job.batch_size * heads * seq_len * seq_len * 4 * 2
         factor = 2.5 if self.job.quant is not None else 1.5
-        return int(self.rest_bytes + factor * self.layer_bytes + hidden + attn + RUNTIME_BYTES)
+        return int(self.rest_bytes + factor * self.layer_bytes + hidden + attn + self._restructure_bytes(H)
+                   + RUNTIME_BYTES)
+
+    def _restructure_bytes(self, H: int) -> int:
+        r = self.restructure
+        if r is None:
+            return 0
+        one = math.prod(r.calib.shape) * H * 4  # [Nc, S, H] float32
+        if not r.fisher:
+            return 2 * one
+        kept = int(self.config.num_hidden_layers) - min(r.moe_layers)  # inputs of layers first..L-1
+        return (2 + kept) * one  # + the dL/dh being propagated
 
     def describe(self, num_windows: int = 0, seq_len: int = 0) -> str:
         return (f"plan: streamed layer by layer on {self.job.device}; checkpoint {self.checkpoint_bytes / GiB:.2f} "
@@ -507,6 +520,7 @@ def _write_side_files(plan: StreamedPlan, folder: Path, tokenizer, extra_files: 
     from .quant.api import PLAN_NAME
 
     model = plan.model
+    model.config.dtype = plan.job.dtype  # the weights are written in the compute dtype, as in memory
     if plan.job.quant is not None and plan.job.quant.method == "bnb":
         from .quant.bnb_stream import finish_bnb
 

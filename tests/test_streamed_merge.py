@@ -1,6 +1,7 @@
 """Expert merging (M-SMoE, HC-SMoE) and HEAPr on the layer-by-layer engine: the same groups, widths,
 report and exported tensors as the in-memory path; a planted Super Expert survives a streamed merge
 bit for bit; bad requests are refused before any weight is read."""
+import dataclasses
 import json
 
 import pytest
@@ -88,6 +89,9 @@ def test_streamed_heapr_fisher_matches_in_memory(tmp_path, model_type):
     the incoming gradient handed on (scores held to 1e-6: a device's kernels may order sums differently)."""
     r, rs, a, b, plan = _both(tmp_path, model_type, "heapr", hessian="fisher")
     _same_report(r, rs)
+    # the up-front estimate counts what the backward pass keeps: every layer's calibration input from the first MoE layer
+    kept = (plan.config.num_hidden_layers - min(plan.restructure.moe_layers)) * N * S * plan.config.hidden_size * 4
+    assert plan.peak_bytes() - dataclasses.replace(plan, restructure=None).peak_bytes() >= kept
     for k in a:
         assert torch.equal(a[k], b[k]), k
     src, _, calib, model, _ = _setup(tmp_path / "again", model_type)

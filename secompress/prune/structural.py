@@ -72,7 +72,7 @@ def _slice_tensor(owner: nn.Module, name: str, idx: torch.Tensor, E: int, where:
     if not isinstance(t, torch.Tensor) or t.shape[0] != E:
         shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise SecompressError(f"{where}.{name}: expected a tensor indexed by expert ([{E}, ...]), got {shape}")
-    new = t.detach().index_select(0, idx.to(t.device)).clone()
+    new = t.detach().index_select(0, idx.to(t.device))  # a new tensor (never a view): one copy of the kept rows
     if isinstance(t, nn.Parameter):
         setattr(owner, name, nn.Parameter(new, requires_grad=t.requires_grad))
     else:  # a buffer: assigning through __setattr__ keeps it registered (and its persistence)
