@@ -4,7 +4,7 @@ Qwen1.5-MoE-A2.7B, random weights, larger than (or close to) this machine's memo
     python evals/bench_scale.py --shape olmoe --dir /work/scale [--layers N] [--mode streamed|memory]
     python evals/bench_scale.py --shape qwen15 --dir /work/scale
 
-Steps, each timed with its peak resident memory (sampled from /proc every 0.1 s):
+Steps, each timed with its peak resident memory (the kernel's high-water mark VmHWM, reset per step):
   generate  the checkpoint written shard by shard from random weights (never the whole model in
             memory); one Super Expert planted in layer 1 by scaling one down_proj channel
   profile   streamed SE profile (secompress.profile(..., streaming=True))
@@ -18,7 +18,7 @@ Steps, each timed with its peak resident memory (sampled from /proc every 0.1 s)
             transformers 5.24 cannot load a 16-bit layer in `ignore`; dequantized: the export itself);
             spot checks: the embeddings equal, one packed expert dequantized by
             compressed-tensors' own unpacker within RTN's bound of the original
-  disk      raw read throughput of one shard (plain file read) vs the engine's read throughput
+  disk      raw read throughput of one shard (O_DIRECT where allowed) vs the engine's read throughput
 ``--mode memory`` runs the same recipe in memory (load_model, prune, quantize_, save_quantized) for the
 side-by-side figure (only for cuts that fit). Prints one JSON line per step and a summary.
 """
