@@ -220,6 +220,15 @@ def write_legacy_config_keys(config_path: Path, config, adapter: MoEAdapter) -> 
     config_path.write_text(json.dumps(d, indent=2) + "\n")
 
 
+def write_model_config(model, folder: Path, adapter: MoEAdapter | None = None) -> None:
+    """config.json with the transformers-4 keys (:func:`write_legacy_config_keys`), and
+    generation_config.json when the model has one: the config part of every export."""
+    model.config.save_pretrained(folder)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(folder)
+    write_legacy_config_keys(Path(folder) / "config.json", model.config, adapter or check_model(model))
+
+
 def as_saved(model, state_dict: dict) -> dict:
     """``state_dict`` (all or part of ``model``'s, full names) as ``save_pretrained`` writes it: keys to
     ignore dropped, tied aliases dropped, transformers' weight conversions reverted (fused experts ->

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import as_saved, check_model, load_config, write_legacy_config_keys
+from .checkpoints import as_saved, check_model, load_config, write_model_config
 from .engine import LayerEngine, LayerInputs, Stream
 from .errors import SecompressError
 from .outputs import atomic_dir, check_output_dir
@@ -525,24 +525,16 @@ def _write_side_files(plan: StreamedPlan, folder: Path, tokenizer, extra_files: 
         from .quant.bnb_stream import finish_bnb
 
         finish_bnb(folder, model, plan.quant_plan, plan.job, tokenizer)
-        for name, text in extra_files.items():
-            (folder / name).write_text(text)
-        return
-    if plan.ct is not None:
+    elif plan.ct is not None:
         from .quant.ct_stream import finish_ct
 
         finish_ct(folder, model, plan.ct[0], plan.quant_plan, plan.ct[1], plan.job.dtype, tokenizer)
-        for name, text in extra_files.items():
-            (folder / name).write_text(text)
-        return
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None and model.can_generate():
-        model.generation_config.save_pretrained(folder)
-    write_legacy_config_keys(folder / "config.json", model.config, check_model(model))
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    if plan.quant_plan is not None:
-        (folder / PLAN_NAME).write_text(json.dumps(plan.quant_plan.to_json(), indent=2) + "\n")
+    else:
+        write_model_config(model, folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        if plan.quant_plan is not None:
+            (folder / PLAN_NAME).write_text(json.dumps(plan.quant_plan.to_json(), indent=2) + "\n")
     for name, text in extra_files.items():
         (folder / name).write_text(text)
 

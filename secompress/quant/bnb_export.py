@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import SecompressError, require
-from ..checkpoints import check_model, load_config, write_legacy_config_keys
+from ..checkpoints import check_model, load_config, write_model_config
 from ..outputs import atomic_dir
 from ..layout import PROJ, PerExpertExperts, refuse_into
 from ..streaming import Checkpoint, build_skeleton, disk_key, materialise_model
@@ -161,15 +161,7 @@ def write_checkpoint(model, adapter, tensors: dict[str, torch.Tensor], folder: P
     """Write ``tensors`` as (sharded) safetensors plus the model's config.json (with the transformers-4
     keys) and generation_config.json into ``folder``: the part every per-expert export shares."""
     _write_shards(tensors, folder)
-    write_config(model, adapter, folder)
-
-
-def write_config(model, adapter, folder: Path) -> None:
-    """config.json with the transformers-4 keys, and generation_config.json."""
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    write_legacy_config_keys(folder / "config.json", model.config, adapter)
+    write_model_config(model, folder, adapter)
 
 
 @torch.no_grad()
@@ -190,7 +182,7 @@ def write_side_files(folder: Path, model, adapter, plan: QuantPlan, spec: dict, 
                      tokenizer=None) -> None:
     """config.json (transformers-4 keys, the bitsandbytes quantization_config when there is one),
     generation_config.json, the tokenizer and the plan with its export spec."""
-    write_config(model, adapter, folder)
+    write_model_config(model, folder, adapter)
     cfg = json.loads((folder / "config.json").read_text())
     if qcfg is not None:
         cfg["quantization_config"] = qcfg

@@ -124,8 +124,7 @@ def finish_bnb(folder: Path, skeleton, plan: QuantPlan, job, tokenizer=None) -> 
 
     adapter = check_model(skeleton)
     spec = _spec(plan, adapter, job.quant.options.quant_type, job.dtype)
-    model = _quantized_shape(skeleton, plan, adapter)
-    model.config.dtype = job.dtype  # what the in-memory model, loaded in the compute dtype, says
+    model = _quantized_shape(skeleton, plan, adapter)  # a copy: its config says the compute dtype, as the caller set it
     qcfg = quantization_config(model, plan, adapter, spec)
     write_side_files(folder, model, adapter, plan, spec, qcfg, tokenizer)
     log.info("wrote %s (bitsandbytes, streamed; bits %s)", folder, spec["bits"])

@@ -123,12 +123,9 @@ def finish_ct(folder: Path, skeleton, qc, plan: QuantPlan, compat: dict, dtype: 
     """config.json (with compressed-tensors' own quantization_config), the tokenizer and the plan."""
     from compressed_tensors.compressors import ModelCompressor
 
-    from ..checkpoints import write_legacy_config_keys
+    from ..checkpoints import write_model_config
 
-    skeleton.config.save_pretrained(folder)
-    if getattr(skeleton, "generation_config", None) is not None:
-        skeleton.generation_config.save_pretrained(folder)
-    write_legacy_config_keys(folder / "config.json", skeleton.config, check_model(skeleton))
+    write_model_config(skeleton, folder)
     ModelCompressor(quantization_config=qc).update_config(str(folder))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
