@@ -15,8 +15,8 @@ Then one pass per decoder layer: materialise, run the evaluation windows through
 layer (baseline perplexity and sink health), remove or merge experts, quantize (RTN or
 bitsandbytes on the layer's part of the plan; GPTQ codes read back from gptqmodel's checkpoint,
 :mod:`secompress.quant.gptq_stream`), run the windows through the compressed layer, write its
-tensors (compressed-tensors :mod:`secompress.quant.ct_stream`, bitsandbytes
-:mod:`secompress.quant.bnb_stream`, or dequantized + codes), drop it. The results are
+tensors with the export format's per-layer writer (:mod:`secompress.quant.formats`, the same
+writer ``save_quantized`` / ``save_pruned`` run over a model in memory), drop it. The results are
 bit-identical to the in-memory path (tests on all seven architectures). NAEE (it reconstructs
 layer outputs from many candidate sets) stays in memory only.
 Legend: N windows, S sequence length, H hidden size, L decoder layers.
@@ -35,18 +35,20 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import as_saved, check_model, load_config, write_model_config
+from .checkpoints import as_saved, check_model, load_config
 from .engine import LayerEngine, LayerInputs, Stream
 from .errors import SecompressError
 from .outputs import atomic_dir, check_output_dir
 from .prune.scores import SCORERS
-from .shards import ShardWriter, TensorSpec, specs_of
+from .quant.formats import FORMATS
+from .quant.formats.base import export_dtype as own_export_dtype
+from .shards import TensorSpec, specs_of
 from .streaming import Checkpoint, build_skeleton
 
 log = logging.getLogger(__name__)
 GiB = 2**30
 RUNTIME_BYTES = GiB // 2  # the Python, torch and transformers runtime itself
-STREAMED_FORMATS = ("compressed-tensors", "dequantized")
+PLAIN = "plain"  # the export format of an unquantized (pruned, merged) model
 STREAMED_METHODS = ("rtn", "gptq", "bnb")  # gptq: quant/gptq_stream.py; bnb (its own format): quant/bnb_stream.py
 
 
@@ -57,6 +59,7 @@ class StreamedJob:
     dtype: torch.dtype = torch.float32
     device: str = "cpu"  # resolved already (secompress.devices.resolve_device)
     batch_size: int = 8  # evaluation windows per chunk (as secompress.perplexity.mean_loss)
+    export_dtype: torch.dtype | None = None  # 16-bit tensors on disk; None: the checkpoint's own 16-bit dtype
 
     def __post_init__(self):
         from .prune.api import MERGE_METHODS, NEURON_METHODS
@@ -73,17 +76,16 @@ class StreamedJob:
         if self.quant is not None and self.quant.method not in STREAMED_METHODS:
             raise SecompressError(f"quantization method '{self.quant.method}' runs in memory only; streaming "
                                   f"supports {', '.join(STREAMED_METHODS)} (or set model.streaming: false)")
-        if self.quant is not None and self.quant.method == "gptq" and self.quant.format == "gptqmodel":
-            raise SecompressError("format 'gptqmodel' (gptqmodel's own folder) is written in memory only; streamed "
-                                  f"GPTQ writes {' or '.join(STREAMED_FORMATS)} (--format, stages.quantize.format)")
-        if self.quant is not None and self.quant.method != "bnb" and self.quant.format not in STREAMED_FORMATS:
-            raise SecompressError(f"export format '{self.quant.format}' is written in memory only; the streamed "
-                                  f"engine writes {' or '.join(STREAMED_FORMATS)} (--format, "
-                                  "stages.quantize.format) or set model.streaming: false")
+        if self.quant is not None and self.quant.format not in FORMATS:  # a backend's own save (gptqmodel)
+            raise SecompressError(f"format '{self.quant.format}' (method '{self.quant.method}''s own save) is written "
+                                  f"in memory only; the streamed engine writes the export formats "
+                                  f"({', '.join(FORMATS)}; --format, stages.quantize.format) or set "
+                                  "model.streaming: false")
 
     @property
-    def format(self) -> str | None:
-        return None if self.quant is None else self.quant.format
+    def format(self) -> str:
+        """The export format's name (``plain`` without quantization)."""
+        return PLAIN if self.quant is None else self.quant.format
 
 
 @dataclass
@@ -98,33 +100,30 @@ class StreamedPlan:
     removal: object | None  # RemovalReport (sizes from the meta skeletons)
     selection: object | None
     quant_plan: object | None
-    out_specs: list[TensorSpec]
-    code_specs: list[TensorSpec]
-    code_shapes: dict[str, list]
+    out_specs: list[TensorSpec]  # the compressed model's tensors as saved, in the compute dtype
     checkpoint_bytes: int
     layer_bytes: int  # the largest decoder layer in the compute dtype
     rest_bytes: int  # embeddings, final norm, output head
     profile: object | None = None
     restructure: object | None = None  # merging / HEAPr: secompress.prune.streamed_merge.RestructurePlan
-    ct: tuple | None = None  # (QuantizationConfig, compatibility) of a compressed-tensors export
     calib: torch.Tensor | None = None  # [N, S] calibration windows (GPTQ's, handed to gptqmodel)
     gptq_dir: Path | None = None  # GPTQ: the folder gptqmodel wrote; its codes are read per layer (gptq_stream)
-    export_bytes: int | None = None  # the export's size when the method estimates its own (bnb)
+    export_dtype: torch.dtype = torch.bfloat16  # 16-bit tensors on disk (the checkpoint's own, or job.export_dtype)
+    as_stored: bool = True  # plain export of a block-scaled FP8 source: copy its FP8 tensors as stored
+    report: dict = field(default_factory=dict)  # the export's compatibility report, known before the pass
 
     @property
     def output_bytes(self) -> int:
-        """Size of the export: the 16-bit tensors and the codes file (dequantized format), or the 16-bit
-        tensors less the quantized weights plus their packed codes, float32 scales and zero points."""
-        if self.export_bytes is not None:
-            return self.export_bytes
-        plain = sum(s.nbytes for s in self.out_specs)
-        codes = sum(s.nbytes for s in self.code_specs)
-        if self.ct is None:
-            return plain + codes
-        el = torch.empty((), dtype=self.job.dtype, device="meta").element_size()
-        dense = sum(math.prod(shape) for shape, _, _ in self.code_shapes.values()) * el
-        scales = sum(s.nbytes for s in self.code_specs if s.name.endswith(".scales"))
-        return plain - dense + codes + scales  # scales float16 -> float32
+        """Size of the export's tensor files (the format's estimate)."""
+        return FORMATS[self.job.format].estimate_bytes(self.model, self.quant_plan, self.export_dtype,
+                                                       self.path if self.as_stored else None)
+
+    def writer(self, folder: Path, tokenizer=None):
+        """The export format's per-layer writer into ``folder`` (see :mod:`secompress.quant.formats`)."""
+        fmt = FORMATS[self.job.format]
+        opts = {"kept": self.kept, "as_stored": self.as_stored} if fmt.holds == "unquantized" else {}
+        return fmt.writer(folder, self.model, self.quant_plan, self.export_dtype, tokenizer, source=self.path,
+                          source_size=self.checkpoint_bytes, **opts)
 
     def peak_bytes(self, num_windows: int = 0, seq_len: int = 0, streams: int = 2) -> int:
         """Estimated peak memory: the embeddings and head, a layer materialised plus what quantization
@@ -190,30 +189,6 @@ def _cast_meta(model, dtype: torch.dtype) -> None:
                                                         requires_grad=False)
 
 
-def code_specs(plan, group_size: int | None) -> tuple[list[TensorSpec], dict[str, list]]:
-    """Names, dtypes and shapes of the packed codes file (as :func:`secompress.quant.api.quantized_tensors`)."""
-    from .layout import PROJ
-    from .quant import rtn
-
-    specs, shapes = [], {}
-    for name, b in plan.bits.items():
-        if b is None:
-            continue
-        u = plan.units[name]
-        if u.expert is None:
-            mats = {name: (u.params // u.in_features[0], u.in_features[0])}  # [O, In]
-        else:
-            H, I = u.in_features  # gate/up read H, down reads I
-            mats = {f"{name}.{p}": ((H, I) if p == "down_proj" else (I, H)) for p in PROJ}
-        for key, (O, In) in mats.items():
-            G = In // rtn.check_args(b, group_size, In, key)
-            specs += [TensorSpec(f"{key}.qweight", torch.uint8, ((O * In * b + 7) // 8,)),
-                      TensorSpec(f"{key}.scales", rtn.SCALE_DTYPE, (O, G)),
-                      TensorSpec(f"{key}.zeros", torch.uint8, ((O * G * b + 7) // 8,))]
-            shapes[key] = [[O, In], [O, G], b]
-    return specs, shapes
-
-
 def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: bool | None = None,
                   calib: torch.Tensor | None = None) -> StreamedPlan:
     """Decide everything on the meta skeleton (no weights read); raises before any compute.
@@ -262,24 +237,14 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
             check_gptq(qcfg, prof, calib)  # calibration windows and coverage, before any compute
     sd = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
     out_specs = specs_of(as_saved(model, sd))
-    cspecs, cshapes, export_bytes = [], {}, None
-    if job.quant is not None and job.quant.method == "bnb":  # its own format: no codes file
-        from .quant.bnb_stream import bnb_bytes
-
-        export_bytes = bnb_bytes(model, qplan, job.dtype)
-    elif qplan is not None:
-        cspecs, cshapes = code_specs(qplan, job.quant.group_size)
-    ct = None
-    if job.format == "compressed-tensors":
-        from .errors import require
-        from .quant.ct_stream import ct_config
-
-        require("compressed_tensors", "ct", "the compressed-tensors export")
-        ct = ct_config(model, qplan)  # refuses (se_mode expert, a config vLLM rejects) before any compute
-    return StreamedPlan(path, job, config, model, kept, removal, selection, qplan, out_specs, cspecs, cshapes,
-                        disk, layer_b, rest_b, profile, restructure, ct,
+    fmt = FORMATS[job.format]
+    fmt.require()
+    report = fmt.preview(model, qplan) if qplan is not None else {}  # refuses what it cannot write, before compute
+    return StreamedPlan(path, job, config, model, kept, removal, selection, qplan, out_specs, disk, layer_b, rest_b,
+                        profile, restructure,
                         calib=calib if job.quant is not None and job.quant.method == "gptq" else None,
-                        export_bytes=export_bytes)
+                        export_dtype=job.export_dtype or own_export_dtype(config, job.dtype),
+                        as_stored=restructure is None, report=report)
 
 
 def _remapped(prof, removal):
@@ -339,51 +304,6 @@ def _quantizer(eng: LayerEngine, plan: StreamedPlan):
     return QuantizeLayers(eng, plan.quant_plan, q.group_size, q.symmetric)
 
 
-class ExportLayers:
-    """Write the layer's tensors (dequantized where quantized) as save_pretrained names them, and its codes."""
-
-    def __init__(self, eng: LayerEngine, writer: ShardWriter, codes: ShardWriter | None, plan):
-        self.eng, self.writer, self.codes, self.plan = eng, writer, codes, plan
-
-    def write_rest(self) -> None:
-        head = self.eng.adapter.layers_path + "."
-        sd = {k: v for k, v in self.eng.model.state_dict().items() if not k.startswith(head)}
-        for k, v in as_saved(self.eng.model, sd).items():
-            self.writer.write(k, v)
-
-    def on_layer(self, index: int, layer, inputs: LayerInputs) -> None:
-        from .quant.api import dequantized, quantized_tensors
-
-        prefix = self.eng.layer_prefix(index)
-        with dequantized(self.eng.model):
-            sd = {prefix + k: v for k, v in self.eng.layers[index].state_dict().items()}
-            for k, v in as_saved(self.eng.model, sd).items():
-                self.writer.write(k, v)
-            del sd
-        if self.codes is not None:
-            tensors, _ = quantized_tensors(self.eng.model, self.plan.layer(index))
-            for k, v in tensors.items():
-                self.codes.write(k, v)
-
-
-class ExportLayersCT:
-    """Write each layer in compressed-tensors format as it finishes (:mod:`secompress.quant.ct_stream`)."""
-
-    def __init__(self, eng: LayerEngine, writer, plan, qc, symmetric: bool):
-        self.eng, self.writer, self.plan, self.qc, self.symmetric = eng, writer, plan, qc, symmetric
-
-    def write_rest(self) -> None:
-        from .quant.ct_stream import rest_tensors
-
-        self.writer.write_part(rest_tensors(self.eng.model, self.eng.adapter))
-
-    def on_layer(self, index: int, layer, inputs: LayerInputs) -> None:
-        from .quant.ct_stream import layer_tensors
-
-        self.writer.write_part(layer_tensors(self.eng.model, self.eng.adapter, index, self.plan.layer(index),
-                                             self.qc, self.symmetric))
-
-
 # ---- the pass -----------------------------------------------------------------------------------------
 @dataclass
 class StreamedResult:
@@ -396,6 +316,7 @@ class StreamedResult:
     extra: dict = field(default_factory=dict)
     sink_before: object | None = None  # SinkHealth of the original model (``sink=True``, baseline stream)
     sink_after: object | None = None  # SinkHealth of the compressed model (``sink=True``)
+    export: object | None = None  # the writer's ExportSummary (bytes, files, ratio to the checkpoint)
 
     @property
     def perplexity_before(self) -> float | None:
@@ -462,35 +383,12 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
     log.info("%s", plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0))))
 
     def one_pass(folder: Path | None):
-        writer = codes = None
-        if folder is not None and job.quant is not None and job.quant.method == "bnb":
-            from .quant.bnb_stream import ExportLayersBnb
-
-            exporter = ExportLayersBnb(eng, folder, plan.quant_plan)
-            writer = exporter.writer
+        writer = None
+        if folder is not None:  # the export format's writer: the last per-layer step
+            writer = plan.writer(folder, tokenizer)
             eng.load_rest()
-            exporter.write_rest()
-            callbacks.append(exporter)
-        elif folder is not None and plan.ct is not None:
-            from .shards import PartWriter
-
-            writer = PartWriter(folder)
-            exporter = ExportLayersCT(eng, writer, plan.quant_plan, plan.ct[0], bool(job.quant.symmetric))
-            eng.load_rest()
-            exporter.write_rest()
-            callbacks.append(exporter)
-        elif folder is not None:
-            writer = ShardWriter(folder, plan.out_specs)
-            if plan.code_specs:
-                from .quant.api import CODES_NAME
-
-                codes = ShardWriter(folder, plan.code_specs, stem=CODES_NAME.removesuffix(".safetensors"),
-                                    max_shard_bytes=1 << 62, metadata={"format": "secompress-rtn", "version": "1",
-                                                                       "shapes": json.dumps(plan.code_shapes)})
-            exporter = ExportLayers(eng, writer, codes, plan.quant_plan)
-            eng.load_rest()
-            exporter.write_rest()
-            callbacks.append(exporter)
+            writer.write_rest(eng.model)
+            callbacks.append(writer)
         final = eng.run(streams, callbacks, progress=progress, desc="compress (streaming)")
         if "before" in final:
             res.loss_before = eng.mean_loss(final.pop("before"), chunks)
@@ -501,10 +399,9 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
         if "after" in meters:
             res.sink_after = meters["after"].health()
         if writer is not None:
-            writer.close()
-            if codes is not None:
-                codes.close()
-            _write_side_files(plan, folder, tokenizer, extra_files(res) if extra_files else {})
+            res.export = writer.finish()
+            for name, text in (extra_files(res) if extra_files else {}).items():
+                (folder / name).write_text(text)
 
     if out is None:
         one_pass(None)
@@ -514,29 +411,6 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
         res.out = out
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def _write_side_files(plan: StreamedPlan, folder: Path, tokenizer, extra_files: dict[str, str]) -> None:
-    from .quant.api import PLAN_NAME
-
-    model = plan.model
-    model.config.dtype = plan.job.dtype  # the weights are written in the compute dtype, as in memory
-    if plan.job.quant is not None and plan.job.quant.method == "bnb":
-        from .quant.bnb_stream import finish_bnb
-
-        finish_bnb(folder, model, plan.quant_plan, plan.job, tokenizer)
-    elif plan.ct is not None:
-        from .quant.ct_stream import finish_ct
-
-        finish_ct(folder, model, plan.ct[0], plan.quant_plan, plan.ct[1], plan.job.dtype, tokenizer)
-    else:
-        write_model_config(model, folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        if plan.quant_plan is not None:
-            (folder / PLAN_NAME).write_text(json.dumps(plan.quant_plan.to_json(), indent=2) + "\n")
-    for name, text in extra_files.items():
-        (folder / name).write_text(text)
 
 
 def run_cli(args, prune_cfg=None, quant_cfg=None) -> int:
@@ -588,7 +462,10 @@ def run_cli(args, prune_cfg=None, quant_cfg=None) -> int:
         else:
             return {}
         pr.model = str(args.model)
-        return {REPORT_NAME: json.dumps(pr.to_json(), indent=2) + "\n"}
+        d = pr.to_json()
+        if res.export is not None:
+            d["export"] = res.export.to_json()
+        return {REPORT_NAME: json.dumps(d, indent=2) + "\n"}
 
     res = compress_streamed(plan, eval_ids, args.out, tok, overwrite=args.overwrite, extra_files=side)
     if plan.quant_plan is not None:

@@ -88,9 +88,9 @@ def compress_gptq(plan, eval_ids=None, out=None, tokenizer=None, baseline: bool 
         work = Path(work)
         src, first = plan.path, None
         if pruning:
-            plain_plan = dataclasses.replace(
-                plan, job=dataclasses.replace(job, quant=None), quant_plan=None, code_specs=[], code_shapes={},
-                ct=None, calib=None, export_bytes=None)
+            plain_plan = dataclasses.replace(  # a work copy for gptqmodel: plain, in the compute dtype
+                plan, job=dataclasses.replace(job, quant=None), quant_plan=None, calib=None, report={},
+                export_dtype=job.dtype, as_stored=False)
             src = work / "pruned"
             first = compress_streamed(plain_plan, eval_ids if baseline else None, src, tokenizer, baseline=True,
                                       progress=progress, sink=sink)

@@ -152,14 +152,14 @@ def check_vllm_loads(recipe, report: dict) -> None:
 
 
 def plan_report(quant_plan, model=None) -> dict:
-    """The compatibility report of a quantization plan before its export is written (compressed-tensors:
-    derived from the config that ``model``, or its meta skeleton, gives)."""
+    """The compatibility report of a quantization plan before its export is written (the export format's
+    ``preview`` on ``model``, or its meta skeleton: compressed-tensors derives it from the config)."""
     if quant_plan is None:
         return {}
-    if quant_plan.meta.get("format") == "compressed-tensors" and model is not None:
-        from ..quant.ct_stream import ct_config
+    if model is not None:
+        from ..quant.backends import exporter
 
-        return ct_config(model, quant_plan)[1]
+        return exporter(quant_plan.meta).preview(model, quant_plan)
     return quant_plan.compatibility()
 
 

@@ -81,7 +81,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
     from ..streamed import StreamedJob, compress_streamed, plan_streamed
     from ..sink import check_sink, save_sink
     from .evaluation import Comparison, sink_rows
-    from .export_eval import check_vllm_loads, plan_report, streamed_tasks
+    from .export_eval import check_vllm_loads, streamed_tasks
     from .publish import model_card
     from ..quant.backends import exporter
     from .run import PLAIN_SNIPPET, RunResult, _cached_profile, _data, _manifest, finish_push, write_run_files
@@ -105,7 +105,7 @@ def run_streamed(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, d
         prof, cache_hit = _cached_profile(recipe, None, tok, calib, progress, streaming=True, device=str(device))
     timings["profile"] = round(time.time() - t, 2)
     plan = plan_streamed(m.id, job, prof, calib=calib.input_ids)
-    check_vllm_loads(recipe, plan.ct[1] if plan.ct is not None else plan_report(plan.quant_plan))  # export_eval
+    check_vllm_loads(recipe, plan.report)  # export_eval
     compare = ev is not None and ev.compare_se_unaware and prof is not None
     plan_u = plan_streamed(m.id, job, prof, protect=False, calib=calib.input_ids) if compare else None
     measure = ev is not None and ev.perplexity
