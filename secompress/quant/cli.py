@@ -26,8 +26,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--se-mode", default=None, choices=list(SE_MODES),
                    help="raise only the SEs, or every expert of an SE's layer (one format per layer, vLLM); "
                         "default: layer for the compressed-tensors export, else expert")
-    p.add_argument("--format", default=None, choices=list(FORMATS) + [b.own_format for b in BACKENDS.values()
-                                                                       if b.own_format],
+    p.add_argument("--format", default=None, choices=list(dict.fromkeys(
+                       [*FORMATS, *(b.own_format for b in BACKENDS.values() if b.own_format)])),
                    help="export format of rtn/gptq results (default compressed-tensors: vLLM, SGLang, transformers; "
                         "dequantized: 16-bit weights + codes; gptqmodel: gptqmodel's own folder, gptq only; "
                         "recipe: export.format)")

@@ -59,10 +59,11 @@ def resolve_format(backend: Backend, fmt: str | None) -> str | None:
 
 
 def exporter(meta: dict):
-    """What writes, loads and reports on a plan's export: its export format (``meta['format']``, else
-    the backend's default) if that is a registered one, else the plan's backend (``meta['method']``)."""
+    """What writes, loads and reports on a plan's export: its export format (``meta['format']``; a plan
+    that names none: the backend's own format when that is a registered one, e.g. bnb's) if that is a
+    registered one, else the plan's backend (``meta['method']``)."""
     backend = get_backend(meta.get("method", "rtn"))
-    fmt = meta.get("format") or backend.default_format
+    fmt = meta.get("format") or backend.own_format
     return FORMATS[fmt] if fmt in FORMATS else backend
 
 

@@ -40,6 +40,7 @@ from ..plan import PLAN_NAME, QuantPlan
 log = logging.getLogger(__name__)
 MiB = 2**20
 HOLDS = ("codes", "own", "unquantized")  # what an ExportFormat writes (see ExportFormat.holds)
+HEADER_BYTES = 112  # about what one tensor's entry adds to a safetensors header (estimates)
 SCALE_DTYPES = ("model", "float32")  # QuantConfig.scale_dtype: scales in the export dtype, or float32 (exact)
 
 

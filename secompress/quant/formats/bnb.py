@@ -32,13 +32,12 @@ from ...streaming import disk_key
 from ..bnb_export import FORMAT as STORED_FORMAT
 from ..bnb_export import _targets, load_bnb
 from ..plan import QuantPlan
-from .base import ExportFormat, ExportSummary, LayerWriter, cast_floats, plan_export_format, write_plan
+from .base import HEADER_BYTES, ExportFormat, ExportSummary, LayerWriter, cast_floats, plan_export_format, write_plan
 
 log = logging.getLogger(__name__)
 FORMAT = "bitsandbytes"
 BLOCK = 64  # bitsandbytes' 4-bit block size (one float32 absmax per block, no double quantization)
 QUANT_STATE_BYTES = 16 * 4 + 80  # the 16-entry float32 quant_map and the JSON quant state, per 4-bit weight
-HEADER_BYTES = 112  # about what one tensor's entry adds to a safetensors header
 
 
 def _fused16(model, adapter, indices) -> dict[str, nn.Module]:

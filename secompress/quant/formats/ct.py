@@ -33,7 +33,7 @@ from .. import rtn
 from ..compressed_tensors import (FORMAT, SE_MODE_ERROR, _compress, build_config, compatibility, iter_qtensors,
                                   load_ct, report, vllm_rule_problems)
 from ..fused import WEIGHTS, FusedQuantizedExperts
-from .base import ExportFormat, ExportSummary, LayerWriter, cast_floats, plan_export_format, write_plan
+from .base import HEADER_BYTES, ExportFormat, ExportSummary, LayerWriter, cast_floats, plan_export_format, write_plan
 from .dequantized import planned_matrices
 from .plain import plain_bytes
 
@@ -160,16 +160,16 @@ class CompressedTensorsWriter(LayerWriter):
 
 def ct_bytes(skeleton, plan, dtype: torch.dtype) -> int:
     """Bytes of the export: the 16-bit tensors less the quantized weights, plus their packed int32 codes,
-    scales (in :func:`scale_dtype`), int32-packed zero points (asymmetric) and shapes."""
+    scales (in :func:`scale_dtype`), int32-packed zero points (asymmetric), shapes and header entries."""
     el = torch.empty((), dtype=dtype, device="meta").element_size()
     sel = torch.empty((), dtype=scale_dtype(plan, dtype), device="meta").element_size()
     asym = not plan.meta.get("symmetric", False)
     total = plain_bytes(skeleton, dtype)
     for key, (O, In), b in planned_matrices(plan):
         G = In // rtn.check_args(b, plan.meta.get("group_size"), In, key)
-        total += -O * In * el + O * ((In * b + 31) // 32) * 4 + O * G * sel + 16
+        total += -O * In * el + O * ((In * b + 31) // 32) * 4 + O * G * sel + 16 + 2 * HEADER_BYTES
         if asym:
-            total += ((O * b + 31) // 32) * G * 4
+            total += ((O * b + 31) // 32) * G * 4 + HEADER_BYTES
     return total
 
 

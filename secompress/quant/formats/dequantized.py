@@ -24,7 +24,7 @@ from .. import rtn
 from ..fused import FusedQuantizedExperts
 from ..modules import QuantizedLinear, apply_plan, dequantized
 from ..plan import PLAN_NAME, QuantPlan
-from .base import ExportFormat, ExportSummary, LayerWriter, cast_floats, write_plan
+from .base import HEADER_BYTES, ExportFormat, ExportSummary, LayerWriter, cast_floats, write_plan
 from .plain import plain_bytes
 
 FORMAT = "dequantized"
@@ -148,7 +148,8 @@ class DequantizedFormat(ExportFormat):
                     "model = AutoModelForCausalLM.from_pretrained('PATH')")
 
     def estimate_bytes(self, skeleton, plan, dtype, source=None) -> int:
-        return plain_bytes(skeleton, dtype) + sum(s.nbytes for s in code_specs(plan, plan.meta.get("group_size"))[0])
+        specs = code_specs(plan, plan.meta.get("group_size"))[0]
+        return plain_bytes(skeleton, dtype) + sum(s.nbytes + HEADER_BYTES for s in specs)
 
     def detect(self, path: Path) -> bool:
         return codes_file(path) is not None and (path / PLAN_NAME).is_file()

@@ -27,7 +27,7 @@ from ...experts import expert_weights
 from ...fp8 import SCALE_SUFFIX, dequantize
 from ...layout import PROJ
 from ...streaming import Checkpoint, disk_key
-from .base import ExportFormat, ExportSummary, LayerWriter, cast_floats
+from .base import HEADER_BYTES, ExportFormat, ExportSummary, LayerWriter, cast_floats
 
 FORMAT = "plain"
 
@@ -141,13 +141,15 @@ class PlainWriter(LayerWriter):
 
 
 def plain_bytes(skeleton, dtype: torch.dtype) -> int:
-    """Bytes of ``skeleton``'s tensors as saved (per-expert keys, tied aliases once), floats in ``dtype``."""
+    """Bytes of ``skeleton``'s tensors as saved (per-expert keys, tied aliases once), floats in ``dtype``,
+    with their safetensors header entries."""
     from ...shards import specs_of
 
     sd = {k: torch.empty_like(v, device="meta") for k, v in skeleton.state_dict().items()}
     el = torch.empty((), dtype=dtype, device="meta").element_size()
-    return sum(math.prod(s.shape) * el if s.dtype.is_floating_point else s.nbytes
-               for s in specs_of(as_saved(skeleton, sd)))
+    specs = specs_of(as_saved(skeleton, sd))
+    return sum(math.prod(s.shape) * el if s.dtype.is_floating_point else s.nbytes for s in specs) + \
+        len(specs) * HEADER_BYTES
 
 
 class PlainFormat(ExportFormat):
