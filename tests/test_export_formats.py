@@ -16,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 import secompress
-from secompress.checkpoints import as_saved, load_model, load_tokenizer, write_model_config
+from secompress.checkpoints import as_saved, load_model, write_model_config
 from secompress.prune import PruneConfig, prune, save_pruned
 from secompress.quant import QuantConfig, quantize_, save_quantized
 from secompress.quant.api import CODES_DIR, CODES_NAME, PLAN_NAME, codes_file, dequantized
