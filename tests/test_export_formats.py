@@ -1,7 +1,7 @@
 """Export formats: one per-layer writer each, the same over a model in memory and in the streamed engine.
 
 (a) a format registered in one file is written in memory (``save_quantized``) and streamed
-(``compress_streamed``) with identical files, and ``secompress.load`` finds it; (b) issue 23's export
+(a compress job over the shards) with identical files, and ``secompress.load`` finds it; (b) issue 23's export
 fixes: scales in the model's 16-bit dtype (secompress.load computes what a server computes), the
 dequantized format's index and codes subfolder, the tied-embedding reference model streamed,
 readable files, the checkpoint's own 16-bit dtype whatever the compute dtype, and the size and
@@ -22,8 +22,9 @@ from secompress.quant import QuantConfig, quantize_, save_quantized
 from secompress.quant.api import CODES_DIR, CODES_NAME, PLAN_NAME, codes_file, dequantized
 from secompress.quant.formats import FORMATS, register_format, unregister_format
 from secompress.quant.formats.base import ExportFormat, LayerWriter, cast_floats, plan_export_format, write_plan
-from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+from secompress.compress import Job
 from secompress.testing import make_tiny, save_tiny
+from test_streamed import streamed
 
 REFERENCE = Path(__file__).resolve().parents[1] / "evals" / "reference" / "model"
 
@@ -98,8 +99,8 @@ def test_a_format_registered_in_one_place_writes_in_memory_and_streamed(fp16_for
     plan = quantize_(model, cfg)
     assert "float16 dequantized weights" in plan.table()
     save_quantized(model, None, plan, tmp_path / "mem")  # the writer over the resident model
-    splan = plan_streamed(src, StreamedJob(quant=cfg, dtype=torch.float32, device="cpu"))
-    res = compress_streamed(splan, None, tmp_path / "str", progress=False)  # the same writer, layer by layer
+    splan, run = streamed(src, Job(quant=cfg))
+    res = run(None, tmp_path / "str", progress=False)  # the same writer, layer by layer
     a, b = _by_key(tmp_path / "mem"), _by_key(tmp_path / "str")
     assert a and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert {t.dtype for t in a.values()} == {torch.float16}
@@ -180,8 +181,8 @@ def test_streamed_dequantized_export_of_the_tied_reference_model(tmp_path):
 
     assert json.loads((REFERENCE / "config.json").read_text())["tie_word_embeddings"]
     cfg = QuantConfig(bits=4, group_size=32, protect_super_experts=False, format="dequantized")
-    plan = plan_streamed(REFERENCE, StreamedJob(quant=cfg, dtype=torch.float32, device="cpu"))
-    compress_streamed(plan, None, tmp_path / "str", progress=False)
+    _, run = streamed(REFERENCE, Job(quant=cfg))
+    run(None, tmp_path / "str", progress=False)
     model = load_model(REFERENCE, torch.float32)
     qplan = quantize_(model, cfg)
     save_quantized(model, None, qplan, tmp_path / "mem")
@@ -225,17 +226,16 @@ def test_exported_files_are_readable_as_the_umask_allows(tmp_path, mask, tokeniz
 def test_16bit_tensors_are_written_in_the_checkpoints_own_dtype(bf16_src, tmp_path, tokenizer):
     # float32 evaluation, bf16 checkpoint: the export is bf16, in memory and streamed alike
     pc = PruneConfig(0.25, "random", calib_samples=2, seq_len=16, eval_samples=0, protect_super_experts=False)
-    model = load_model(bf16_src, torch.float32)
-    r = prune(model, tokenizer, pc)
-    save_pruned(model, tokenizer, r, tmp_path / "mem")
-    assert model.dtype == torch.float32  # the model itself is left as it was
     from secompress.profile import ProfileConfig, profile
 
-    prof = profile(bf16_src, tokenizer, config=ProfileConfig(num_samples=2, seq_len=16, streaming=True, dtype="float32"),
-                   progress=False)
-    plan = plan_streamed(bf16_src, StreamedJob(prune=pc, dtype=torch.float32, device="cpu"), prof)
+    model = load_model(bf16_src, torch.float32)
+    prof = profile(model, tokenizer, config=ProfileConfig(num_samples=2, seq_len=16), progress=False)
+    r = prune(model, tokenizer, pc, profile=prof)
+    save_pruned(model, tokenizer, r, tmp_path / "mem")
+    assert model.dtype == torch.float32  # the model itself is left as it was
+    plan, run = streamed(bf16_src, Job(prune=pc), prof)
     assert plan.export_dtype == torch.bfloat16
-    res = compress_streamed(plan, None, tmp_path / "str", tokenizer, progress=False)
+    res = run(None, tmp_path / "str", tokenizer, progress=False)
     a, b = _by_key(tmp_path / "mem"), _by_key(tmp_path / "str")
     assert {t.dtype for t in a.values()} == {torch.bfloat16} and set(a) == set(b)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -243,9 +243,8 @@ def test_16bit_tensors_are_written_in_the_checkpoints_own_dtype(bf16_src, tmp_pa
         assert json.loads((tmp_path / d / "config.json").read_text())["dtype"] == "bfloat16"
     assert res.export.ratio < 1  # pruned: smaller than the source
     # an explicit export dtype wins; a float32 checkpoint computed in bf16 is written in bf16
-    plan = plan_streamed(bf16_src, StreamedJob(prune=pc, dtype=torch.float32, device="cpu",
-                                               export_dtype=torch.float32), prof)
-    compress_streamed(plan, None, tmp_path / "f32", tokenizer, progress=False)
+    _, run = streamed(bf16_src, Job(prune=pc, export_dtype=torch.float32), prof)
+    run(None, tmp_path / "f32", tokenizer, progress=False)
     assert {t.dtype for t in _by_key(tmp_path / "f32").values()} == {torch.float32}
     f32_src = save_tiny(make_tiny("qwen3_moe", num_hidden_layers=2), tmp_path / "f32src")
     model = load_model(f32_src, torch.bfloat16)

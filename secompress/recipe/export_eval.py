@@ -151,18 +151,6 @@ def check_vllm_loads(recipe, report: dict) -> None:
                           f"compatibility report: {said[1]}; change the quantize stage, or set evaluate.backend: hf")
 
 
-def plan_report(quant_plan, model=None) -> dict:
-    """The compatibility report of a quantization plan before its export is written (the export format's
-    ``preview`` on ``model``, or its meta skeleton: compressed-tensors derives it from the config)."""
-    if quant_plan is None:
-        return {}
-    if model is not None:
-        from ..quant.backends import exporter
-
-        return exporter(quant_plan.meta).preview(model, quant_plan)
-    return quant_plan.compatibility()
-
-
 # ---- running ---------------------------------------------------------------------------------
 def run_tasks(lm: LmEvalModel, stage, label: str) -> dict[str, float]:
     """The recipe's lm-eval tasks with lm-eval building the model from ``lm``; ``{task/metric: value}``."""
