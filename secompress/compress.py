@@ -63,8 +63,14 @@ class Job:
 
     @property
     def format(self) -> str:
-        """The export format's name: the quantization's (QuantConfig.format), ``plain`` without one."""
-        fmt = PLAIN if self.quant is None else self.quant.format
+        """The export format's name: the quantization's (QuantConfig.format), ``plain`` without one or for a
+        backend whose step leaves plain weights (no integer codes, no registered format of its own: its
+        ``save`` is a plain checkpoint plus its plan, which the plain writer writes per layer)."""
+        if self.quant is None:
+            return PLAIN
+        fmt, backend = self.quant.format, self.quant.backend
+        if fmt is None and not backend.holds_codes and backend.own_format is None:
+            return PLAIN
         if fmt not in FORMATS:  # a backend's own save (gptqmodel): written from the model, not per layer
             raise SecompressError(f"format '{fmt}' (method '{self.quant.method}''s own save) is written by "
                                   f"save_quantized only; a compress job writes the export formats "
@@ -229,7 +235,7 @@ def plan_job(source, job: Job, profile=None, protect: bool | None = None, calib:
     return JobPlan(source, job, model, mplan, qplan, out_specs, disk, layer_b, rest_b, profile,
                    calib=calib if needs_calib else None, late_ses=late,
                    export_dtype=job.export_dtype or own_export_dtype(source.config, source.dtype),
-                   as_stored=not changes)
+                   as_stored=not changes and job.quant is None)
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
@@ -294,10 +300,11 @@ class _BindLateSEs:
 
 def run_job(plan: JobPlan, src: LayerSource, eval_ids: torch.Tensor | None = None, out: str | Path | None = None,
             tokenizer=None, baseline: bool = True, overwrite: bool = False, progress: bool = True,
-            extra_files=None, sink: bool = False, extra_steps=()) -> JobResult:
+            finish=None, sink: bool = False, extra_steps=()) -> JobResult:
     """One pass of ``plan`` over ``src``: baseline and compressed perplexity over ``eval_ids`` [N, S] (when
     given) and the export into ``out`` (when given; atomic, with the tokenizer, config, plan, codes and the
-    files ``extra_files(result) -> {name: text}`` gives once the perplexities are known). ``sink``: also the
+    files ``finish(result, folder)`` writes into the export's folder once the perplexities are known, before it
+    is renamed into place). ``sink``: also the
     baseline and compressed :class:`~secompress.sink.SinkHealth` over ``eval_ids``. ``extra_steps``: more
     per-layer steps, run after the job's own (a diagnostic, a test's fault injection)."""
     t0 = time.perf_counter()
@@ -352,8 +359,8 @@ def run_job(plan: JobPlan, src: LayerSource, eval_ids: torch.Tensor | None = Non
         res.seconds = time.perf_counter() - t0
         if writer is not None:
             res.export = writer.finish()
-            for name, text in (extra_files(res) if extra_files else {}).items():
-                (folder / name).write_text(text)
+            if finish is not None:
+                finish(res, folder)
 
     if out is None:
         one_pass(None)

@@ -21,7 +21,8 @@ from .apply import plan_quantization, quantize_
 from .backends import (BACKENDS, FORMATS, Backend, ExportFormat, get_backend, register, register_format, unregister,
                        unregister_format)
 from .formats import ExportSummary, LayerWriter
-from .compressed_tensors import load_ct, save_ct
+from .compressed_tensors import load_ct
+from .formats.ct import save_ct
 from .config import QuantConfig
 from .export import load_quantized, save_quantized
 from .modules import QuantizedExperts, QuantizedLinear, apply_plan, dequantized, quantized_bytes

@@ -1,6 +1,6 @@
 """The compressed-tensors export (``pack-quantized``) that vLLM, SGLang and transformers load.
 
-    save_ct(model, tokenizer, plan, "out/")    # model: quantize_ (RTN) or GPTQ codes read back (formats/ct.py)
+    save_ct(model, tokenizer, plan, "out/")    # formats/ct.py: the format's per-layer writer over the model
     model, plan = load_ct("out/")              # secompress.load calls it
 
 On disk (written with compressed-tensors' own ``QuantizationArgs`` / ``QuantizationScheme`` /
@@ -107,7 +107,7 @@ def build_config(model, plan: QuantPlan, adapter):
 
     gs = plan.meta.get("group_size")
     gs = None if gs in (None, -1) else gs
-    sym = bool(plan.meta.get("symmetric", False))
+    sym = bool(plan.meta.get("symmetric", True))
     lbits = layer_bits(plan)
     weight: dict[int, int] = {}
     for n, b in plan.bits.items():
@@ -280,18 +280,10 @@ def _compress(qts, qc, symmetric: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_ct(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False, **kw) -> Path:
-    """Write ``model`` (quantized per ``plan``) atomically to ``out`` in compressed-tensors format: the
-    format's writer over the resident model (:mod:`secompress.quant.formats.ct`)."""
-    from .formats import FORMATS
-
-    return FORMATS[FORMAT].save(model, tokenizer, plan, out, overwrite, **kw)
-
-
 # ---- load ----------------------------------------------------------------------------------
 @torch.no_grad()
 def load_ct(path: str | Path, device: str | None = None):
-    """Load a :func:`save_ct` checkpoint with secompress's quantized modules; returns (model, plan)."""
+    """Load a :func:`~secompress.quant.formats.ct.save_ct` checkpoint with secompress's quantized modules; returns (model, plan)."""
     require("compressed_tensors", "ct", "loading a compressed-tensors checkpoint")
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationConfig

@@ -133,7 +133,7 @@ class CompressedTensorsWriter(LayerWriter):
     def __init__(self, folder, skeleton, plan, dtype, tokenizer=None, source=None, source_size=None):
         super().__init__(folder, skeleton, plan, dtype, tokenizer, source, source_size)
         self.qc, self.compat = ct_config(skeleton, plan)  # refuses before anything is written
-        self.symmetric = bool(plan.meta.get("symmetric", False))
+        self.symmetric = bool(plan.meta.get("symmetric", True))
         self.scale_dtype = scale_dtype(plan, dtype)
 
     def rest_tensors(self, model):
@@ -163,7 +163,7 @@ def ct_bytes(skeleton, plan, dtype: torch.dtype) -> int:
     scales (in :func:`scale_dtype`), int32-packed zero points (asymmetric), shapes and header entries."""
     el = torch.empty((), dtype=dtype, device="meta").element_size()
     sel = torch.empty((), dtype=scale_dtype(plan, dtype), device="meta").element_size()
-    asym = not plan.meta.get("symmetric", False)
+    asym = not plan.meta.get("symmetric", True)
     total = plain_bytes(skeleton, dtype)
     for key, (O, In), b in planned_matrices(plan):
         G = In // rtn.check_args(b, plan.meta.get("group_size"), In, key)
@@ -213,3 +213,9 @@ class CompressedTensorsFormat(ExportFormat):
 
 
 EXPORT = CompressedTensorsFormat()
+
+
+def save_ct(model, tokenizer, plan, out: str | Path, overwrite: bool = False, **kw) -> Path:
+    """Write ``model`` (quantized per ``plan``: ``quantize_`` with RTN, or GPTQ codes read back) atomically
+    to ``out`` in compressed-tensors format: the format's writer over the resident model."""
+    return EXPORT.save(model, tokenizer, plan, out, overwrite, **kw)

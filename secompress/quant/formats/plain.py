@@ -1,4 +1,6 @@
 """The ``plain`` export format: an unquantized model (pruned, merged or untouched) as transformers saves it.
+Also a model whose weights a quantization backend changed in place without integer codes (a backend with
+no format of its own): the tensors as they are, and its plan in ``quantization_plan.json``.
 
 Each tensor under the name ``save_pretrained`` gives it (fused experts reverted to the checkpoint's
 per-expert keys, tied aliases dropped), floating tensors in the export dtype. When the source
@@ -27,7 +29,7 @@ from ...experts import expert_weights
 from ...fp8 import SCALE_SUFFIX, dequantize
 from ...layout import PROJ
 from ...streaming import Checkpoint, disk_key
-from .base import HEADER_BYTES, ExportFormat, ExportSummary, LayerWriter, cast_floats
+from .base import HEADER_BYTES, ExportFormat, ExportSummary, LayerWriter, cast_floats, write_plan
 
 FORMAT = "plain"
 
@@ -138,6 +140,9 @@ class PlainWriter(LayerWriter):
                 if k in self.stored.config:
                     cfg[k] = self.stored.config[k]
             (self.folder / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        if self.plan is not None:  # weights a backend changed in place (no codes): what it planned, for the record
+            write_plan(self.folder, self.plan, {"format": FORMAT, "dtype": str(self.dtype).removeprefix("torch."),
+                                                "size": summary.to_json()})
 
 
 def plain_bytes(skeleton, dtype: torch.dtype) -> int:
