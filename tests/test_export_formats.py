@@ -272,3 +272,14 @@ def test_every_export_states_its_size_and_ratio(bf16_src, tmp_path, tokenizer):
     exp = json.loads((out / "prune_report.json").read_text())["export"]
     assert exp["format"] == "plain" and exp["bytes"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
     assert 0.5 < exp["ratio"] < 0.9  # half the experts gone, attention and embeddings kept
+
+
+def test_cli_scale_dtype_reaches_the_compressed_tensors_scales(bf16_src, tmp_path):
+    from secompress.cli import main
+
+    for sd, want in (("model", torch.bfloat16), ("float32", torch.float32)):
+        out = tmp_path / sd
+        assert main(["quantize", str(bf16_src), "--out", str(out), "--group-size", "8", "--scale-dtype", sd,
+                     "--no-protect-super-experts", "--samples", "2", "--seq-len", "16", "--device", "cpu"]) == 0
+        scales = {v.dtype for k, v in _by_key(out).items() if k.endswith("weight_scale")}
+        assert scales == {want}, sd
