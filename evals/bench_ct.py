@@ -122,7 +122,7 @@ def main() -> None:
     from secompress.perplexity import perplexity
     from secompress.profile import ProfileConfig, profile
     from secompress.quant.api import QuantConfig, quantize_
-    from secompress.quant.compressed_tensors import save_ct
+    from secompress.quant.formats.ct import save_ct
 
     torch.set_num_threads(2)
     gs = args.group_size

@@ -13,7 +13,8 @@ from secompress.errors import SecompressError
 from secompress.profile import ProfileResult
 from secompress.quant import QuantConfig, quantize_, rtn
 from secompress.quant.api import dequantized
-from secompress.quant.compressed_tensors import load_ct, save_ct, scheme_of, vllm_rule_problems
+from secompress.quant.compressed_tensors import load_ct, scheme_of, vllm_rule_problems
+from secompress.quant.formats.ct import save_ct
 from secompress.se_rule import SERule
 from secompress.quant.ct_codes import from_signed, to_signed
 from secompress.quant.fused import FusedQuantizedExperts, pack_codes, unpack_codes

@@ -46,6 +46,8 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
         meta["calibration"] = config.calibration
     if config.format is not None:
         meta["format"] = config.format  # the export format save_quantized writes
+    if config.scale_dtype != "model":
+        meta["scale_dtype"] = config.scale_dtype  # the export's scales (compressed-tensors)
     assert config.se_mode is not None  # resolved when the config was built
     plan = resolve_plan(model, config.rules, ses, config.se_mode, config.se_bits, config.bits, meta)
     if config.avg_bits is not None:

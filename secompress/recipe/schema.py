@@ -129,7 +129,7 @@ class ExportStage:
     def __post_init__(self):
         from ..quant.backends import BACKENDS, FORMATS
 
-        known = list(FORMATS) + [b.own_format for b in BACKENDS.values() if b.own_format]
+        known = list(dict.fromkeys([*FORMATS, *(b.own_format for b in BACKENDS.values() if b.own_format)]))
         if self.format is not None and self.format not in known:
             raise ValueError(f"format must be one of {', '.join(known)}, got {self.format!r}")
 

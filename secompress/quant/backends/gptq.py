@@ -68,8 +68,11 @@ class GptqBackend(Backend):
         if src is None or not Path(src).is_dir():
             raise SecompressError("this plan has no GPTQ checkpoint to save: save the model quantize_ (method "
                                   "'gptq', with work=) returned this plan for")
+        from ..formats.base import publish
+
         with atomic_dir(out, overwrite) as tmp:
             shutil.copytree(src, tmp, dirs_exist_ok=True)
+            publish(tmp)  # readable as any file the user writes (gptqmodel's safetensors are 0600)
         return Path(out)
 
     def detect(self, path: Path) -> bool:
