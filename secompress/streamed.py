@@ -12,9 +12,9 @@ experts to remove (score-based methods from the profile's statistics) or the fin
 shapes, the quantization plan, the export's config (compressed-tensors: refused here when vLLM's
 rule would reject it), the size on disk (checked against the free space) and the peak memory.
 Then one pass per decoder layer: materialise, run the evaluation windows through the original
-layer (baseline perplexity and sink health), remove or merge experts, quantize (RTN or
-bitsandbytes on the layer's part of the plan; GPTQ codes read back from gptqmodel's checkpoint,
-:mod:`secompress.quant.gptq_stream`), run the windows through the compressed layer, write its
+layer (baseline perplexity and sink health), remove or merge experts, quantize (RTN, GPTQ or
+bitsandbytes on the layer's part of the plan; GPTQ from the calibration windows propagated through
+the layers quantized before, :mod:`secompress.quant.gptq_layers`), run the windows through the compressed layer, write its
 tensors (compressed-tensors :mod:`secompress.quant.ct_stream`, bitsandbytes
 :mod:`secompress.quant.bnb_stream`, or dequantized + codes), drop it. The results are
 bit-identical to the in-memory path (tests on all seven architectures). NAEE (it reconstructs
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 GiB = 2**30
 RUNTIME_BYTES = GiB // 2  # the Python, torch and transformers runtime itself
 STREAMED_FORMATS = ("compressed-tensors", "dequantized")
-STREAMED_METHODS = ("rtn", "gptq", "bnb")  # gptq: quant/gptq_stream.py; bnb (its own format): quant/bnb_stream.py
+STREAMED_METHODS = ("rtn", "gptq", "bnb")  # gptq: quant/gptq_layers.py; bnb (its own format): quant/bnb_stream.py
 
 
 @dataclass(frozen=True)
@@ -73,9 +73,6 @@ class StreamedJob:
         if self.quant is not None and self.quant.method not in STREAMED_METHODS:
             raise SecompressError(f"quantization method '{self.quant.method}' runs in memory only; streaming "
                                   f"supports {', '.join(STREAMED_METHODS)} (or set model.streaming: false)")
-        if self.quant is not None and self.quant.method == "gptq" and self.quant.format == "gptqmodel":
-            raise SecompressError("format 'gptqmodel' (gptqmodel's own folder) is written in memory only; streamed "
-                                  f"GPTQ writes {' or '.join(STREAMED_FORMATS)} (--format, stages.quantize.format)")
         if self.quant is not None and self.quant.method != "bnb" and self.quant.format not in STREAMED_FORMATS:
             raise SecompressError(f"export format '{self.quant.format}' is written in memory only; the streamed "
                                   f"engine writes {' or '.join(STREAMED_FORMATS)} (--format, "
@@ -107,8 +104,7 @@ class StreamedPlan:
     profile: object | None = None
     restructure: object | None = None  # merging / HEAPr: secompress.prune.streamed_merge.RestructurePlan
     ct: tuple | None = None  # (QuantizationConfig, compatibility) of a compressed-tensors export
-    calib: torch.Tensor | None = None  # [N, S] calibration windows (GPTQ's, handed to gptqmodel)
-    gptq_dir: Path | None = None  # GPTQ: the folder gptqmodel wrote; its codes are read per layer (gptq_stream)
+    calib: torch.Tensor | None = None  # [N, S] calibration windows (GPTQ's: a stream of the pass)
     export_bytes: int | None = None  # the export's size when the method estimates its own (bnb)
 
     @property
@@ -135,6 +131,8 @@ class StreamedPlan:
         H = int(getattr(self.config, "hidden_size", 0))
         heads = int(getattr(self.config, "num_attention_heads", 1))
         hidden = streams * num_windows * seq_len * H * 4
+        if self.calib is not None:  # GPTQ's calibration stream
+            hidden += self.calib.numel() * H * 4
         attn = self.job.batch_size * heads * seq_len * seq_len * 4 * 2
         factor = 2.5 if self.job.quant is not None else 1.5
         return int(self.rest_bytes + factor * self.layer_bytes + hidden + attn + self._restructure_bytes(H)
@@ -219,7 +217,7 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
     """Decide everything on the meta skeleton (no weights read); raises before any compute.
 
     ``protect`` overrides both configs' ``protect_super_experts`` (False: the SE-unaware variant);
-    ``calib`` [N, S]: the calibration windows merging and HEAPr decide from (GPTQ: gptqmodel's)."""
+    ``calib`` [N, S]: the calibration windows merging, HEAPr and GPTQ decide from."""
     from .prune.api import plan_for, score_selection
     from .prune.structural import remove_experts
 
@@ -257,9 +255,9 @@ def plan_streamed(path: str | Path, job: StreamedJob, profile=None, protect: boo
                                   "profile first")
         qplan = plan_quantization(model, qcfg, profile=prof)
         if qcfg.method == "gptq":
-            from .quant.gptq_stream import check_gptq
+            from .quant.gptq_layers import check_calibration
 
-            check_gptq(qcfg, prof, calib)  # calibration windows and coverage, before any compute
+            check_calibration(qcfg, prof, calib)  # calibration windows and coverage, before any compute
     sd = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
     out_specs = specs_of(as_saved(model, sd))
     cspecs, cshapes, export_bytes = [], {}, None
@@ -329,9 +327,9 @@ def _quantizer(eng: LayerEngine, plan: StreamedPlan):
     """The per-layer quantization callback of the plan's method."""
     q = plan.job.quant
     if q.method == "gptq":
-        from .quant.gptq_stream import LoadGptqLayers
+        from .quant.gptq_layers import GptqLayers
 
-        return LoadGptqLayers(eng, plan.quant_plan, plan.gptq_dir)
+        return GptqLayers(eng, plan.quant_plan, q)
     if q.method == "bnb":
         from .quant.bnb_stream import QuantizeLayersBnb
 
@@ -427,10 +425,6 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
     (:mod:`secompress.sink_meter`; equal to :func:`~secompress.sink.measure_sink` in memory)."""
     t0 = time.perf_counter()
     job = plan.job
-    if plan.quant_plan is not None and job.quant.method == "gptq" and plan.gptq_dir is None:
-        from .quant.gptq_stream import compress_gptq  # gptqmodel first, then this pass over its codes
-
-        return compress_gptq(plan, eval_ids, out, tokenizer, baseline, overwrite, progress, extra_files, sink)
     if out is not None:
         out = check_output_dir(out, overwrite)
         check_disk(out, plan.output_bytes)
@@ -451,6 +445,10 @@ def compress_streamed(plan: StreamedPlan, eval_ids: torch.Tensor | None = None, 
         if baseline:
             streams["before"] = Stream(chunks, before=True, watch=meters["before"].watch if meters else None)
         streams["after"] = Stream(chunks, watch=meters["after"].watch if meters else None)
+    if plan.calib is not None and plan.quant_plan is not None:  # GPTQ: through the layers quantized before
+        from .quant.gptq_layers import CALIB
+
+        streams[CALIB] = Stream(list(plan.calib.split(job.quant.options.batch_size)))
     res = StreamedResult(plan)
     if plan.restructure is not None:  # merging / HEAPr: each MoE layer decided from the calibration windows
         from .prune.streamed_merge import restructure_callback

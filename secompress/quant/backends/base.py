@@ -13,11 +13,11 @@ optional package it needs, and the steps every entry point (``quantize_``,
     load_snippet                                                  for the model card
 
 A backend whose ``apply`` leaves secompress's integer-coded modules in the model
-(``holds_codes``: rtn, and gptq's codes read back) can be written in any registered
+(``holds_codes``: rtn, gptq) can be written in any registered
 :class:`ExportFormat` (``dequantized``, ``compressed-tensors``): ``QuantConfig.format`` picks one
 (None: the backend's ``default_format``), the plan records it, and ``save_quantized`` /
 ``secompress.load`` / ``compatibility`` / ``load_snippet`` go to the format instead of the backend.
-A backend's own ``save`` is its ``own_format`` (gptq: ``gptqmodel``), or its only one (bnb).
+A backend's own ``save`` is its ``own_format``, or its only one (bnb).
 """
 from __future__ import annotations
 
@@ -35,6 +35,16 @@ from ..plan import PLAN_NAME, QuantPlan
 @dataclass(frozen=True)
 class NoOptions:
     """A backend without options of its own."""
+
+
+def calibration_ids(ctx: "QuantContext"):
+    """[N, S] calibration windows from ``ctx.data`` (CalibrationData as given, text tokenized now)."""
+    from ...data import CalibrationData, load_calibration
+    from ...profile import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
+
+    if isinstance(ctx.data, CalibrationData):
+        return ctx.data.input_ids
+    return load_calibration(ctx.data, ctx.tokenizer, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN).input_ids
 
 
 @dataclass
@@ -100,7 +110,7 @@ class Backend(Exporter):
     options: ClassVar[type] = NoOptions
     package: ClassVar[str | None] = None  # the optional package it drives
     extra: ClassVar[str | None] = None  # its pip extra: pip install 'secompress[EXTRA]'
-    import_package: ClassVar[bool] = True  # False: only check it is installed (gptqmodel patches on import)
+    import_package: ClassVar[bool] = True  # False: only check it is installed (a package that patches on import)
     calibrated: ClassVar[bool] = False  # uses calibration statistics: needs a profile for coverage
     holds_codes: ClassVar[bool] = False  # apply leaves integer-coded modules: any ExportFormat can write them
     own_format: ClassVar[str | None] = None  # name of what its own save() writes, when formats are a choice
