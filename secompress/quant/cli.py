@@ -3,7 +3,7 @@
     secompress quantize MODEL --method rtn|gptq|bnb --bits 4 --group-size 32 --se-bits 16|8 [--se-mode expert|layer]
                         [--avg-bits 3.5] [--profile DIR] [--rule NAME=BITS | re:REGEX=BITS ...]
                         [--calibration all-experts] [--option KEY=VALUE ...]
-                        [--format compressed-tensors|dequantized|gptqmodel] --out OUT [--overwrite]
+                        [--format compressed-tensors|dequantized] --out OUT [--overwrite]
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--format", default=None, choices=list(FORMATS) + [b.own_format for b in BACKENDS.values()
                                                                        if b.own_format],
                    help="export format of rtn/gptq results (default compressed-tensors: vLLM, SGLang, transformers; "
-                        "dequantized: 16-bit weights + codes; gptqmodel: gptqmodel's own folder, gptq only; "
+                        "dequantized: 16-bit weights + codes; "
                         "recipe: export.format)")
     add_protection(p, "quantized like the rest")
     p.add_argument("--avg-bits", type=float, default=None, help="allocate routed experts' bits to this average")
@@ -42,8 +42,7 @@ def _add_quantize(sub) -> None:
                    help="an option of the method's backend, e.g. quant_type=fp4 for bnb (repeatable)")
     add_profile_arg(p)
     p.add_argument("--streaming", action="store_true",
-                   help="one decoder layer at a time (models larger than memory; gptq: gptqmodel's child holds "
-                        "its own copy of the model)")
+                   help="one decoder layer at a time (models larger than memory)")
 
 
 def backend_options(method: str, pairs: list[str]):

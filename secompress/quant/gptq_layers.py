@@ -150,11 +150,11 @@ class GptqLayers:
                 ws = [expert_weights(experts, e) for e in chunk]
                 pos = [st.index(e) for e in chunk]
                 gu = torch.stack([torch.cat([w["gate_proj"], w["up_proj"]]) for w in ws])  # [n, 2I, H]
-                h = shared if shared is not None else hessian(st.gate_up[pos], torch.tensor([st.tokens[p] for p in pos]))
+                h = shared if shared is not None else hessian(st.gate_up[pos], [st.tokens[p] for p in pos])
                 q_gu = self._gptq(gu, h, bits)
                 del gu
                 dn = torch.stack([w["down_proj"] for w in ws])  # [n, H, I]
-                q_dn = self._gptq(dn, hessian(st.down[pos], torch.tensor([st.tokens[p] for p in pos])), bits)
+                q_dn = self._gptq(dn, hessian(st.down[pos], [st.tokens[p] for p in pos]), bits)
                 for i, e in enumerate(chunk):
                     name = todo[e][0]
                     g = _rows(q_gu, 0, 2 * I, i)
