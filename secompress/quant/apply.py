@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def needs_profile(config: QuantConfig) -> bool:
-    """Whether quantizing with ``config`` uses a profile (SEs, allocation, or calibration coverage)."""
-    return config.protect_super_experts or config.avg_bits is not None or config.backend.calibrated
+    """Whether quantizing with ``config`` uses a profile (SEs, allocation, or calibration coverage: not
+    under all-expert calibration, where every expert sees every token)."""
+    return (config.protect_super_experts or config.avg_bits is not None
+            or (config.backend.calibrated and config.calibration != "all-experts"))
 
 
 def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, data="builtin") -> QuantPlan:

@@ -42,6 +42,7 @@ Legend: O out features (rows), In in features (columns), G = In / group_size gro
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 DAMP = 0.01  # percdamp of the paper's code and llm-compressor (gptqmodel: 0.05)
 BLOCK_SIZE = 128
 MAX_DAMP = 1.0
+SMALL = 1 << 24  # problems with fewer (rows + columns) x columns run on one thread (see _threads)
 
 
 def xtx(x: torch.Tensor) -> torch.Tensor:
@@ -106,6 +108,21 @@ def factor(h: torch.Tensor, damp: float = DAMP, dtype: torch.dtype = torch.float
         p = torch.where(ok, p, p * 10)
 
 
+@contextmanager
+def _threads(n: int | None):
+    """torch's intra-op threads set to ``n`` inside (None: unchanged). The per-column updates are a few
+    small element-wise ops each; on small matrices splitting them over threads costs more CPU time in
+    thread wake-ups and spin-waits than the work itself (measured 10x on a loaded 2-core machine)."""
+    before = torch.get_num_threads()
+    if n is not None and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def blocks(columns: int, group_size: int, block_size: int = BLOCK_SIZE) -> list[tuple[int, int]]:
     """Column blocks [i1, i2) such that every group lies inside one block or starts one."""
     if block_size < 1:
@@ -130,27 +147,39 @@ def gptq(w: torch.Tensor, h: torch.Tensor | Factor, bits: int, group_size: int |
     In = w.shape[-1]
     gs = rtn.check_args(bits, group_size, In, f"a weight of shape {tuple(w.shape)}")
     dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
-    f = h if isinstance(h, Factor) else factor(h, damp, dtype)
-    if f.u.shape[-1] != In:
-        raise ValueError(f"Hessian for {f.u.shape[-1]} input features, weight has {In}")
-    lead = w.shape[:-2]
-    if f.u.ndim == 2:  # one Hessian: every row of every matrix is a row of one [R, In] problem
-        W, U, dead = w.reshape(1, -1, In), f.u[None], f.dead[None]
-    elif tuple(f.u.shape[:-2]) == tuple(lead):
-        W, U, dead = w.reshape(-1, *w.shape[-2:]), f.u.reshape(-1, In, In), f.dead.reshape(-1, In)
-    else:
-        raise ValueError(f"Hessians {tuple(f.u.shape)} do not match weights {tuple(w.shape)}")
-    B, R = W.shape[:2]
-    G, maxq = In // gs, 2 ** bits - 1
-    Wt = W.to(dtype).transpose(1, 2).contiguous()  # [B, In, R]: the working copy, one column a contiguous row
-    Wt.masked_fill_(dead[..., None], 0.0)
-    U = U.to(dtype)
-    codes = torch.empty((B, In, R), dtype=torch.uint8, device=W.device)
-    if static_groups:
-        scales, zeros = rtn.grid(Wt.transpose(1, 2).reshape(B, R, G, gs), bits, symmetric)  # [B, R, G]
-    else:
-        scales = torch.empty((B, R, G), dtype=rtn.SCALE_DTYPE, device=W.device)
-        zeros = torch.empty((B, R, G), dtype=torch.uint8, device=W.device)
+    rows = w.numel() // In if (h.u if isinstance(h, Factor) else h).ndim == 2 else w.shape[-2]
+    with _threads(1 if (rows + In) * In * (w.numel() // In // rows) < SMALL else None):
+        f = h if isinstance(h, Factor) else factor(h, damp, dtype)
+        if f.u.shape[-1] != In:
+            raise ValueError(f"Hessian for {f.u.shape[-1]} input features, weight has {In}")
+        lead = w.shape[:-2]
+        if f.u.ndim == 2:  # one Hessian: every row of every matrix is a row of one [R, In] problem
+            W, U, dead = w.reshape(1, -1, In), f.u[None], f.dead[None]
+        elif tuple(f.u.shape[:-2]) == tuple(lead):
+            W, U, dead = w.reshape(-1, *w.shape[-2:]), f.u.reshape(-1, In, In), f.dead.reshape(-1, In)
+        else:
+            raise ValueError(f"Hessians {tuple(f.u.shape)} do not match weights {tuple(w.shape)}")
+        B, R = W.shape[:2]
+        G = In // gs
+        Wt = W.to(dtype).transpose(1, 2).contiguous()  # [B, In, R]: the working copy, a column a contiguous row
+        Wt.masked_fill_(dead[..., None], 0.0)
+        codes = torch.empty((B, In, R), dtype=torch.uint8, device=W.device)
+        if static_groups:
+            scales, zeros = rtn.grid(Wt.transpose(1, 2).reshape(B, R, G, gs), bits, symmetric)  # [B, R, G]
+        else:
+            scales = torch.empty((B, R, G), dtype=rtn.SCALE_DTYPE, device=W.device)
+            zeros = torch.empty((B, R, G), dtype=torch.uint8, device=W.device)
+        _columns(Wt, U.to(dtype), codes, scales, zeros, gs, block_size, bits, symmetric, static_groups)
+    out = (*lead, *w.shape[-2:])
+    return rtn.QTensor(codes.transpose(1, 2).reshape(out), scales.reshape(*out[:-1], G),
+                       zeros.reshape(*out[:-1], G), bits)
+
+
+def _columns(Wt, U, codes, scales, zeros, gs: int, block_size: int, bits: int, symmetric: bool,
+             static_groups: bool) -> None:
+    """The column loop of :func:`gptq` on ``Wt`` [B, In, R] (updated in place), writing ``codes``
+    [B, In, R] and (unless ``static_groups``) ``scales`` / ``zeros`` [B, R, G]."""
+    In, maxq, dtype = Wt.shape[1], 2 ** bits - 1, Wt.dtype
     for i1, i2 in blocks(In, gs, block_size):
         W1 = Wt[:, i1:i2]  # [B, b, R], a view: the block's columns are updated in place
         Err1 = torch.empty_like(W1)
@@ -169,6 +198,3 @@ def gptq(w: torch.Tensor, h: torch.Tensor | Factor, bits: int, group_size: int |
             W1[:, i + 1:].addcmul_(U1[:, i, i + 1:, None], err[:, None, :], value=-1)  # [B, b - i - 1, R]
         if i2 < In:
             Wt[:, i2:].baddbmm_(U[:, i1:i2, i2:].transpose(1, 2), Err1, alpha=-1)  # [B, In - i2, b] x [B, b, R]
-    codes, lead = codes.transpose(1, 2), w.shape[:-2]
-    out = (*lead, *w.shape[-2:])
-    return rtn.QTensor(codes.reshape(out), scales.reshape(*out[:-1], G), zeros.reshape(*out[:-1], G), bits)
