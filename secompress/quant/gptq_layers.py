@@ -34,7 +34,7 @@ from ..checkpoints import check_model
 from ..errors import CalibrationError, SecompressError, option
 from ..experts import expert_weights
 from ..hessians import record_hessians
-from ..streaming import capture_layer_inputs, run_layer
+from ..streaming import _return_freed_memory, capture_layer_inputs, run_layer
 from . import rtn
 from .gptq_math import Factor, factor, gptq, hessian
 from .modules import apply_plan, planned_expert_layers, planned_linears
@@ -200,3 +200,4 @@ def quantize_resident(model, chunks: list[torch.Tensor], steps) -> None:
         del inputs
         if i + 1 < len(layers):
             hidden = [run_layer(layers[i], h, *args[i][c]) for c, h in enumerate(hidden)]
+        _return_freed_memory()  # the layer's float weights and statistics, freed, go back to the system now

@@ -41,19 +41,26 @@ class GptqBackend(Backend):
     name = "gptq"
     options = GptqOptions
     calibrated = True
+    propagated_calibration = True  # its step reads the calibration stream through the layers quantized before
     holds_codes = True  # integer-coded modules: any export format writes them
     default_format = "compressed-tensors"
 
     def check_plan(self, plan, config) -> None:
         check_group_sizes(plan, config.group_size)
 
+    def layer_step(self, src, plan, config):
+        """The per-layer step on any layer source (``src.model``); it reads the stream ``CALIB``."""
+        from ..gptq_layers import GptqLayers
+
+        return GptqLayers(src, plan, config)
+
     def apply(self, model, plan, config, ctx: QuantContext) -> QuantPlan:
-        from ..gptq_layers import GptqLayers, Resident, check_calibration, quantize_resident
+        from ..gptq_layers import Resident, check_calibration, quantize_resident
         from .base import calibration_ids
 
         ids = calibration_ids(ctx)
         check_calibration(config, ctx.profile, ids)
-        step = GptqLayers(Resident(model), plan, config)
+        step = self.layer_step(Resident(model), plan, config)
         quantize_resident(model, list(ids.split(config.options.batch_size)), [step])
         return plan
 
