@@ -16,6 +16,7 @@ from secompress.quant import (QuantConfig, QuantizedExperts, QuantizedLinear, Qu
                               all_expert_calibration, allocate, check_coverage, dequantize, load_quantized, quantize,
                               quantize_, resolve_plan, save_quantized)
 from secompress.quant.api import CODES_NAME, PLAN_NAME
+from secompress.quant.backends import exporter
 from secompress.quant.backends.base import layer_uniformity
 from secompress.quant.rtn import BITS, pack, unpack
 from secompress.se_rule import SERule
@@ -103,11 +104,11 @@ def test_se_modes(base, mode):
     assert others == ({4} if mode == "expert" else {8})
     assert {p.bits[EXP.format(2, e)] for e in range(8)} == {4}
     assert p.bits["model.layers.1.self_attn.q_proj"] == 4
-    compat = p.compatibility()  # method rtn, format dequantized: a 16-bit export
+    compat = exporter(p.meta).compatibility(p)  # method rtn, format dequantized: a 16-bit export
     assert compat["transformers"][0] and not compat["gptqmodel"][0] and compat["vllm-fused-moe"][0]
     gp = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8,
                       meta={"method": "gptq", "format": "dequantized"})
-    assert gp.compatibility() == compat  # GPTQ's codes export as RTN's do
+    assert exporter(gp.meta).compatibility(gp) == compat  # GPTQ's codes export as RTN's do
     assert layer_uniformity(gp)[0] == (mode == "layer")  # fused-MoE kernels take one format per layer
     assert "1: 4/8" in layer_uniformity(gp)[1] or mode == "layer"
     p16 = resolve_plan(base, [], ses=[SE], se_mode=mode, se_bits=None)

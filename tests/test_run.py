@@ -47,8 +47,8 @@ def test_pipeline_writes_model_card_comparison_manifest_and_dry_run(tmp_path, ti
     res = run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
     out = res.out
     assert res.manifest["super_experts"] == [[1, 3]] and not res.manifest["profile_cache_hit"]
-    assert set(res.pushed) >= {"README.md", "config.json", "model.safetensors", "tokenizer.json",
-                               "quantization_plan.json"}  # compressed-tensors, the default export
+    assert set(res.pushed) >= {"README.md", "config.json", "tokenizer.json", "quantization_plan.json"}
+    assert any(f.startswith("model") and f.endswith(".safetensors") for f in res.pushed)  # compressed-tensors
     assert res.manifest["push"]["dry_run"] is True
     for f in ("comparison.json", "comparison.md", "comparison.png", "manifest.json", "recipe.yaml",
               "profile/super_experts.json", "sink.json", "sink.md", "sink.png"):
@@ -92,9 +92,18 @@ def test_profile_cache_is_reused_and_invalidated(tmp_path, tiny_se):
 def test_recovery_threshold_fails_the_run_and_writes_nothing(tmp_path, tiny_se, monkeypatch):
     import secompress.recipe.run as run_mod
 
+    import math
+
     recipe, text = _recipe(tiny_se, extra=", recovery_threshold: 0.9")
-    ppl = iter([10.0, 12.5, 30.0])  # baseline, SE-aware, SE-unaware
-    monkeypatch.setattr(run_mod, "measure", lambda *a, **k: {"perplexity": next(ppl)})
+    losses = iter([(math.log(10.0), math.log(12.5)), (None, math.log(30.0))])  # baseline, SE-aware; SE-unaware
+    real = run_mod.run_job
+
+    def job(*a, **k):
+        res = real(*a, **k)
+        res.loss_before, res.loss_after = next(losses)
+        return res
+
+    monkeypatch.setattr(run_mod, "run_job", job)
     with pytest.raises(RecoveryError, match="perplexity recovers 0.800"):
         run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
@@ -108,7 +117,7 @@ def test_interruption_leaves_nothing_and_existing_output_is_kept(tmp_path, tiny_
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_mod, "_export", boom)  # interrupted while writing the checkpoint
+    monkeypatch.setattr(run_mod, "_card", boom)  # interrupted while writing the export's model card
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
@@ -138,7 +147,7 @@ def test_push_without_token_fails_before_compute_and_failed_push_keeps_the_expor
     with pytest.raises(PushError, match="export was kept") as e:
         run_recipe(recipe, text, tmp_path / "out", dry_run=False, progress=False)
     assert str(tmp_path / "out" / "model") in str(e.value) and "hf_test" not in str(e.value)
-    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert list((tmp_path / "out" / "model").glob("model*.safetensors"))
 
 
 def test_cli_run_refuses_existing_output(tmp_path, tiny_se, capsys):
@@ -218,16 +227,19 @@ def test_pipeline_runs_gptq_and_exports_compressed_tensors(tmp_path, tiny_se):
         "{method: rtn, bits: 4, group_size: 32, symmetric: true}", "{method: gptq, bits: 4, group_size: 32, fallback: rtn}")
     res = run_recipe(parse_recipe(text, "t.yaml"), text, tmp_path / "out", dry_run=True, progress=False)
     out = res.out / "model"
-    assert {"quantization_plan.json", "model.safetensors", "README.md"} <= set(p.name for p in out.iterdir())
+    assert {"quantization_plan.json", "README.md"} <= set(p.name for p in out.iterdir())
     plan = json.loads((out / "quantization_plan.json").read_text())
     (se,) = plan["super_experts"]
     assert plan["se_mode"] == "layer" and plan["export"]["format"] == "compressed-tensors"
     from safetensors import safe_open
 
-    with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert f"model.layers.1.mlp.experts.{se['expert']}.down_proj.weight" in f.keys()  # SE layer: 16-bit
-        assert "model.layers.1.mlp.experts.0.down_proj.weight" in f.keys()  # ... all of it
-        assert f.get_tensor("model.layers.0.mlp.experts.0.down_proj.weight_packed").dtype == torch.int32  # GPTQ codes
+    tensors = {}
+    for shard in out.glob("model*.safetensors"):
+        with safe_open(str(shard), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    assert f"model.layers.1.mlp.experts.{se['expert']}.down_proj.weight" in tensors  # SE layer: 16-bit
+    assert "model.layers.1.mlp.experts.0.down_proj.weight" in tensors  # ... all of it
+    assert tensors["model.layers.0.mlp.experts.0.down_proj.weight_packed"].dtype == torch.int32  # GPTQ codes
     import secompress
 
     with torch.no_grad():

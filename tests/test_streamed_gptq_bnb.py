@@ -13,9 +13,9 @@ from secompress.perplexity import mean_loss
 from secompress.profile import ProfileConfig, profile
 from secompress.prune import PruneConfig, prune, remap_profile
 from secompress.quant.api import QuantConfig, quantize_, save_quantized
-from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+from secompress.compress import Job
 from secompress.testing import make_tiny, plant_super_expert, save_tiny
-from test_streamed import DeviceTrap, _tensors
+from test_streamed import DeviceTrap, _tensors, streamed
 
 
 def _setup(tmp_path, model_type, n_calib=6, seq_len=24, layers=3):
@@ -54,10 +54,9 @@ def test_streamed_gptq_equals_in_memory(tmp_path, model_type, calibration, prune
     loss_after = mean_loss(model, eval_ids, 2)
     save_quantized(model, tok, qplan, tmp_path / "mem")
 
-    plan = plan_streamed(src, StreamedJob(prune=pc, quant=qc, dtype=torch.float32, device="cpu", batch_size=2), prof,
-                         calib=calib.input_ids)
+    plan, go = streamed(src, Job(prune=pc, quant=qc, batch_size=2), prof, calib=calib.input_ids)
     with DeviceTrap() as trap:
-        res = compress_streamed(plan, eval_ids, tmp_path / "str", tok, progress=False)
+        res = go(eval_ids, tmp_path / "str", tok, progress=False)
     assert trap.hits == [], trap.hits[:5]
     assert res.loss_before == loss_before and res.loss_after == loss_after, (res.loss_before, loss_before,
                                                                              res.loss_after, loss_after)
@@ -87,10 +86,10 @@ def test_streamed_bnb_bit_identical_to_in_memory(tmp_path, model_type, bits, dty
     loss_after = mean_loss(model, eval_ids, 2)
     save_quantized(model, tok, qplan, tmp_path / "mem")
 
-    plan = plan_streamed(src, StreamedJob(prune=pc, quant=qc, dtype=dtype, device="cpu", batch_size=2), prof)
+    plan, go = streamed(src, Job(prune=pc, quant=qc, batch_size=2), prof, dtype=dtype)
     assert json.dumps(plan.quant_plan.to_json()) == json.dumps(qplan.to_json())
     with DeviceTrap() as trap:
-        res = compress_streamed(plan, eval_ids, tmp_path / "str", tok, progress=False)
+        res = go(eval_ids, tmp_path / "str", tok, progress=False)
     assert trap.hits == [], trap.hits[:5]
     assert res.loss_before == loss_before and res.loss_after == loss_after
     a = _same_export(tmp_path / "mem", tmp_path / "str")
@@ -103,18 +102,13 @@ def test_streamed_bnb_bit_identical_to_in_memory(tmp_path, model_type, bits, dty
         assert torch.equal(back(input_ids=ids).logits, copy.deepcopy(model)(input_ids=ids).logits)
 
 
-def test_streamed_gptq_and_bnb_refuse_bad_combinations_up_front(tmp_path):
-    with pytest.raises(SecompressError, match="cannot share one streamed pass"):
-        StreamedJob(prune=PruneConfig(ratio=0.25, method="m-smoe"), quant=QuantConfig(method="bnb", group_size=None))
+def test_streamed_gptq_refuses_missing_calibration_up_front(tmp_path):
     src, tok, calib, _ = _setup(tmp_path, "qwen3_moe")
-    job = StreamedJob(quant=QuantConfig(method="gptq", bits=4, group_size=32))
-    with pytest.raises(SecompressError, match="needs the streamed profile"):
-        plan_streamed(src, job)
     model = load_model(src, torch.float32)
     prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=6, seq_len=24, batch_size=3),
                    progress=False)
     with pytest.raises(SecompressError, match="calibration windows"):
-        plan_streamed(src, job, prof)
+        streamed(src, Job(quant=QuantConfig(method="gptq", bits=4, group_size=32)), prof)
 
 
 def test_cli_quantize_streaming_bnb_matches_in_memory(tmp_path, capsys):
@@ -134,7 +128,7 @@ def test_cli_quantize_streaming_bnb_matches_in_memory(tmp_path, capsys):
 
 def test_run_recipe_streamed_bnb_matches_in_memory(tmp_path, monkeypatch, planted_qwen2_moe):
     pytest.importorskip("bitsandbytes", reason="needs the bnb extra")
-    from secompress.recipe import streamed_run
+    from secompress.recipe import run as runner
     from secompress.recipe.run import run_recipe
     from secompress.recipe.schema import parse_recipe
 
@@ -153,7 +147,7 @@ stages:
 """
     recipe = parse_recipe(text, "t.yaml")
     mem = run_recipe(recipe, text, tmp_path / "mem", progress=False)
-    monkeypatch.setattr(streamed_run, "available_memory", lambda: 1000)  # auto: the checkpoint no longer fits
+    monkeypatch.setattr(runner, "available_memory", lambda: 1000)  # auto: the checkpoint no longer fits
     st = run_recipe(recipe, text, tmp_path / "st", progress=False)
     assert mem.manifest["mode"] == "in memory" and st.manifest["mode"] == "streamed"
     assert st.comparison.rows["perplexity"] == mem.comparison.rows["perplexity"]

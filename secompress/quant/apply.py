@@ -15,7 +15,7 @@ from pathlib import Path
 from ..checkpoints import check_model
 from ..profile import profile_for
 from .allocate import allocate
-from .backends import QuantContext
+from .backends import QuantContext, exporter
 from .config import QuantConfig
 from .coverage import check_coverage
 from .plan import QuantPlan, resolve_plan
@@ -30,13 +30,18 @@ def needs_profile(config: QuantConfig) -> bool:
             or (config.backend.calibrated and config.calibration != "all-experts"))
 
 
-def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, data="builtin") -> QuantPlan:
-    """The plan ``quantize_`` would apply, validated against the model (nothing is changed)."""
+def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, data="builtin",
+                      ses=None) -> QuantPlan:
+    """The plan ``quantize_`` would apply, validated against the model (nothing is changed). ``ses``:
+    the Super Experts to protect when not the profile's (e.g. ``(layer, None)`` for an SE whose id a
+    merge decides later)."""
     backend = config.backend
     backend.require()  # a missing extra is named first
     check_model(model)
     prof = profile_for(model, profile, tokenizer, data) if needs_profile(config) else None
-    ses = prof.se_ids() if (prof is not None and config.protect_super_experts) else []
+    if ses is None:
+        ses = prof.se_ids() if prof is not None else []
+    ses = ses if config.protect_super_experts else []
     meta = {"method": config.method, "group_size": config.group_size, "symmetric": config.symmetric,
             "protect_super_experts": config.protect_super_experts}
     if config.calibration != "routed":
@@ -45,9 +50,12 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
         meta["format"] = config.format  # the export format save_quantized writes
     assert config.se_mode is not None  # resolved when the config was built
     plan = resolve_plan(model, config.rules, ses, config.se_mode, config.se_bits, config.bits, meta)
+    if backend.calibrated and config.calibration != "all-experts":
+        check_coverage(prof, config.fallback)  # an expert no calibration token reached: error unless fallback 'rtn'
     if config.avg_bits is not None:
         plan = _allocate(plan, prof, config)
     backend.check_plan(plan, config)
+    plan.artifacts["compatibility"] = exporter(plan.meta).compatibility(plan)  # the export format's report
     return plan
 
 
@@ -96,9 +104,9 @@ def quantize_(model, config: QuantConfig, profile=None, tokenizer=None, data="bu
     """Quantize ``model`` in place following ``config``; returns the plan applied.
 
     The Super Experts come from ``profile`` (a :class:`~secompress.profile.ProfileResult`), or
-    from profiling ``data`` with ``tokenizer`` now. Checkpoint-based backends (gptq) write
-    their checkpoint under ``work`` and may read ``source``, the local checkpoint ``model`` was
-    loaded from, if it is unchanged since. ``save_quantized`` writes the result.
+    from profiling ``data`` with ``tokenizer`` now (calibrated backends, gptq: their windows too).
+    ``work`` and ``source`` are accepted for backends that work on a checkpoint (none built in).
+    ``save_quantized`` writes the result.
     """
     backend = config.backend
     backend.require()

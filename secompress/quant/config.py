@@ -28,8 +28,8 @@ class QuantConfig:
     options: Any = None  # the backend's own options dataclass (None: its defaults), e.g. BnbOptions
     fallback: str | None = None  # for experts without calibration tokens: None = error, "rtn"
     calibration: str = "routed"  # calibrated methods: "all-experts" shows every token to every expert
-    format: str | None = None  # export format (secompress.quant.backends.FORMATS, or the backend's own, e.g.
-    # gptqmodel); None: the backend's default (compressed-tensors for rtn and gptq; bnb has only its own)
+    format: str | None = None  # export format (secompress.quant.backends.FORMATS, or the backend's own);
+    # None: the backend's default (compressed-tensors for rtn and gptq; bnb has only its own)
 
     def __post_init__(self):
         check_bits(self.bits)

@@ -16,8 +16,8 @@ def save_quantized(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite
     """Write atomically to ``out``, with ``quantization_plan.json``, in the plan's export format.
 
     rtn / gptq (``plan.meta['format']``): compressed-tensors ``pack-quantized`` (the default; vLLM,
-    SGLang), ``dequantized`` (the dequantized checkpoint plus the packed codes), or for gptq
-    ``gptqmodel`` (its own checkpoint); bnb: the bitsandbytes serialisation in the per-expert layout.
+    SGLang) or ``dequantized`` (the dequantized checkpoint plus the packed codes); bnb: the
+    bitsandbytes serialisation in the per-expert layout.
     """
     ex = exporter(plan.meta)
     if isinstance(ex, ExportFormat):

@@ -1,10 +1,10 @@
 """GPTQ as a per-layer step in this process, on any layer source (the ``gptq`` backend's step).
 
-    step = GptqLayers(src, plan, config)          # src: anything with ``.model`` (resident or streamed)
-    quantize_resident(model, chunks, [step])      # or the streamed engine with the stream CALIB
+    step = GptqLayers(src, plan, config)          # src: a layer source (secompress.pipeline: Resident, Streamed)
+    run_pass(src, {CALIB_Q: Stream(chunks)}, [step])   # what backend.apply and compress.run_job do
 
 Per decoder layer, as llm-compressor's sequential pipeline does with its default targets (the
-decoder layers): the calibration windows entering the layer (``inputs.hidden[CALIB]``, propagated
+decoder layers): the calibration windows entering the layer (``inputs.hidden[CALIB_Q]``, propagated
 through the layers quantized before it, as GPTQModel and llm-compressor do) go once through the
 layer as it is, under :func:`secompress.hessians.record_hessians`; every planned unit of the layer
 (``plan.layer(index)``) is then GPTQ-quantized (:func:`secompress.quant.gptq_math.gptq`) from those
@@ -34,25 +34,14 @@ from ..checkpoints import check_model
 from ..errors import CalibrationError, SecompressError, option
 from ..experts import expert_weights
 from ..hessians import record_hessians
-from ..streaming import _return_freed_memory, capture_layer_inputs, run_layer
+from ..streaming import run_layer
 from . import rtn
 from .gptq_math import Factor, factor, gptq, hessian
+from .backends.base import CALIB_Q
 from .modules import apply_plan, planned_expert_layers, planned_linears
 
 log = logging.getLogger(__name__)
-CALIB = "calibration (quantized)"  # the stream: calibration windows through the layers quantized before
 CHUNK_BYTES = 256 << 20  # float32 working weights per GPTQ call
-
-
-def check_calibration(config, profile, calib) -> None:
-    """Refuse a GPTQ job before any compute: no calibration windows, or (routed calibration) an expert
-    the profile's calibration pass never reached, unless the fallback is 'rtn'."""
-    from .coverage import check_coverage
-
-    if calib is None or len(calib) == 0:
-        raise SecompressError("GPTQ needs calibration windows (plan_streamed(..., calib=ids), or data= for quantize_)")
-    if config.calibration != "all-experts":
-        check_coverage(profile, config.fallback)  # an expert without tokens: error unless fallback 'rtn'
 
 
 class GptqLayers:
@@ -67,8 +56,8 @@ class GptqLayers:
         sub = self.plan.layer(index)
         if all(b is None for b in sub.bits.values()):
             return
-        if CALIB not in inputs.hidden:
-            raise SecompressError(f"GPTQ needs the calibration stream '{CALIB}' (windows through the layers "
+        if CALIB_Q not in inputs.hidden:
+            raise SecompressError(f"GPTQ needs the calibration stream '{CALIB_Q}' (windows through the layers "
                                   "quantized before this one)")
         model = self.src.model
         adapter = check_model(model)
@@ -77,8 +66,8 @@ class GptqLayers:
         experts = {adapter.block_path(index): (ex, sorted(todo)) for _, ex, todo in layers}
         t0 = time.perf_counter()
         with record_hessians(linears, experts, self.all_experts) as rec:
-            for c, h in enumerate(inputs.hidden[CALIB]):
-                run_layer(layer, h, *inputs.args[CALIB][c])
+            for c, h in enumerate(inputs.hidden[CALIB_Q]):
+                run_layer(layer, h, *inputs.args[CALIB_Q][c])
         t1 = time.perf_counter()
         codes = self._linears(sub, linears, rec)
         for _, ex, todo in layers:
@@ -173,31 +162,3 @@ def _rows(qt: rtn.QTensor, r0: int, r1: int, i: int | None = None) -> rtn.QTenso
     """Rows r0:r1 of ``qt`` (of matrix ``i`` of a batch), as their own tensors."""
     pick = (lambda t: t[i, r0:r1]) if i is not None else (lambda t: t[r0:r1])
     return rtn.QTensor(*(pick(t).clone() for t in (qt.codes, qt.scales, qt.zeros)), qt.bits)
-
-
-class Resident:
-    """A model in memory as a layer source for the steps (what they read of a source: ``.model``)."""
-
-    def __init__(self, model):
-        self.model = model
-
-
-@torch.no_grad()
-def quantize_resident(model, chunks: list[torch.Tensor], steps) -> None:
-    """Run ``steps`` over the decoder layers of ``model`` (in memory), handing each the calibration
-    stream ``CALIB`` of ``chunks`` ([B, S] token windows): layer 0's inputs captured once, then per
-    layer the steps, then the windows through the layer as the steps left it."""
-    from ..engine import LayerInputs
-
-    adapter = check_model(model)
-    device = model.get_input_embeddings().weight.device
-    hidden, args = capture_layer_inputs(model, adapter, [c.to(device) for c in chunks])
-    layers = adapter.layers(model)
-    for i in range(len(layers)):
-        inputs = LayerInputs({CALIB: hidden}, {CALIB: args[i]})
-        for step in steps:
-            step.on_layer(i, layers[i], inputs)
-        del inputs
-        if i + 1 < len(layers):
-            hidden = [run_layer(layers[i], h, *args[i][c]) for c, h in enumerate(hidden)]
-        _return_freed_memory()  # the layer's float weights and statistics, freed, go back to the system now

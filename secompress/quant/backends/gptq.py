@@ -1,8 +1,9 @@
 """The ``gptq`` backend: GPTQ (Frantar et al. 2023, arXiv 2210.17323) in this process, layer by layer.
 
-``apply`` runs :class:`~secompress.quant.gptq_layers.GptqLayers` over the model in memory with the
-calibration windows (:func:`~secompress.quant.gptq_layers.quantize_resident`); the streamed engine
-runs the same step per materialised layer. The math is :mod:`secompress.quant.gptq_math`; the
+``layer_step`` is :class:`~secompress.quant.gptq_layers.GptqLayers`, run by the one loop
+(:mod:`secompress.pipeline`) over a model in memory (``apply``, ``quantize_``) or the checkpoint's
+shards (``--streaming``) with the calibration stream ``CALIB_Q``; calibration coverage is checked when
+the plan is made (:func:`~secompress.quant.apply.plan_quantization`). The math is :mod:`secompress.quant.gptq_math`; the
 result is secompress's integer-coded modules (like RTN's), written in any export format
 (``compressed-tensors`` by default, or ``dequantized``). No dependency: gptqmodel is only a
 cross-check in the tests.
@@ -11,8 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..plan import QuantPlan
-from .base import Backend, QuantContext, check_group_sizes
+from .base import Backend, check_group_sizes
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,6 @@ class GptqBackend(Backend):
         from ..gptq_layers import GptqLayers
 
         return GptqLayers(src, plan, config)
-
-    def apply(self, model, plan, config, ctx: QuantContext) -> QuantPlan:
-        from ..gptq_layers import Resident, check_calibration, quantize_resident
-        from .base import calibration_ids
-
-        ids = calibration_ids(ctx)
-        check_calibration(config, ctx.profile, ids)
-        step = self.layer_step(Resident(model), plan, config)
-        quantize_resident(model, list(ids.split(config.options.batch_size)), [step])
-        return plan
 
 
 BACKEND = GptqBackend()
