@@ -3,6 +3,7 @@ layer stays 16-bit bit for bit, the rest holds GPTQ codes computed from the cali
 propagated layer by layer; experts without calibration tokens are refused, RTN'd on request, or
 calibrated on every token (all-expert calibration)."""
 import copy
+import json
 import dataclasses
 import sys
 
@@ -17,7 +18,7 @@ from secompress.errors import CalibrationError
 from secompress.experts import expert_weights
 from secompress.perplexity import mean_loss
 from secompress.quant import rtn
-from secompress.quant.api import QuantConfig, QuantizedExperts, QuantizedLinear, quantize_
+from secompress.quant.api import PLAN_NAME, QuantConfig, QuantizedExperts, QuantizedLinear, quantize_
 from secompress.quant.gptq_math import gptq, hessian, xtx
 from secompress.streaming import capture_layer_inputs
 from secompress.testing import make_tiny, plant_super_expert, save_tiny
@@ -83,13 +84,15 @@ def test_cli_quantize_gptq(tmp_path):
 
     src = save_tiny(make_tiny("olmoe"), tmp_path / "src")
     assert main(["quantize", str(src), "--method", "gptq", "--bits", "4", "--group-size", "32", "--num-samples", "4",
-                 "--seq-len", "32", "--out", str(tmp_path / "q")]) == 0
+                 "--seq-len", "32", "--no-symmetric", "--out", str(tmp_path / "q")]) == 0
     keys = set()
     for shard in (tmp_path / "q").glob("model*.safetensors"):  # compressed-tensors, the default
         with safe_open(str(shard), "pt") as f:
             keys |= set(f.keys())
     assert any(k.endswith("experts.0.down_proj.weight_packed") for k in keys)
     assert any(k.endswith("experts.0.down_proj.weight_zero_point") for k in keys)  # asymmetric GPTQ
+    plan = json.loads((tmp_path / "q" / PLAN_NAME).read_text())
+    assert plan["meta"]["method"] == "gptq" and plan["meta"]["symmetric"] is False
     assert main(["quantize", str(src), "--method", "gptq", "--out", str(tmp_path / "q")]) == 2  # exists
     with pytest.raises(SystemExit):  # gptqmodel's own format is gone with the child process
         main(["quantize", str(src), "--method", "gptq", "--format", "gptqmodel", "--out", str(tmp_path / "g")])
@@ -143,14 +146,18 @@ def test_all_expert_calibration_reaches_an_expert_routing_never_does(data):
     fb = copy.deepcopy(base)
     quantize_(fb, dataclasses.replace(cfg, fallback="rtn"), profile=prof, tokenizer=tok, data=calib)
     for p in ("gate_proj", "up_proj", "down_proj"):  # the unreached expert: RTN, as asked
-        want = rtn.quantize(expert_weights(experts, 6)[p], 4, 16, False)
+        want = rtn.quantize(expert_weights(experts, 6)[p], 4, 16, cfg.symmetric)
         assert torch.equal(codes(fb, 6, p).codes, want.codes) and torch.equal(codes(fb, 6, p).scales, want.scales)
-    assert not torch.equal(codes(fb, 2).codes, rtn.quantize(expert_weights(experts, 2)["down_proj"], 4, 16).codes)
+    rtn2 = rtn.quantize(expert_weights(experts, 2)["down_proj"], 4, 16, cfg.symmetric)
+    assert not torch.equal(codes(fb, 2).codes, rtn2.codes)  # a reached expert: GPTQ
     al = copy.deepcopy(base)
     quantize_(al, dataclasses.replace(cfg, calibration="all-experts"), profile=prof, tokenizer=tok, data=calib)
     for p in ("gate_proj", "down_proj"):  # every token reached it: GPTQ codes, not RTN's
         assert not torch.equal(codes(al, 6, p).codes, codes(fb, 6, p).codes)
-    with torch.no_grad():  # the model still routes as before: the unreached expert changes no output
-        ids = calib.input_ids[:2]
-        ref = base(input_ids=ids).logits
-        assert (al(input_ids=ids).logits - ref).abs().mean() < 0.1 * ref.abs().mean()
+    rt = copy.deepcopy(base)
+    quantize_(rt, dataclasses.replace(cfg, method="rtn", options=None), profile=prof)
+    ids = calib.input_ids[:2]
+    ref = _logits(base, ids)
+    # the model still routes as before: GPTQ's Hessians from every token keep its logits well closer to the
+    # 16-bit model's than RTN's (measured on this model: 0.59x RTN's error symmetric, 0.48x asymmetric)
+    assert (_logits(al, ids) - ref).abs().mean() < 0.75 * (_logits(rt, ids) - ref).abs().mean()
