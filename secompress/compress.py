@@ -71,7 +71,7 @@ class Job:
         fmt, backend = self.quant.format, self.quant.backend
         if fmt is None and not backend.holds_codes and backend.own_format is None:
             return PLAIN
-        if fmt not in FORMATS:  # a backend's own save (gptqmodel): written from the model, not per layer
+        if fmt not in FORMATS:  # a backend's own whole-model save: not a per-layer writer
             raise SecompressError(f"format '{fmt}' (method '{self.quant.method}''s own save) is written by "
                                   f"save_quantized only; a compress job writes the export formats "
                                   f"({', '.join(FORMATS)}; --format, stages.export.format)")
@@ -326,7 +326,8 @@ def run_job(plan: JobPlan, src: LayerSource, eval_ids: torch.Tensor | None = Non
         if backend.propagated_calibration:
             from .quant.backends.base import CALIB_Q
 
-            streams[CALIB_Q] = Stream(list(plan.calib.split(job.batch_size)))
+            # chunked as the in-memory apply chunks them (the backend's batch_size): the same float sums
+            streams[CALIB_Q] = Stream(list(plan.calib.split(getattr(job.quant.options, "batch_size", job.batch_size))))
     steps.extend(extra_steps)
     chunks = list(eval_ids.split(job.batch_size)) if eval_ids is not None else []
     meters = {}

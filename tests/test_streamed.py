@@ -228,3 +228,8 @@ def test_cli_prune_and_quantize_streaming_match_in_memory(tmp_path, capsys):
     assert main([*q, "--streaming", "--out", str(tmp_path / "qs")]) == 0
     ta, tb = _tensors(tmp_path / "qm"), _tensors(tmp_path / "qs")
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_gptq_has_no_format_of_its_own():  # gptqmodel's folder went with its child process
+    with pytest.raises(ValueError, match="format for method 'gptq' must be one of compressed-tensors, dequantized"):
+        QuantConfig(method="gptq", bits=4, group_size=16, format="gptqmodel")

@@ -3,7 +3,7 @@
     secompress quantize MODEL --method rtn|gptq|bnb --bits 4 --group-size 32 --se-bits 16|8 [--se-mode expert|layer]
                         [--avg-bits 3.5] [--profile DIR] [--rule NAME=BITS | re:REGEX=BITS ...]
                         [--calibration all-experts] [--option KEY=VALUE ...]
-                        [--format compressed-tensors|dequantized|gptqmodel] --out OUT [--overwrite]
+                        [--format compressed-tensors|dequantized] --out OUT [--overwrite]
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _add(sub) -> None:
     p.add_argument("--format", default=None, choices=list(dict.fromkeys(
                        [*FORMATS, *(b.own_format for b in BACKENDS.values() if b.own_format)])),
                    help="export format of rtn/gptq results (default compressed-tensors: vLLM, SGLang, transformers; "
-                        "dequantized: 16-bit weights + codes; gptqmodel: gptqmodel's own folder, gptq only; "
+                        "dequantized: 16-bit weights + codes; "
                         "recipe: export.format)")
     p.add_argument("--scale-dtype", default="model", choices=list(SCALE_DTYPES),
                    help="compressed-tensors' weight scales on disk: model (the export's 16-bit dtype, what vLLM "

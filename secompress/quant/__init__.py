@@ -5,7 +5,8 @@
     print(plan.table())
     save_quantized(model, tokenizer, plan, "out/")
 
-Modules: ``rtn`` (group-wise round-to-nearest, pure math), ``plan`` (rules -> one explicit
+Modules: ``rtn`` (group-wise round-to-nearest, pure math), ``gptq_math`` (GPTQ, pure math) and
+``gptq_layers`` (GPTQ's per-layer step), ``plan`` (rules -> one explicit
 bit-width per weight, SE protection, runtime compatibility), ``allocate`` (MC-MoE-style
 bit allocation for an average bit-width, ILP), ``coverage`` (calibration coverage,
 all-expert calibration), ``config`` (QuantConfig), ``apply`` (the stage), ``modules`` (quantized

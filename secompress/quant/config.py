@@ -29,8 +29,8 @@ class QuantConfig:
     options: Any = None  # the backend's own options dataclass (None: its defaults), e.g. BnbOptions
     fallback: str | None = None  # for experts without calibration tokens: None = error, "rtn"
     calibration: str = "routed"  # calibrated methods: "all-experts" shows every token to every expert
-    format: str | None = None  # export format (secompress.quant.backends.FORMATS, or the backend's own, e.g.
-    # gptqmodel); None: the backend's default (compressed-tensors for rtn and gptq; bnb: bitsandbytes, its own)
+    format: str | None = None  # export format (secompress.quant.formats.FORMATS, or the backend's own);
+    # None: the backend's default (compressed-tensors for rtn and gptq; bnb: bitsandbytes, its own)
     scale_dtype: str = "model"  # compressed-tensors' weight_scale on disk: "model" = the export dtype (what vLLM
     # computes with; llm-compressor's choice) or "float32" (secompress's exact float16 scales; 10% bigger at g32)
 

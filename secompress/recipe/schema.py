@@ -123,7 +123,7 @@ class EvaluateStage:
 class ExportStage:
     model_card: bool = True
     # export format of the quantize stage's result (it becomes QuantConfig.format): compressed-tensors
-    # (the default of rtn and gptq) | dequantized | gptqmodel (gptq only); bnb has its own
+    # (the default of rtn and gptq) | dequantized; bnb has its own
     format: str | None = None
 
     def __post_init__(self):

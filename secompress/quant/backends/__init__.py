@@ -8,7 +8,7 @@ ending in ``BACKEND = NameBackend()``, and add one line to ``BACKENDS`` below. `
 Export formats are a second registry, ``FORMATS`` (:mod:`secompress.quant.formats`, one per-layer
 writer each): a backend with ``holds_codes`` can be written in every format that ``holds`` codes
 (compressed-tensors, dequantized), and in its ``own_format`` (bnb: ``bitsandbytes``, a registered
-format; gptq: ``gptqmodel``, its own ``save``).
+format).
 """
 from __future__ import annotations
 

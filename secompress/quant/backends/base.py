@@ -17,12 +17,12 @@ optional package it needs, and the steps every entry point (``quantize_``,
     load_snippet                                                  for the model card
 
 A backend whose ``apply`` leaves secompress's integer-coded modules in the model
-(``holds_codes``: rtn, and gptq's codes read back) can be written in any registered
+(``holds_codes``: rtn, gptq) can be written in any registered
 :class:`~secompress.quant.formats.base.ExportFormat` that holds codes (``compressed-tensors``,
 ``dequantized``): ``QuantConfig.format`` picks one (None: the backend's ``default_format``), the plan
 records it, and ``save_quantized`` / ``secompress.load`` / ``compatibility`` / ``load_snippet`` go to
 the format instead of the backend. A backend's ``own_format`` is a registered format of its own
-(bnb: ``bitsandbytes``) or its ``save`` (gptq: ``gptqmodel``, gptqmodel's folder).
+(bnb: ``bitsandbytes``).
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class Backend(Exporter):
     options: ClassVar[type] = NoOptions
     package: ClassVar[str | None] = None  # the optional package it drives
     extra: ClassVar[str | None] = None  # its pip extra: pip install 'secompress[EXTRA]'
-    import_package: ClassVar[bool] = True  # False: only check it is installed (gptqmodel patches on import)
+    import_package: ClassVar[bool] = True  # False: only check it is installed (a package that patches on import)
     calibrated: ClassVar[bool] = False  # uses calibration statistics: needs a profile for coverage
     # its step reads the calibration windows entering each layer through the layers quantized before it
     # (``inputs.hidden[CALIB_Q]``; GPTQ, static activation scales): the driver opens that stream

@@ -186,7 +186,7 @@ class DequantizedFormat(ExportFormat):
     def compatibility(self, plan):
         return {"transformers": (True, "dequantized 16-bit export: stock from_pretrained loads it; "
                                        "secompress.load rebuilds the integer codes"),
-                "gptqmodel": (False, "not a GPTQ checkpoint (use method 'gptq')"),
+                "gptqmodel": (False, "not a gptqmodel checkpoint"),
                 "vllm-fused-moe": (True, "loads the dequantized 16-bit weights (no memory saving)")}
 
 
