@@ -28,6 +28,7 @@ from ..experts import expert_weights
 from ..streaming import disk_key
 from .compressed_tensors import (FORMAT, SE_MODE_ERROR, _compress, build_config, compatibility, iter_qtensors, report,
                                  vllm_rule_problems)
+from .compat import log_warnings
 from .fused import WEIGHTS, FusedQuantizedExperts
 from .plan import PLAN_NAME, QuantPlan
 
@@ -135,3 +136,4 @@ def finish_ct(folder: Path, skeleton, qc, plan: QuantPlan, compat: dict, dtype: 
                    "compatibility": {k: {"ok": ok, "why": why} for k, (ok, why) in compat.items()}}
     (folder / PLAN_NAME).write_text(json.dumps(d, indent=2) + "\n")
     log.info("wrote %s (compressed-tensors, streamed)\n%s", folder, report(compat))
+    log_warnings(compat, str(folder))

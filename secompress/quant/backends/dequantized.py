@@ -113,13 +113,18 @@ class DequantizedFormat(ExportFormat):
             apply_plan(model, plan, make)
         return model, plan
 
+    writes_index: bool = False  # save() writes model.safetensors.index.json (which keeps vLLM off the codes file)
+
     def compatibility(self, plan):
-        return {"transformers": (True, "dequantized 16-bit export: stock from_pretrained loads it; "
-                                       "secompress.load rebuilds the integer codes"),
-                "gptqmodel": (False, "not a GPTQ checkpoint (use method 'gptq')"),
-                "vllm-fused-moe": (True, "loads the dequantized 16-bit weights (no memory saving)")}
+        """The rules of :mod:`secompress.quant.compat`: vLLM and SGLang read every ``*.safetensors`` of a folder
+        without an index, the codes file too. ``plan.artifacts['safetensors_index']`` (set by the writer)
+        overrides :attr:`writes_index`."""
+        from ..compat import ExportFacts, report
 
-
+        index = plan.artifacts.get("safetensors_index", self.writes_index)
+        rows = report(ExportFacts(fmt=FORMAT, index=index), keys={"vllm": "vllm-fused-moe"})
+        return {"transformers": rows["transformers"], "gptqmodel": (False, "not a GPTQ checkpoint (use method 'gptq')"),
+                "vllm-fused-moe": rows["vllm-fused-moe"], "sglang": rows["sglang"]}
 
 
 EXPORT = DequantizedFormat()
