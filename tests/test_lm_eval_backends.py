@@ -139,16 +139,17 @@ def test_vllm_refusals_before_any_compute(tmp_path, monkeypatch):
 
 
 def test_vllm_refused_for_an_export_vllm_cannot_load(tmp_path):
-    """The compatibility report of the streamed plan (known before the first pass) decides: asymmetric
-    compressed-tensors codes are refused, symmetric ones pass; a plain checkpoint has no report."""
+    """The compatibility report of the streamed plan (known before the first pass) decides: asymmetric int8
+    compressed-tensors codes are refused (no vLLM MoE kernel takes them), symmetric ones pass; a dequantized
+    export without a safetensors index is refused; a plain checkpoint has no report."""
     from secompress.quant.config import QuantConfig
     from secompress.streamed import StreamedJob, plan_streamed
 
     src = save_tiny(make_tiny("qwen2_moe", num_hidden_layers=2), tmp_path / "tiny")
     recipe = parse_recipe(_recipe(src, f"{{tasks: [{TASK}], backend: vllm}}"), "r.yaml")
-    asym = plan_streamed(src, StreamedJob(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False)))
+    asym = plan_streamed(src, StreamedJob(quant=QuantConfig(bits=8, group_size=16, protect_super_experts=False)))
     with pytest.raises(RecipeError, match=r"r.yaml:7: stages.evaluate.backend: vllm cannot load this export, says "
-                                          r"its compatibility report: asymmetric zero points"):
+                                          r"its compatibility report: asymmetric int8 experts"):
         check_vllm_loads(recipe, asym.ct[1])
     sym = plan_streamed(src, StreamedJob(quant=QuantConfig(bits=4, group_size=16, symmetric=True,
                                                            protect_super_experts=False)))
@@ -156,7 +157,10 @@ def test_vllm_refused_for_an_export_vllm_cannot_load(tmp_path):
     check_vllm_loads(recipe, export_eval.plan_report(None))
     deq = plan_streamed(src, StreamedJob(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False,
                                                            format="dequantized")))
-    check_vllm_loads(recipe, export_eval.plan_report(deq.quant_plan))  # vllm-fused-moe: the 16-bit weights
+    with pytest.raises(RecipeError, match=r"model.safetensors.index.json"):  # vLLM would read the codes file too
+        check_vllm_loads(recipe, export_eval.plan_report(deq.quant_plan))
+    deq.quant_plan.artifacts["safetensors_index"] = True
+    check_vllm_loads(recipe, export_eval.plan_report(deq.quant_plan))  # indexed: the 16-bit weights
 
 
 @pytest.mark.parametrize("fmt", ["dequantized", "compressed-tensors"])
@@ -183,7 +187,7 @@ def test_streamed_run_evaluates_tasks_on_the_export(tmp_path, monkeypatch, fmt):
         assert "HFLM loading the folder (pretrained=" in notes and "device=cpu,dtype=float32" in notes
     else:  # the 16-bit Super-Expert layer sits in `ignore`: transformers cannot, secompress.load can
         report = json.loads((tmp_path / "out" / "model" / "quantization_plan.json").read_text())["compatibility"]
-        assert report["transformers"]["ok"] is False and "ignored expert layers [1]" in report["transformers"]["why"]
+        assert report["transformers"]["ok"] is False and "MoE layers [1] in `ignore`" in report["transformers"]["why"]
         assert "secompress.load on cpu, the model handed to lm-eval HFLM" in notes
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert saved[f"{TASK}/acc"]["se_aware"] == row["se_aware"]

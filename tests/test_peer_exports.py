@@ -318,3 +318,31 @@ def test_reader_describes_what_it_found():
     assert "int8 sym channel" in r.describe() and "int4 sym group 16" in r.describe()
     assert "model.layers.0.mlp.experts.3.down_proj.weight" not in r.weights  # explicitly ignored SE projection
     assert "model.layers.0.self_attn.o_proj.weight" not in r.weights
+
+
+def test_streamed_plan_sizes_count_the_dequantized_weights():
+    from secompress.streamed import checkpoint_sizes
+
+    disk, layer, rest, total = checkpoint_sizes(FIX / "rtn-w4g16", "model.layers", torch.bfloat16)
+    _, layer0, rest0, total0 = checkpoint_sizes(FIX / "original-qwen3_moe", "model.layers", torch.bfloat16)
+    assert (layer, rest, total) == (layer0, rest0, total0)  # in memory, as large as the bf16 original
+    assert disk < 0.7 * sum(f.stat().st_size for f in (FIX / "original-qwen3_moe").glob("*.safetensors"))
+
+
+def test_secompress_own_export_is_read_dequantized_by_every_command(tmp_path):
+    """load_model (profile, prune, evaluate) reads secompress's own compressed-tensors export too; secompress.load
+    still gives its integer-coded modules."""
+    from test_compressed_tensors import _quantized
+
+    from secompress.quant.compressed_tensors import save_ct
+    from secompress.quant.fused import FusedQuantizedExperts
+
+    _, m, plan = _quantized("qwen3_moe")  # layer 1 (the Super Expert's) 16-bit, in `ignore` by regex
+    out = save_ct(m, None, plan, tmp_path / "ct")
+    coded = secompress.load(out)
+    assert any(isinstance(x, FusedQuantizedExperts) for x in coded.modules())
+    plain = load_model(out, torch.float32)
+    assert not any(isinstance(x, FusedQuantizedExperts) for x in plain.modules())
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    a, b = _logits(coded, ids), _logits(plain, ids)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * a.abs().max().item())

@@ -104,7 +104,10 @@ def test_se_modes(base, mode):
     assert {p.bits[EXP.format(2, e)] for e in range(8)} == {4}
     assert p.bits["model.layers.1.self_attn.q_proj"] == 4
     compat = p.compatibility()  # method rtn, format dequantized: a 16-bit export
-    assert compat["transformers"][0] and not compat["gptqmodel"][0] and compat["vllm-fused-moe"][0]
+    assert compat["transformers"][0] and not compat["gptqmodel"][0]
+    assert not compat["vllm-fused-moe"][0] and "index" in compat["vllm-fused-moe"][1]  # the codes file, unindexed
+    p.artifacts["safetensors_index"] = True  # a writer that indexes the model shards (secompress.quant.compat)
+    assert p.compatibility()["vllm-fused-moe"][0]
     gp = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8, meta={"method": "gptq"})
     gptq = gp.compatibility()
     assert gptq["gptqmodel"][0] and not gptq["transformers"][0]
