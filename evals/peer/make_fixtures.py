@@ -69,28 +69,31 @@ def originals(out: Path) -> dict[str, Path]:
     return paths
 
 
-def calibration():
+def calibration(ids: torch.Tensor | None = None):
+    """llm-compressor's calibration set: ``ids`` [N, S] (default 16 random byte windows of 64)."""
     from datasets import Dataset
 
-    ids = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))  # [N, S]
+    if ids is None:
+        ids = torch.randint(0, 256, (16, 64), generator=torch.Generator().manual_seed(0))  # [N, S]
     return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
 
 
-def export(src: Path, dst: Path, modifier) -> None:
+def export(src: Path, dst: Path, modifier, calib: torch.Tensor | None = None) -> None:
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     kw = {}
     if type(modifier).__name__ == "GPTQModifier":
-        kw = {"dataset": calibration(), "num_calibration_samples": 16, "max_seq_length": 64}
+        ds = calibration(calib)
+        kw = {"dataset": ds, "num_calibration_samples": len(ds), "max_seq_length": len(ds[0]["input_ids"])}
     oneshot(model=model, recipe=modifier, **kw)
     model.save_pretrained(dst, save_compressed=True)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
     (dst / "recipe.yaml").unlink(missing_ok=True)  # llm-compressor's own record; not part of the format
 
 
-def to_act_order(src: Path, dst: Path, original: Path) -> None:
+def to_act_order(src: Path, dst: Path, original: Path, group_size: int = GS) -> None:
     """Rewrite the asymmetric RTN export ``src`` into the act-order "group" layout (module docstring)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from compressed_tensors.quantization import QuantizationArgs
@@ -103,7 +106,7 @@ def to_act_order(src: Path, dst: Path, original: Path) -> None:
     qc = cfg["quantization_config"]
     (group,) = qc["config_groups"].values()
     w = group["weights"]
-    args = QuantizationArgs(num_bits=w["num_bits"], symmetric=w["symmetric"], strategy="group", group_size=GS)
+    args = QuantizationArgs(num_bits=w["num_bits"], symmetric=w["symmetric"], strategy="group", group_size=group_size)
     plain = dict(load_file(str(original / "model.safetensors")))
     tensors = dict(load_file(str(dst / "model.safetensors")))
     for key in [k for k in tensors if k.endswith(".weight_packed")]:
@@ -112,8 +115,8 @@ def to_act_order(src: Path, dst: Path, original: Path) -> None:
         O, In = W.shape
         perm = torch.argsort(W.float().norm(dim=0), descending=True, stable=True)  # group order
         g_idx = torch.empty(In, dtype=torch.int32)
-        g_idx[perm] = (torch.arange(In) // GS).to(torch.int32)
-        Wp = W[:, perm].unflatten(-1, (In // GS, GS))  # [O, G, GS] in group order
+        g_idx[perm] = (torch.arange(In) // group_size).to(torch.int32)
+        Wp = W[:, perm].unflatten(-1, (In // group_size, group_size))  # [O, G, group_size] in group order
         scale, zp = calculate_qparams(Wp.amin(-1), Wp.amax(-1), args)  # [O, G]
         codes = quantize(W[:, perm], scale, zp, args, dtype=torch.int8)  # [O, In] group order
         unperm = torch.empty_like(codes)
