@@ -7,7 +7,7 @@ Run with llm-compressor's own environment (llm-compressor 0.14, transformers 5.1
 0.19); evals/check_peer_exports.py calls it. ``export`` writes, from evals/reference/model (bf16):
 
   llmc-rtn-w4g128              QuantizationModifier, int4 symmetric, group 128, every Linear but lm_head and routers
-  llmc-gptq-w4g128-actorder    GPTQModifier, the same scheme, actorder: weight (64 windows of 256 bytes of the
+  llmc-gptq-w4g128-actorder    GPTQModifier, the same scheme, actorder: weight (16 windows of 256 bytes of the
                                reference corpus's training split, <bos> first)
   llmc-ignore-layer0           as llmc-rtn-w4g128 with layer 0's experts (the Super Expert's) in `ignore`
   llmc-gidx-w4g128-asym        an asymmetric RTN export rewritten into the act-order "group" layout with
@@ -33,7 +33,7 @@ REFERENCE = ROOT / "evals" / "reference" / "model"
 ROUTERS = "re:.*mlp\\.gate$"
 
 
-def calibration_ids(n: int = 64, seq: int = 256) -> torch.Tensor:
+def calibration_ids(n: int = 16, seq: int = 256) -> torch.Tensor:
     from corpus import load_corpus
 
     from secompress.bytetok import BOS_ID

@@ -187,9 +187,9 @@ def _tf517_reinit(f: ExportFacts) -> str | None:
     if not f.ignored_layers or f.fused_experts:
         return None
     return (f"{WARNING}: transformers 5.17 loads this export WITHOUT an error and re-initialises the experts of MoE "
-            f"layers {f.ignored_layers} at random (its load report lists them MISSING, and on tests/fixtures/peer/"
-            "ignore-layer the logits' error is 0.39 against 0.16 read correctly). Releases between 5.17 and 5.24 "
-            "were not checked: do not load it with transformers before 5.24")
+            f"layers {f.ignored_layers} at random (its load report lists them MISSING; on the reference model the "
+            "logits' error is 0.25 against 0.03 read correctly, evals/results/peer_exports.md). Releases between "
+            "5.17 and 5.24 were not checked: do not load it with transformers before 5.24")
 
 
 def _tf_mixed(f: ExportFacts) -> str | None:
