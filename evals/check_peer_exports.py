@@ -96,7 +96,9 @@ def check(path: Path, ids: torch.Tensor, ref: torch.Tensor, held: torch.Tensor) 
     from secompress.perplexity import mean_loss
     from secompress.profile import ProfileConfig, profile
     from secompress.quant.fused import FusedQuantizedExperts
-    from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+    from secompress.compress import Job, plan_job, run_job
+    from secompress.pipeline import Streamed
+    from secompress.source import Source
 
     row: dict = {}
     try:
@@ -113,8 +115,8 @@ def check(path: Path, ids: torch.Tensor, ref: torch.Tensor, held: torch.Tensor) 
         row["profile"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
     try:
         mem = math.exp(mean_loss(load_model(path), held, 4))
-        plan = plan_streamed(path, StreamedJob(dtype=torch.bfloat16, device="cpu", batch_size=4))
-        st = compress_streamed(plan, held, progress=False).perplexity_before
+        source = Source.open(path, dtype=torch.bfloat16, device="cpu")
+        st = run_job(plan_job(source, Job(batch_size=4)), Streamed(source), held, progress=False).perplexity_before
         row["evaluate"] = {"memory": mem, "streamed": st}
     except Exception as e:
         row["evaluate"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}

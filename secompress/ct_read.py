@@ -44,8 +44,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from .errors import SecompressError, require
-from .fp8 import UnsupportedQuantizationError
+from .errors import SecompressError, UnsupportedQuantizationError, require
 
 METHOD = "compressed-tensors"
 READ_FORMATS = ("pack-quantized", "naive-quantized", "int-quantized", "float-quantized", "dense")

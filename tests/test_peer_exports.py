@@ -278,13 +278,15 @@ def test_profile_finds_the_planted_super_expert_in_memory_and_streamed():
 
 
 def test_streamed_perplexity_equals_in_memory():
-    from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+    from test_streamed import streamed
+
+    from secompress.compress import Job
 
     ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
     for name in (GIDX, "ignore-modules-w8"):
         mem = mean_loss(load_model(FIX / name, torch.float32), ids, 2)
-        plan = plan_streamed(FIX / name, StreamedJob(dtype=torch.float32, device="cpu", batch_size=2))
-        assert compress_streamed(plan, ids, progress=False).loss_before == mem, name
+        _, go = streamed(FIX / name, Job(batch_size=2))
+        assert go(ids, progress=False).loss_before == mem, name  # the same batches of 2: bit-identical
 
 
 @pytest.mark.parametrize("streaming", [False, True])
@@ -321,10 +323,10 @@ def test_reader_describes_what_it_found():
 
 
 def test_streamed_plan_sizes_count_the_dequantized_weights():
-    from secompress.streamed import checkpoint_sizes
+    from secompress.compress import checkpoint_sizes
 
-    disk, layer, rest, total = checkpoint_sizes(FIX / "rtn-w4g16", "model.layers", torch.bfloat16)
-    _, layer0, rest0, total0 = checkpoint_sizes(FIX / "original-qwen3_moe", "model.layers", torch.bfloat16)
+    disk, layer, rest, total = checkpoint_sizes(Checkpoint(FIX / "rtn-w4g16"), "model.layers", torch.bfloat16)
+    _, layer0, rest0, total0 = checkpoint_sizes(Checkpoint(FIX / "original-qwen3_moe"), "model.layers", torch.bfloat16)
     assert (layer, rest, total) == (layer0, rest0, total0)  # in memory, as large as the bf16 original
     assert disk < 0.7 * sum(f.stat().st_size for f in (FIX / "original-qwen3_moe").glob("*.safetensors"))
 

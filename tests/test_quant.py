@@ -17,6 +17,7 @@ from secompress.quant import (QuantConfig, QuantizedExperts, QuantizedLinear, Qu
                               all_expert_calibration, allocate, check_coverage, dequantize, load_quantized, quantize,
                               quantize_, resolve_plan, save_quantized)
 from secompress.quant.api import CODES_NAME, PLAN_NAME
+from secompress.quant.backends import exporter
 from secompress.quant.rtn import BITS, pack, unpack
 from secompress.se_rule import SERule
 from secompress.testing import make_tiny, plant_super_expert
@@ -103,13 +104,14 @@ def test_se_modes(base, mode):
     assert others == ({4} if mode == "expert" else {8})
     assert {p.bits[EXP.format(2, e)] for e in range(8)} == {4}
     assert p.bits["model.layers.1.self_attn.q_proj"] == 4
-    compat = p.compatibility()  # method rtn, format dequantized: a 16-bit export
+    compat = exporter(p.meta).compatibility(p)  # method rtn, format dequantized: a 16-bit export
     assert compat["transformers"][0] and not compat["gptqmodel"][0]
     assert not compat["vllm-fused-moe"][0] and "index" in compat["vllm-fused-moe"][1]  # the codes file, unindexed
     p.artifacts["safetensors_index"] = True  # a writer that indexes the model shards (secompress.quant.compat)
-    assert p.compatibility()["vllm-fused-moe"][0]
+    assert exporter(p.meta).compatibility(p)["vllm-fused-moe"][0]
     gp = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8, meta={"method": "gptq"})
-    gptq = gp.compatibility()
+    gptq = exporter(gp.meta).compatibility(gp)
+    gp.artifacts["compatibility"] = gptq  # what plan_quantization records (resolve_plan alone does not)
     assert gptq["gptqmodel"][0] and not gptq["transformers"][0]
     assert gptq["vllm-fused-moe"][0] == (mode == "layer")  # fused-MoE kernels take one format per layer
     assert "1: 4/8" in gp.table() or mode == "layer"
@@ -251,7 +253,8 @@ def test_quantize_with_avg_bits_pins_ses(base):
     assert plan.bits[EXP.format(2, 7)] >= plan.bits[EXP.format(2, 0)]  # 71 tokens vs 1
     lp = quantize_(copy.deepcopy(base), QuantConfig(format="dequantized", group_size=32, avg_bits=4, se_mode="layer", se_bits=8),
                    profile=fake_profile(base))
-    assert lp.compatibility()["vllm-fused-moe"][0] and {lp.bits[EXP.format(1, e)] for e in range(8)} == {8}
+    assert {lp.bits[EXP.format(1, e)] for e in range(8)} == {8}  # the SE's layer 8-bit as a whole
+    assert "model.safetensors.index.json" in lp.compatibility()["vllm-fused-moe"][1]  # dequantized: unindexed
 
 
 # ---- coverage ----------------------------------------------------------------------------------
