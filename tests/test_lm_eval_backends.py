@@ -149,7 +149,8 @@ def test_vllm_refused_for_an_export_vllm_cannot_load(tmp_path):
 
     src = save_tiny(make_tiny("qwen2_moe", num_hidden_layers=2), tmp_path / "tiny")
     recipe = parse_recipe(_recipe(src, f"{{tasks: [{TASK}], backend: vllm}}"), "r.yaml")
-    asym, _ = streamed(src, Job(quant=QuantConfig(bits=8, group_size=16, protect_super_experts=False)))
+    asym, _ = streamed(src, Job(quant=QuantConfig(bits=8, group_size=16, symmetric=False,
+                                                  protect_super_experts=False)))
     with pytest.raises(RecipeError, match=r"r.yaml:7: stages.evaluate.backend: vllm cannot load this export, says "
                                           r"its compatibility report: asymmetric int8 experts"):
         check_vllm_loads(recipe, asym.report())
@@ -221,7 +222,7 @@ def test_in_memory_run_with_vllm_evaluates_the_source_and_the_export(tmp_path, m
 
     src = planted_qwen2_moe
     quant = "  - quantize: {method: rtn, bits: 4, group_size: 16, se_mode: layer, symmetric: true}\n"
-    text = _recipe(src, f"{{tasks: [{TASK}], backend: vllm, max_model_len: 64, compare_se_unaware: false}}",
+    text = _recipe(src, f"{{tasks: [{TASK}], task_paths: [{TASKS}], backend: vllm, max_model_len: 64, compare_se_unaware: false}}",
                    quant, streaming="false")
     calls = []
 
