@@ -167,7 +167,7 @@ def checkpoint_sizes(ckpt: Checkpoint, layers_path: str, dtype: torch.dtype) -> 
     per_layer: dict[str, int] = {}
     rest = 0
     head = layers_path + "."
-    for k, (_, _, info) in ckpt.where.items():
+    for k, info in ckpt.tensor_infos().items():  # compressed-tensors weights as the dequantized tensors they become
         b = _dtype_bytes(info, dtype)
         if k.startswith(head):
             idx = k[len(head):].split(".", 1)[0]

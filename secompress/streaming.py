@@ -14,6 +14,7 @@ are fused here into the module's 3D tensors using the names the adapter declares
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import struct
@@ -28,6 +29,7 @@ from .experts import join_gate_up, layout_of
 from .layout import PROJ
 from .errors import CheckpointError, SecompressError
 from . import fp8
+from .ct_read import CTReader, is_ct
 from .fp8 import SCALE_SUFFIX, BlockFP8
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,12 @@ class Checkpoint:
     A block-scaled FP8 checkpoint (``quantization_config.quant_method: fp8``, see
     :mod:`secompress.fp8`) is dequantized tensor by tensor: :meth:`get` of a ``weight`` stored
     with a ``weight_scale_inv`` returns the real float32 weight; :meth:`get_stored` returns the
-    bytes as stored. Any other quantization_config is refused (its codes are not weights),
-    unless ``raw=True``: the caller reads the codes itself (bitsandbytes / GPTQ exports).
+    bytes as stored. A compressed-tensors checkpoint (llm-compressor's, secompress's own export;
+    :mod:`secompress.ct_read`) likewise: :meth:`get` of ``<module>.weight`` returns the weight
+    compressed-tensors' own decompressor rebuilds from ``weight_packed`` / ``weight_scale`` / ...
+    (in the scale's dtype), although no tensor of that name is stored. Any other
+    quantization_config is refused (its codes are not weights), unless ``raw=True``: the caller
+    reads the codes itself (bitsandbytes / GPTQ / secompress's compressed-tensors exports).
     """
 
     def __init__(self, path: str | Path, raw: bool = False):
@@ -68,8 +74,11 @@ class Checkpoint:
         self.raw = raw
         cfg = self.path / "config.json"
         self.config: dict = json.loads(cfg.read_text()) if cfg.is_file() else {}
-        self.fp8: BlockFP8 | None = None if raw else BlockFP8.from_config(self.config.get("quantization_config"))
-        codes = [k for k, (_, _, v) in self.where.items() if v["dtype"].startswith("F8_") and not self.is_fp8(k)]
+        qc = self.config.get("quantization_config")
+        self.ct: CTReader | None = None if raw or not is_ct(qc) else CTReader(qc, self.headers(), f"'{self.path}'")
+        self.fp8: BlockFP8 | None = None if raw or self.ct is not None else BlockFP8.from_config(qc)
+        codes = [k for k, (_, _, v) in self.where.items()
+                 if v["dtype"].startswith("F8_") and not self.is_fp8(k) and not self._rebuilt(k)]
         if codes and not raw:
             raise SecompressError(self._codes_error(codes[0]))
 
@@ -78,7 +87,23 @@ class Checkpoint:
                 "config has no fp8 quantization_config): refusing to read FP8 codes as weights")
 
     def __contains__(self, key: str) -> bool:
-        return key in self.where
+        return key in self.where or self._rebuilt(key)
+
+    def _rebuilt(self, key: str) -> bool:
+        """Whether :meth:`get` rebuilds ``key`` from compressed-tensors parameters."""
+        return self.ct is not None and key in self.ct.weights
+
+    def headers(self) -> dict[str, dict]:
+        """Stored tensor name -> its safetensors header entry (``dtype``, ``shape``, ``data_offsets``)."""
+        return {k: v for k, (_, _, v) in self.where.items()}
+
+    def tensor_infos(self) -> dict[str, dict]:
+        """Name -> ``{dtype, shape}`` of every tensor as :meth:`get` returns it: compressed-tensors weights
+        rebuilt (their parameters not listed), everything else as stored."""
+        out = {k: v for k, v in self.headers().items() if self.ct is None or k not in self.ct.consumed}
+        if self.ct is not None:
+            out.update({k: self.ct.info(k) for k in self.ct.weights})
+        return out
 
     @contextmanager
     def reading(self):
@@ -106,9 +131,12 @@ class Checkpoint:
         return end - start
 
     def get(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The tensor's real values on ``device``: FP8 weights dequantized (float32), everything else as stored."""
+        """The tensor's real values on ``device``: FP8 weights dequantized (float32), compressed-tensors
+        weights dequantized (in their scale's dtype), everything else as stored."""
         if self.is_fp8(key):
             t = fp8.dequantize(self.get_stored(key), self.get_stored(key + SCALE_SUFFIX), self.fp8.block)
+        elif self._rebuilt(key):
+            t = self.ct.read(key, self.get_stored)
         else:
             t = self.get_stored(key)
             if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) and not self.raw:
@@ -190,12 +218,21 @@ def params_on_meta():
 
 def build_skeleton(config, dtype: torch.dtype | None = None):
     """The model of ``config`` with every parameter on ``meta`` (in ``dtype`` when given: what
-    materialising gives them, so sizes computed on it are the real ones)."""
+    materialising gives them, so sizes computed on it are the real ones). A compressed-tensors
+    ``quantization_config`` is dropped from the skeleton's config: :class:`Checkpoint` dequantizes
+    those weights on read, so once materialised they are real (and a config written from the
+    skeleton must not claim otherwise). A block-FP8 one stays: a pruned FP8 checkpoint is written
+    FP8, its codes copied (:mod:`secompress.prune.as_stored`)."""
     from transformers import AutoModelForCausalLM
 
     config._attn_implementation = "eager"
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    qc = getattr(model.config, "quantization_config", None)
+    if is_ct(qc):
+        if model.config is config:
+            model.config = copy.deepcopy(config)
+        del model.config.quantization_config
     if dtype is not None:
         for mod in model.modules():
             for n, p in list(mod._parameters.items()):

@@ -197,7 +197,7 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
             (job.quant is not None and needs_profile(job.quant)):
         with stage("profile", "Super Experts"):
             prof, cache_hit = _cached_profile(recipe, source, model, tok, calib, progress, streamed)
-        dead, evidence = dead_experts(prof), prof.evidence()
+        dead, evidence = dead_experts(prof), prof.evidence()  # not `ev`: that is the evaluate stage
         stage.report(f"    Super Experts: {prof.se_ids() or 'none'} (profile cache {'hit' if cache_hit else 'miss'}); "
                      f"{len(dead)} dead experts (no calibration token)" + (", listed in profile/super_experts.json"
                                                                            if dead else ""))
