@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from .checkpoints import check_model, load_config
 from .perplexity import nll_sum
-from .streaming import (Checkpoint, _materialise, _return_freed_memory, build_skeleton, capture_layer_inputs,
+from .prefetch import Prefetcher
+from .streaming import (Checkpoint, _return_freed_memory, assign, build_skeleton, capture_layer_inputs, layer_tensors,
                         materialise_rest, run_layer)
 
 log = logging.getLogger(__name__)
@@ -131,29 +132,33 @@ class LayerEngine:
             h, a = capture_layer_inputs(self.model, self.adapter, [c.to(self.device) for c in s.chunks])
             hidden[name], args[name] = h, a
         layers = self.layers
-        for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
-            layer = layers[i]
-            with self.ckpt.reading():
-                _materialise(layer, self.layer_prefix(i), self.ckpt, self.adapter, self.dtype, self.device)
-            entered = {n: hidden[n] for n, s in streams.items() if s.before and s.keep_inputs}
-            for name, s in streams.items():
-                if s.before:
-                    with s.through(i, layer):
-                        hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
-            inputs = LayerInputs({n: hidden[n] for n, s in streams.items() if not s.before},
-                                 {n: args[n][i] for n, s in streams.items() if not s.before},
-                                 entered, {n: args[n][i] for n in entered})
-            for cb in callbacks:
-                cb.on_layer(i, layers[i], inputs)
-                _return_freed_memory()  # what the callback freed (the pruned or quantized weights) goes back now
-            layer = layers[i]  # a callback may have replaced modules inside it, not the layer itself
-            for name, s in streams.items():
-                if not s.before:
-                    with s.through(i, layer):
-                        hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
-            layers[i] = _Done()
-            del layer, inputs, entered
-            _return_freed_memory()
+
+        def read(j: int) -> dict[str, torch.Tensor]:
+            return layer_tensors(layers[j], self.layer_prefix(j), self.ckpt, self.adapter, self.dtype, self.device)
+
+        with Prefetcher(read, range(len(layers))) as pre:  # layer i+1 is read while layer i computes
+            for i in tqdm(range(len(layers)), desc=desc, unit="layer", disable=not progress):
+                layer = layers[i]
+                assign(layer, pre.get(i))
+                entered = {n: hidden[n] for n, s in streams.items() if s.before and s.keep_inputs}
+                for name, s in streams.items():
+                    if s.before:
+                        with s.through(i, layer):
+                            hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
+                inputs = LayerInputs({n: hidden[n] for n, s in streams.items() if not s.before},
+                                     {n: args[n][i] for n, s in streams.items() if not s.before},
+                                     entered, {n: args[n][i] for n in entered})
+                for cb in callbacks:
+                    cb.on_layer(i, layers[i], inputs)
+                    _return_freed_memory()  # what the callback freed (the pruned or quantized weights) goes back now
+                layer = layers[i]  # a callback may have replaced modules inside it, not the layer itself
+                for name, s in streams.items():
+                    if not s.before:
+                        with s.through(i, layer):
+                            hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
+                layers[i] = _Done()
+                del layer, inputs, entered
+                _return_freed_memory()
         return hidden
 
     @contextmanager

@@ -128,7 +128,8 @@ class StreamedPlan:
 
     def peak_bytes(self, num_windows: int = 0, seq_len: int = 0, streams: int = 2) -> int:
         """Estimated peak memory: the embeddings and head, a layer materialised plus what quantization
-        makes of it (codes, then the dequantized copy written out: about 2.5 layers at the worst moment),
+        makes of it (codes, then the dequantized copy written out: about 2.5 layers at the worst moment)
+        plus the next layer, read meanwhile (:class:`~secompress.prefetch.Prefetcher`),
         the streams' hidden states [N, S, H] in float32, one chunk's attention scores and the runtime;
         merging / HEAPr: the calibration stream [Nc, S, H] twice (what it carried into the layer too) and,
         for HEAPr's Fisher Hessian, every layer's calibration input kept for the backward pass."""
@@ -136,7 +137,7 @@ class StreamedPlan:
         heads = int(getattr(self.config, "num_attention_heads", 1))
         hidden = streams * num_windows * seq_len * H * 4
         attn = self.job.batch_size * heads * seq_len * seq_len * 4 * 2
-        factor = 2.5 if self.job.quant is not None else 1.5
+        factor = (2.5 if self.job.quant is not None else 1.5) + 1.0  # + the prefetched next layer
         return int(self.rest_bytes + factor * self.layer_bytes + hidden + attn + self._restructure_bytes(H)
                    + RUNTIME_BYTES)
 
