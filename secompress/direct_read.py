@@ -65,7 +65,7 @@ class ShardReader:
 
     def _read_direct(self, fd: int, offset: int, dst: torch.Tensor) -> int:
         if self._bounce is None:
-            raw = torch.empty(self._bounce_bytes + ALIGN, dtype=torch.uint8)
+            raw = torch.empty(self._bounce_bytes + ALIGN, dtype=torch.uint8, device="cpu")  # host: file reads
             start = -raw.data_ptr() % ALIGN
             self._bounce = raw[start:start + self._bounce_bytes]
         bounce, n, done = self._bounce, dst.numel(), 0
