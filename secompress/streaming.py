@@ -341,6 +341,25 @@ def assign(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
             mod._buffers[attr] = t
 
 
+def still_fits(module: nn.Module, tensors: dict[str, torch.Tensor]) -> bool:
+    """Whether ``tensors``, read from ``module`` earlier (:func:`read_module`, e.g. by a prefetch thread),
+    still are what reading it now would give: a tensor for every parameter on meta, of its shape, and
+    none for a parameter loaded or a module replaced since."""
+    for name, t in tensors.items():
+        mod_name, _, attr = name.rpartition(".")
+        try:
+            mod = module.get_submodule(mod_name)
+        except AttributeError:
+            return False
+        p = mod._parameters.get(attr)
+        if p is not None and (p.device.type != "meta" or tuple(p.shape) != tuple(t.shape)):
+            return False
+        if p is None and attr not in mod._buffers:
+            return False
+    return all((f"{m}.{n}" if m else n) in tensors for m, mod in module.named_modules()
+               for n, p in mod._parameters.items() if p is not None and p.device.type == "meta")
+
+
 @torch.no_grad()
 def materialise_model(model: nn.Module, ckpt: Checkpoint, adapter: MoEAdapter, dtype) -> None:
     """Load a whole model whose parameters are on meta (e.g. after :func:`release`), layer by layer."""

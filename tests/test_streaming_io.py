@@ -13,7 +13,9 @@ from secompress.adapters import get_adapter
 from secompress.direct_read import ShardReader
 from secompress.experts import expert_forward
 from secompress.instrument import Recorder, _fused_forward, row_stats
-from secompress.prefetch import Prefetcher
+from secompress.pipeline import Stream, Streamed, run_pass
+from secompress.pipeline.prefetch import Prefetcher
+from secompress.source import Source
 from secompress.streaming import Checkpoint, build_skeleton, layer_tensors, read_module
 from secompress.testing import make_tiny, save_tiny
 
@@ -120,52 +122,153 @@ def test_a_prefetch_thread_reads_with_its_own_files(bf16_dir):
     ck = Checkpoint(bf16_dir)
     with ck.reading():
         with Prefetcher(lambda i: layer_tensors(ad.layers(skeleton)[i], f"model.layers.{i}.", ck, ad,
-                                                torch.bfloat16), range(2)) as pre:
-            a = read_module(ad.layers(skeleton)[0], "model.layers.0.", ck, ad, torch.bfloat16)  # main thread
-            b = pre.get(0)
+                                                torch.bfloat16)) as pre:
+            pre.get(0, then=1)  # layer 1 read in the worker meanwhile
+            a = read_module(ad.layers(skeleton)[1], "model.layers.1.", ck, ad, torch.bfloat16)  # main thread
+            b = pre.get(1)
         assert ck.get("model.norm.weight") is not None  # the main thread's files are still open
+    assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k])
 
 
 # ---- the prefetcher -----------------------------------------------------------------------------
 
-def test_prefetcher_loads_one_ahead_in_order_and_no_further():
-    started, gate = [], {i: threading.Event() for i in range(5)}
+def _prefetch_threads():
+    return [t for t in threading.enumerate() if t.name.startswith("secompress-prefetch")]
+
+
+def _gated_load():
+    started, gate = [], {i: threading.Event() for i in range(6)}
 
     def load(i):
-        started.append(i)
-        gate[i].wait(5)
+        started.append((i, threading.current_thread().name))
+        assert gate[i].wait(5)
         return i * 10
 
-    with Prefetcher(load, range(5)) as pre:
+    return load, started, gate
+
+
+def test_prefetcher_loads_the_next_one_while_the_caller_works_and_no_further():
+    load, started, gate = _gated_load()
+    with Prefetcher(load) as pre:
         gate[0].set()
-        assert pre.get(0) == 0
+        assert pre.get(0, then=1) == 0
         time.sleep(0.2)
-        assert started == [0, 1]  # layer 1 is being read while the caller works on 0; not layer 2
+        assert [i for i, _ in started] == [0, 1]  # layer 1 is being read while the caller works on 0; not 2
+        assert all(name.startswith("secompress-prefetch") for _, name in started)
         gate[1].set()
-        assert pre.get(1) == 10
+        assert pre.get(1, then=2) == 10
         time.sleep(0.2)
-        assert started == [0, 1, 2]
-        with pytest.raises(ValueError, match="expected index 2"):
-            pre.get(3)
-        for i in range(2, 5):
+        assert [i for i, _ in started] == [0, 1, 2]
+        for i in (2, 3, 4):
             gate[i].set()
-            assert pre.get(i) == i * 10
-    assert not [t for t in threading.enumerate() if t.name.startswith("secompress-prefetch")]
+        assert [pre.get(2, then=3), pre.get(3, then=4), pre.get(4)] == [20, 30, 40]
+        assert [i for i, _ in started] == [0, 1, 2, 3, 4]  # each loaded once
+    assert not _prefetch_threads()
 
 
-def test_prefetcher_raises_a_load_error_at_its_index_and_closes():
+def test_prefetcher_in_any_order_and_after_a_wrong_guess():
+    load, started, gate = _gated_load()
+    for g in gate.values():
+        g.set()
+    with Prefetcher(load) as pre:
+        assert [pre.get(5, then=4), pre.get(4, then=3)] == [50, 40]  # descending (HEAPr's backward pass)
+        assert pre.get(1, then=0) == 10  # not the one read ahead (3): dropped, 1 loaded
+        assert pre.get(0) == 0  # read ahead
+        assert pre.get(2) == 20  # neither read ahead nor a next one: in the caller's thread
+        assert [i for i, _ in started] == [5, 4, 3, 1, 0, 2]
+        assert started[-1][1] == threading.current_thread().name
+    assert not _prefetch_threads()
+
+
+def test_prefetcher_raises_a_load_error_at_its_key_and_closes():
     def load(i):
         if i == 2:
             raise KeyError("no tensor for layer 2")
         return i
 
     with pytest.raises(KeyError, match="layer 2"):
-        with Prefetcher(load, range(4)) as pre:
-            assert [pre.get(0), pre.get(1)] == [0, 1]
-            pre.get(2)
-    assert not [t for t in threading.enumerate() if t.name.startswith("secompress-prefetch")]
+        with Prefetcher(load) as pre:
+            assert [pre.get(0, then=1), pre.get(1, then=2)] == [0, 1]
+            pre.get(2, then=3)
+    assert not _prefetch_threads()
+
+
+# ---- the streamed layer source ------------------------------------------------------------------
+
+def _recording_reads(monkeypatch, done=None):
+    """Streamed._read wrapped: (layer, thread name) of every read; ``done[i]`` set when a read of i ends."""
+    reads = []
+    real = Streamed._read
+
+    def read(self, i):
+        reads.append((i, threading.current_thread().name))
+        out = real(self, i)
+        if done is not None and i in done:
+            done[i].set()
+        return out
+
+    monkeypatch.setattr(Streamed, "_read", read)
+    return reads
+
+
+def _assert_layer_equals(layer, want):
+    got = dict(layer.named_parameters())
+    assert set(got) == set(dict(want.named_parameters()))
+    for k, p in want.named_parameters():
+        assert torch.equal(got[k], p), k
+
+
+@pytest.mark.parametrize("descending", [False, True])
+def test_streamed_source_reads_each_layer_once_the_next_one_ahead(bf16_dir, monkeypatch, descending):
+    model = make_tiny("qwen3_moe").to(torch.bfloat16)
+    reads = _recording_reads(monkeypatch)
+    src = Streamed(Source.open(bf16_dir, dtype="bfloat16", device="cpu"))
+    L = len(src.layers)
+    order = list(range(L))[::-1] if descending else list(range(L))
+    for n, i in enumerate(order):
+        layer = src.open(i, then=order[n + 1] if n + 1 < L else None)
+        _assert_layer_equals(layer, get_adapter(model.config).layers(model)[i])
+        src.close(i)
+    src.end()
+    assert [i for i, _ in reads] == order  # each layer once, in the order opened
+    assert all(name.startswith("secompress-prefetch") for _, name in reads[1:])  # all but the first: ahead
+    assert not _prefetch_threads()
+
+
+def test_a_layer_changed_after_it_was_read_ahead_is_read_again(bf16_dir, monkeypatch):
+    """A step that loads or replaces part of layer i+1 while layer i runs: what was read ahead is not used."""
+    model = make_tiny("qwen3_moe").to(torch.bfloat16)
+    done = {1: threading.Event()}
+    reads = _recording_reads(monkeypatch, done)
+    src = Streamed(Source.open(bf16_dir, dtype="bfloat16", device="cpu"))
+    src.open(0, then=1)
+    assert done[1].wait(10)  # layer 1 read ahead, then changed
+    norm = src.layers[1].input_layernorm
+    mine = torch.full(norm.weight.shape, 3.0, dtype=torch.bfloat16)
+    norm.weight = torch.nn.Parameter(mine, requires_grad=False)  # loaded by a step, not to be overwritten
+    layer = src.open(1)
+    src.end()
+    assert [i for i, _ in reads] == [0, 1, 1]  # read ahead, then again
+    assert layer.input_layernorm.weight is not None and torch.equal(layer.input_layernorm.weight, mine)
+    want = dict(get_adapter(model.config).layers(model)[1].named_parameters())
+    for k, p in layer.named_parameters():
+        if k != "input_layernorm.weight":
+            assert torch.equal(p, want[k]), k
+
+
+def test_a_pass_that_fails_leaves_no_read_ahead_thread(bf16_dir):
+    class Boom:
+        def on_layer(self, index, layer, inputs):
+            if index == 1:
+                raise RuntimeError("step failed at layer 1")
+
+    src = Streamed(Source.open(bf16_dir, dtype="bfloat16", device="cpu"))
+    ids = torch.randint(0, src.config.vocab_size, (2, 16))
+    with pytest.raises(RuntimeError, match="layer 1"):
+        run_pass(src, {"x": Stream([ids])}, [Boom()], progress=False)
+    assert not _prefetch_threads()
 
 
 # ---- the recording forward ----------------------------------------------------------------------
