@@ -13,6 +13,7 @@ import threading
 from .cli_args import add_command, model_parent, output_parent
 from .errors import Interrupted, SecompressError
 from .prune.cli import COMMAND as PRUNE_COMMAND
+from .prune.premoe_cli import COMMANDS as PREMOE_COMMANDS
 from .quant.cli import COMMAND as QUANTIZE_COMMAND
 from .recipe.cli import COMMAND as RUN_COMMAND
 from .se_rule import SERule
@@ -54,6 +55,7 @@ COMMANDS = {
     "prune": PRUNE_COMMAND,
     "quantize": QUANTIZE_COMMAND,
     "run": RUN_COMMAND,
+    **PREMOE_COMMANDS,
 }
 
 

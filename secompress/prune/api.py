@@ -42,6 +42,9 @@ from .structural import RemovalReport, SizeDelta, model_size, remove_experts, sh
 from .merging import MERGE_METHODS, merge_targets
 from .merge import check_groups
 from .heapr import HESSIANS
+from .seeds import NEW_WEIGHTS, SEED_METHODS
+from .stun_math import PATTERNS
+from .uncurl import COUNTS
 
 log = logging.getLogger(__name__)
 REPORT_NAME = "prune_report.json"
@@ -50,7 +53,7 @@ NEURON_METHODS = ("heapr",)
 REPORT_VERSION = 1
 
 
-ALL_METHODS = (*sorted(SCORERS), *RECONSTRUCTION_METHODS, *MERGE_METHODS, *NEURON_METHODS)
+ALL_METHODS = (*sorted(SCORERS), *RECONSTRUCTION_METHODS, *MERGE_METHODS, *NEURON_METHODS, *SEED_METHODS)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,13 @@ class PruneConfig:
     naee_samples: int = 4  # of the calibration windows, how many NAEE reconstructs (its inputs are kept in memory)
     naee_limit: int = DEFAULT_LIMIT  # enumerate removal sets up to this many per layer, else greedy
     hessian: str = "fisher"  # HEAPr: output-space Hessian from gradients ("fisher") or "identity" (no backward)
+    task_min_tokens: int = 2048  # premoe, uncurl: fewest calibration tokens the task data must give
+    tcess_top_k: int = 0  # premoe: router logits per token that count in TCESS (0: the model's top_k)
+    tcess_threshold: float = 0.0  # premoe: a selection counts if its softmax among the top-k is >= this
+    uncurl_counts: str = "uniform"  # uncurl: one count per layer (exportable) or "adaptive" (in memory only)
+    dern_threshold: float = 0.0  # dern: a neuron segment less similar (cosine) to every kept neuron is left out
+    stun_sparsity: float = 0.5  # stun: share of each kept expert's weights zeroed in stage 2 (0: stage 1 only)
+    stun_pattern: str = "2:4"  # stun: "2:4" or "unstructured"
 
     def __post_init__(self):
         if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
@@ -78,6 +88,12 @@ class PruneConfig:
             raise ValueError("calib_samples and batch_size must be >= 1, eval_samples >= 0, seq_len >= 2")
         if self.naee_samples < 1 or self.naee_limit < 1:
             raise ValueError("naee_samples and naee_limit must be >= 1")
+        if self.task_min_tokens < 1 or self.tcess_top_k < 0 or not 0.0 <= self.tcess_threshold <= 1.0:
+            raise ValueError("task_min_tokens must be >= 1, tcess_top_k >= 0 and tcess_threshold in [0, 1]")
+        if self.uncurl_counts not in COUNTS or self.stun_pattern not in PATTERNS:
+            raise ValueError(f"uncurl_counts must be one of {COUNTS} and stun_pattern one of {PATTERNS}")
+        if not 0.0 <= self.stun_sparsity < 1.0 or not -1.0 <= self.dern_threshold <= 1.0:
+            raise ValueError("stun_sparsity must be in [0, 1) and dern_threshold (a cosine) in [-1, 1]")
 
 
 @dataclass
@@ -191,6 +207,10 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
     if profile is not None:
         check_profile_matches(profile, model)
     calib, held_out = _split_data(data, eval_data, tokenizer, config)
+    if config.method in SEED_METHODS:  # task data, widths, 2:4 shapes: before profiling
+        from .seeds import check_seed
+
+        check_seed(model, adapter, plan, calib.num_tokens, calib.source, (), config)
     pc = ProfileConfig(num_samples=calib.input_ids.shape[0], seq_len=calib.input_ids.shape[1],
                        batch_size=config.batch_size)
     profile = profile_for(model, profile, tokenizer, calib, pc, progress)
@@ -202,6 +222,8 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
 
     if config.method in MERGE_METHODS or config.method in NEURON_METHODS:
         return _restructure(model, adapter, plan, calib, held_out, profile, config, t0, progress)
+    if config.method in SEED_METHODS:
+        return _seed(model, adapter, plan, calib, held_out, profile, config, t0, progress)
     extra: dict = {}
     if config.method in SCORERS:
         selection = score_selection(plan, moe_layers, config, profile)
@@ -314,6 +336,31 @@ def restructure_result(config: PruneConfig, model, E: int, moe_layers: list[int]
         seconds=seconds, extra=extra)
 
 
+def _seed(model, adapter, plan, calib: CalibrationData, held_out, profile: ProfileResult, config: PruneConfig,
+          t0: float, progress: bool) -> PruneResult:
+    """PreMoe, UNCURL, DERN or STUN over every MoE layer, in memory (``.seeds``)."""
+    from .seeds import check_seed, run_seed
+
+    E, moe_layers, ses = adapter.num_experts(model.config), adapter.moe_layer_indices(model), profile.se_ids()
+    check_seed(model, adapter, plan, calib.num_tokens, calib.source, ses, config)
+    ppl_before = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
+    sizes = model_size(model)
+    out = run_seed(model, adapter, plan, calib.input_ids, ses, config, progress)
+    ppl_after = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
+    after = model_size(model)
+    return PruneResult(
+        config=config, model=str(getattr(model, "name_or_path", "") or type(model).__name__),
+        model_type=model.config.model_type, num_experts_before=E, num_experts_after=adapter.num_experts(model.config),
+        moe_layers=moe_layers, kept=out.kept, removed={l: [e for e in range(E) if e not in out.kept[l]] for l in moe_layers},
+        super_experts=ses, removed_super_experts=out.touched, protection_changes=[],
+        params_before=sizes[0], params_after=after[0], bytes_before=sizes[1], bytes_after=after[1],
+        perplexity_before=ppl_before, perplexity_after=ppl_after, data_source=calib.source,
+        eval_source=held_out.source if held_out is not None else "",
+        eval_tokens=held_out.num_tokens if held_out is not None else 0,
+        profile_source=f"{profile.data_source} ({profile.num_tokens} tokens)", seconds=time.perf_counter() - t0,
+        extra=out.extra)
+
+
 @torch.no_grad()
 def _naee(model, adapter, plan: PrunePlan, calib: CalibrationData, ses, protect: bool, cfg: PruneConfig
           ) -> tuple[Selection, dict]:
@@ -364,7 +411,13 @@ def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrit
         raise SecompressError(f"the model has {adapter.num_experts(model.config)} experts but the result says "
                               f"{result.num_experts_after}: save the model that prune() returned this result for")
     src = _fp8_source(source or getattr(model, "name_or_path", None))
-    if src is not None and result.config.method in (*MERGE_METHODS, *NEURON_METHODS):
+    counts = {int(adapter.router_of(adapter.block_of(adapter.layers(model)[l])).weight.shape[0])
+              for l in adapter.moe_layer_indices(model)}
+    if len(counts) > 1:
+        raise SecompressError(f"the MoE layers hold different expert counts {sorted(counts)}: a transformers config "
+                              "stores one, so this model cannot be saved as a stock checkpoint (UNCURL adaptive "
+                              "counts: evaluate in memory, export with uncurl_counts='uniform')")
+    if src is not None and result.config.method in (*MERGE_METHODS, *NEURON_METHODS, *NEW_WEIGHTS):
         raise SecompressError(f"'{result.config.method}' writes new weights, which cannot be copied as stored from "
                               "the FP8 source; merging and neuron pruning of FP8 checkpoints are not supported yet")
     with atomic_dir(out, overwrite) as tmp:

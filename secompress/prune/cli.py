@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..cli_args import (add_command, add_profile_arg, add_protection, device_map_arg, model_parent,
                         output_parent)
+from ..errors import SecompressError
 from .api import ALL_METHODS
 from .heapr import HESSIANS
 
@@ -20,9 +21,13 @@ def _add_prune(sub) -> None:
                    help="share of each MoE layer's routed experts to remove or merge away (heapr: of each expert's "
                         "intermediate width)")
     p.add_argument("--method", default="reap", choices=ALL_METHODS,
-                   help="expert scores, naee, expert merging (m-smoe, hc-smoe) or neuron pruning (heapr)")
+                   help="expert scores, naee, expert merging (m-smoe, hc-smoe), neuron pruning (heapr), or the "
+                        "seed methods premoe / uncurl (for the task in --data), dern, stun")
     p.add_argument("--hessian", default="fisher", choices=HESSIANS,
                    help="heapr: output-space Hessian from loss gradients (fisher) or the identity (no backward)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a seed method's option (PruneConfig field), e.g. stun_pattern=unstructured, "
+                        "task_min_tokens=4096, tcess_threshold=0.3, uncurl_counts=uniform, dern_threshold=0.1")
     add_profile_arg(p)
     add_protection(p, "removed, merged or pruned")
     p.add_argument("--eval-data", default=None, help="held-out text for perplexity (default: windows of --data "
@@ -44,7 +49,8 @@ def _prune(args) -> int:
     check_calibration_args(args)
     cfg = PruneConfig(ratio=args.ratio, method=args.method, protect_super_experts=args.protect_super_experts,
                       seed=args.seed, calib_samples=args.num_samples, eval_samples=args.eval_samples,
-                      seq_len=args.seq_len, batch_size=args.batch_size, hessian=args.hessian)
+                      seq_len=args.seq_len, batch_size=args.batch_size, hessian=args.hessian,
+                      **_options(args.option))
     if args.streaming:
         from ..streamed import run_cli
 
@@ -58,6 +64,24 @@ def _prune(args) -> int:
     print(summary_table(result))
     print(f"wrote {args.out} (safetensors, config.json, tokenizer, prune_report.json)")
     return 0
+
+
+_OPTIONS = {"task_min_tokens": int, "tcess_top_k": int, "tcess_threshold": float, "uncurl_counts": str,
+            "dern_threshold": float, "stun_sparsity": float, "stun_pattern": str}
+
+
+def _options(pairs: list[str]) -> dict:
+    """``--option KEY=VALUE`` pairs as PruneConfig fields (one clear error for an unknown key or value)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in _OPTIONS:
+            raise SecompressError(f"--option '{pair}': expected KEY=VALUE with KEY one of {', '.join(_OPTIONS)}")
+        try:
+            out[key] = _OPTIONS[key](value)
+        except ValueError:
+            raise SecompressError(f"--option {key}: '{value}' is not a {_OPTIONS[key].__name__}") from None
+    return out
 
 
 COMMAND = (_add_prune, _prune)  # the entry of secompress.cli.COMMANDS
