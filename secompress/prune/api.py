@@ -43,7 +43,7 @@ from .merging import MERGE_METHODS, merge_targets
 from .merge import check_groups
 from .heapr import HESSIANS
 from .seeds import NEW_WEIGHTS, SEED_METHODS
-from .stun_math import PATTERNS
+from .stun_math import PATTERNS, SIMILARITIES
 from .uncurl import COUNTS
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,10 @@ class PruneConfig:
     tcess_top_k: int = 0  # premoe: router logits per token that count in TCESS (0: the model's top_k)
     tcess_threshold: float = 0.0  # premoe: a selection counts if its softmax among the top-k is >= this
     uncurl_counts: str = "uniform"  # uncurl: one count per layer (exportable) or "adaptive" (in memory only)
-    dern_threshold: float = 0.0  # dern: a neuron segment less similar (cosine) to every kept neuron is left out
+    dern_threshold: float = 0.3  # dern: a neuron segment less similar (cosine) to every kept neuron is left out
     stun_sparsity: float = 0.5  # stun: share of each kept expert's weights zeroed in stage 2 (0: stage 1 only)
     stun_pattern: str = "2:4"  # stun: "2:4" or "unstructured"
+    stun_similarity: str = "router"  # stun: behaviour distance from router rows, or "coact" (co-selection counts)
 
     def __post_init__(self):
         if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
@@ -90,8 +91,10 @@ class PruneConfig:
             raise ValueError("naee_samples and naee_limit must be >= 1")
         if self.task_min_tokens < 1 or self.tcess_top_k < 0 or not 0.0 <= self.tcess_threshold <= 1.0:
             raise ValueError("task_min_tokens must be >= 1, tcess_top_k >= 0 and tcess_threshold in [0, 1]")
-        if self.uncurl_counts not in COUNTS or self.stun_pattern not in PATTERNS:
-            raise ValueError(f"uncurl_counts must be one of {COUNTS} and stun_pattern one of {PATTERNS}")
+        if self.uncurl_counts not in COUNTS or self.stun_pattern not in PATTERNS or \
+                self.stun_similarity not in SIMILARITIES:
+            raise ValueError(f"uncurl_counts must be one of {COUNTS}, stun_pattern one of {PATTERNS} and "
+                             f"stun_similarity one of {SIMILARITIES}")
         if not 0.0 <= self.stun_sparsity < 1.0 or not -1.0 <= self.dern_threshold <= 1.0:
             raise ValueError("stun_sparsity must be in [0, 1) and dern_threshold (a cosine) in [-1, 1]")
 

@@ -67,7 +67,7 @@ def _prune(args) -> int:
 
 
 _OPTIONS = {"task_min_tokens": int, "tcess_top_k": int, "tcess_threshold": float, "uncurl_counts": str,
-            "dern_threshold": float, "stun_sparsity": float, "stun_pattern": str}
+            "dern_threshold": float, "stun_sparsity": float, "stun_pattern": str, "stun_similarity": str}
 
 
 def _options(pairs: list[str]) -> dict:

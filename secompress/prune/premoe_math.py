@@ -22,7 +22,9 @@ has two parts:
 
 A selected expert's marker is its raw logit, as in the reference code; on the bundled reference
 model over 97% of the selected top-2 logits are positive, so a rarely selected expert scores near 0
-and a never selected one exactly 0.
+and a never selected one exactly 0. Routers that select by a transformed or biased score
+(DeepSeek-V3: sigmoid, correction bias, groups) are ranked by their raw logits' top-k here too, as
+the reference code (written for DeepSeek-R1) does.
 Legend: T tokens, E experts, K top-k, P stored patterns, D pattern length.
 """
 from __future__ import annotations

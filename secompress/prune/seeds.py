@@ -13,7 +13,7 @@
 | premoe | routing, TCESS | the K experts with the highest TCESS | yes: ``data`` is the task |
 | uncurl | routing, router-logit Gram | K merged experts (spectral clusters) | yes |
 | dern | routing | K retained experts, dropped neurons merged in | no |
-| stun | routing, co-selection; then Wanda input norms | K representatives, then sparse weights | no |
+| stun | routing (+ co-selection); then Wanda input norms | K representatives, then sparse weights | no |
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from .select import PrunePlan, protected_by_layer
 SEED_METHODS = ("premoe", "uncurl", "dern", "stun")
 TASK_METHODS = ("premoe", "uncurl")  # the calibration data is the task's data
 NEW_WEIGHTS = ("uncurl", "dern", "stun")  # write weights that are not the input's (no FP8-as-stored export)
-_STATS = {"premoe": premoe.STATS, "uncurl": uncurl.STATS, "dern": dern.STATS, "stun": stun.STATS}
+_STATS = {"premoe": premoe.STATS, "uncurl": uncurl.STATS, "dern": dern.STATS}
 
 
 @dataclass
@@ -85,7 +85,7 @@ def check_seed(model, adapter: MoEAdapter, plan: PrunePlan, calib_tokens: int, c
     if m == "uncurl" and cfg.uncurl_counts == "adaptive" and plan.n_group > 1:
         raise ValueError("UNCURL adaptive counts with grouped routing (n_group > 1) are not supported: use "
                          "uncurl_counts='uniform'")
-    if m == "stun" and cfg.stun_pattern == "2:4":
+    if m == "stun" and cfg.stun_pattern == "2:4" and cfg.stun_sparsity > 0:
         H = int(model.config.hidden_size)
         if cfg.stun_sparsity != 0.5 or H % 4 or I % 4:
             raise ValueError(f"STUN's 2:4 pattern zeros 2 of every 4 inputs: it needs stun_sparsity 0.5 (got "
@@ -98,7 +98,8 @@ def run_seed(model, adapter: MoEAdapter, plan: PrunePlan, calib_ids: torch.Tenso
     """Statistics on ``calib_ids [N, S]``, then the method on every MoE layer, in place."""
     m, protect = cfg.method, cfg.protect_super_experts
     k = cfg.tcess_top_k or adapter.top_k(model.config)
-    stats = collect_seed(model, adapter, calib_ids, cfg.batch_size, _STATS[m], tcess_k=k, tcess_r=cfg.tcess_threshold,
+    want = stun.stats_for(cfg.stun_similarity) if m == "stun" else _STATS[m]
+    stats = collect_seed(model, adapter, calib_ids, cfg.batch_size, want, tcess_k=k, tcess_r=cfg.tcess_threshold,
                          progress=progress)
     if m == "premoe":
         ds, touched = premoe.premoe_model(model, adapter, stats, plan, ses, protect)
@@ -117,7 +118,7 @@ def run_seed(model, adapter: MoEAdapter, plan: PrunePlan, calib_ids: torch.Tenso
         return SeedOutcome({l: list(d.retained) for l, d in ds.items()}, touched, {"dern": extra})
     if m == "stun":
         ds, touched, rep = stun.stun_model(model, adapter, stats, plan, ses, calib_ids, cfg.batch_size, protect,
-                                           cfg.stun_sparsity, cfg.stun_pattern)
+                                           cfg.stun_sparsity, cfg.stun_pattern, cfg.stun_similarity)
         extra = {**rep, "clusters": {str(l): d.to_json() for l, d in ds.items()}}
         return SeedOutcome({l: d.keep for l, d in ds.items()}, touched, {"stun": extra})
     raise ValueError(f"unknown seed method '{m}'; known: {', '.join(SEED_METHODS)}")

@@ -1,6 +1,6 @@
 """STUN per MoE layer: two steps, each statistics -> decision -> applied to the layer.
 
-    s1 = SeedStats(E, frozenset(STATS))                            # co-selection counts (.seed_stats)
+    s1 = SeedStats(E, frozenset(stats_for("router")))               # routing (+ co-selection for "coact")
     d = decide_stun(s1, experts, router.weight, plan, {3})         # clusters, representative first
     apply_stun(block, adapter, d, path)                            # keep the representatives
     s2 = SeedStats(K, frozenset(WANDA_STATS))                      # the changed layer's expert inputs
@@ -39,11 +39,15 @@ from .select import PrunePlan, protected_by_layer
 from .structural import keep_layer_experts, set_expert_count
 from .stun_math import behaviour_distance, closest_to_centroid, greedy_clusters, wanda_mask
 
-STATS = ("routing", "coact")
 WANDA_STATS = ("wanda",)
 SERVER_NOTE = ("zeros stored dense: vLLM served 2:4 (compressed-tensors sparse-24-bitmask) only for dense Linear "
                "layers, never fused MoE experts, and removed it (vllm-project/vllm#36799); compressed-tensors > 0.14 "
                "no longer loads the format; no runtime saves memory or time on these zeros today")
+
+
+def stats_for(similarity: str) -> tuple[str, ...]:
+    """Stage 1's statistics: routing counts, and co-selection counts for ``similarity="coact"``."""
+    return ("routing", "coact") if similarity == "coact" else ("routing",)
 
 
 @dataclass(frozen=True)
@@ -60,12 +64,13 @@ class StunDecision:
 
 @torch.no_grad()
 def decide_stun(stats: SeedStats, experts: nn.Module, router_weight: torch.Tensor, plan: PrunePlan,
-                protected=frozenset(), protect: bool = True, mix: float = 0.0) -> StunDecision:
+                protected=frozenset(), protect: bool = True, similarity: str = "router", mix: float = 0.0
+                ) -> StunDecision:
     """STUN stage 1 for one layer: greedy clusters by behaviour distance; each cluster's representative
     is the member whose weights are closest to the cluster's mean."""
     prot = set(protected) if protect else set()
-    clusters = greedy_clusters(behaviour_distance(stats.coact, router_weight, mix), plan.num_remove, plan.groups(),
-                               prot)
+    dist = behaviour_distance(similarity, router_weight, stats.coact, mix)
+    clusters = greedy_clusters(dist, plan.num_remove, plan.groups(), prot)
     out = []
     for c in clusters:
         if len(c) > 1:
@@ -113,7 +118,8 @@ def finish_stun(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> None:
 
 
 def stun_model(model: nn.Module, adapter: MoEAdapter, stats: dict[int, SeedStats], plan: PrunePlan, ses, ids,
-               batch_size: int, protect: bool = True, sparsity: float = 0.5, pattern: str = "2:4", mix: float = 0.0
+               batch_size: int, protect: bool = True, sparsity: float = 0.5, pattern: str = "2:4",
+               similarity: str = "router", mix: float = 0.0
                ) -> tuple[dict[int, StunDecision], list[tuple[int, int]], dict]:
     """The in-memory driver: stage 1 on every layer (decided first, then applied), one pass of the
     calibration windows ``ids [N, S]`` over the expert-pruned model, stage 2 on every layer. Returns
@@ -125,7 +131,7 @@ def stun_model(model: nn.Module, adapter: MoEAdapter, stats: dict[int, SeedStats
     for l, s in stats.items():
         block = adapter.block_of(layers[l])
         decisions[l] = decide_stun(s, adapter.experts_of(block), adapter.router_of(block).weight, plan,
-                                   prot.get(l, ()), protect, mix)
+                                   prot.get(l, ()), protect, similarity, mix)
     for l, d in decisions.items():
         apply_stun(adapter.block_of(layers[l]), adapter, d, adapter.block_path(l))
     finish_stun(model, adapter, plan)
@@ -139,7 +145,7 @@ def stun_model(model: nn.Module, adapter: MoEAdapter, stats: dict[int, SeedStats
                             pattern)
             zeroed[l] = z
             touched |= {(l, d.keep[e]) for e in new_ses if z.get(e, 0.0) > 0}
-    report = {"sparsity": sparsity, "pattern": pattern,
+    report = {"similarity": similarity, "sparsity": sparsity, "pattern": pattern,
               "zeroed_share": {str(l): {str(e): round(v, 4) for e, v in z.items()} for l, z in zeroed.items()},
               "server": SERVER_NOTE}
     return decisions, sorted(touched), report

@@ -3,16 +3,22 @@
 STUN (Lee, Hwang, Qiao, Campos, Yao, He 2025, "STUN: Structured-Then-Unstructured Pruning for
 Scalable MoE Pruning", ACL 2025, arXiv 2409.06211; reference code github.com/thnkinbtfly/STUN):
 
-1. **Structured: O(1) expert pruning by behaviour similarity.** Experts that the router selects
-   *together* behave alike. One calibration pass counts, per layer, how often each pair of experts
-   is in the same token's top-k (``coact [E, E]``); the distance between two experts is the negated
-   count divided by its mean magnitude (the reference code's ``-coact / |mean(coact)|``, its
-   ``divide_mean`` recipe), optionally mixed with the L2 distance of the experts' router rows (its
-   ``mix_weight``). Greedy agglomeration merges the clusters of the closest pair until E - n_remove
-   clusters are left (its ``greedy_but_reject_mixed`` with no threshold, stopping at the per-layer
-   count). In each cluster only the member closest to the cluster's weight centroid is kept, with its
-   own weights and router row (its ``dsatur_select_mean_weight_merge``): structured pruning, no
-   averaging. A forward pass count independent of E: the O(1) of the title.
+1. **Structured: O(1) expert pruning by behaviour similarity.** Two experts behave alike when the
+   router treats them alike. ``similarity="router"`` (the reference code's default,
+   ``select_expert_pairs`` without ``load_path``): the L2 distance of the experts' router rows over
+   the router's Frobenius norm; experts with close rows get close logits on every token, so the
+   one kept takes the other's tokens. No forward pass at all. ``similarity="coact"`` (its Snowflake
+   Arctic recipe, ``--load_path ... --divide_mean``): one calibration pass counts how often each pair
+   is in the same token's top-k (``coact [E, E]``) and the distance is ``-coact / |mean(coact)|``,
+   optionally mixed with the router distance (its ``mix_weight``). Raw counts grow with how often an
+   expert is routed at all, so on a model with unbalanced routing they cluster the busiest experts
+   together (on the bundled reference model that drops four of the most used experts of every
+   layer: perplexity x6 at 25%); Arctic's balanced routing hides this, hence "router" by default.
+   Greedy agglomeration joins the clusters of the closest pair until E - n_remove clusters are left
+   (its ``greedy_but_reject_mixed`` with no threshold, stopping at the per-layer count). In each
+   cluster only the member closest to the cluster's weight centroid is kept, with its own weights
+   and router row (its ``dsatur_select_mean_weight_merge``): structured pruning, no averaging. A
+   forward-pass count independent of E: the O(1) of the title.
 2. **Unstructured: Wanda** (Sun, Liu, Bair, Kolter 2024, "A Simple and Effective Pruning Approach
    for Large Language Models", arXiv 2306.11695) inside the kept experts: weight W_ij scores
    |W_ij| * ||X_j||_2 with X the inputs the weight's expert receives; per output row the lowest
@@ -29,17 +35,29 @@ from typing import Sequence
 import torch
 
 PATTERNS = ("unstructured", "2:4")
+SIMILARITIES = ("router", "coact")
 
 
-def behaviour_distance(coact: torch.Tensor, router: torch.Tensor | None = None, mix: float = 0.0) -> torch.Tensor:
-    """[E, E] distance: -coact / |mean(coact)| (+ ``mix`` x L2 distance of router rows ``router [E, H]``)."""
+def behaviour_distance(similarity: str, router: torch.Tensor | None = None, coact: torch.Tensor | None = None,
+                       mix: float = 0.0) -> torch.Tensor:
+    """[E, E] distance between experts. ``router``: L2 distance of router rows ``router [E, H]`` over
+    the router's Frobenius norm; ``coact``: -coact / |mean(coact)| (+ ``mix`` x that router distance)."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got '{similarity}'")
+    rd = None
+    if router is not None:
+        r = router.detach().double().cpu()
+        rd = torch.cdist(r, r) / r.norm().clamp_min(1e-30)
+    if similarity == "router":
+        if rd is None:
+            raise ValueError("router similarity needs the router weight")
+        return rd
+    if coact is None:
+        raise ValueError("coact similarity needs the co-selection counts")
     c = coact.double()
     scale = c.mean().abs()
     d = -c / scale if scale > 0 else torch.zeros_like(c)
-    if mix and router is not None:
-        r = router.detach().double().cpu()
-        d = d * mix + torch.cdist(r, r)
-    return d
+    return d * mix + rd if mix and rd is not None else d
 
 
 def greedy_clusters(dist: torch.Tensor, n_remove: int, partitions: Sequence[Sequence[int]],
