@@ -155,7 +155,7 @@ def main() -> None:
     from secompress.data import load_calibration
     from secompress.profile import ProfileConfig, profile
     from secompress.prune import PruneConfig, prune
-    from secompress.prune.task_jobs import uncurl_threshold
+    from secompress.prune.task_jobs import uncurl_adaptive, uncurl_threshold
 
     t0 = time.perf_counter()
     model, tok = load_model(args.model), load_tokenizer(args.model)
@@ -219,11 +219,11 @@ def main() -> None:
         res["uncurl_adaptive"] = []
         for tname in TASK_NAMES:
             m = copy.deepcopy(model)
-            cfg = PruneConfig(0.5, "uncurl", uncurl_counts="adaptive", calib_samples=args.samples, eval_samples=0,
-                              seq_len=args.seq_len, batch_size=args.batch_size)
-            r = prune(m, tok, cfg, profile=prof, data=calib[tname])
-            row = {"calibration": tname, "experts_per_layer": r.extra["uncurl"]["experts_per_layer"],
-                   "eigengap_estimate": r.extra["uncurl"]["eigengap_estimate"],
+            cfg = PruneConfig(0.5, "uncurl", calib_samples=args.samples, eval_samples=0, seq_len=args.seq_len,
+                              batch_size=args.batch_size)
+            rep = uncurl_adaptive(m, tok, cfg, calib[tname], profile=prof)
+            row = {"calibration": tname, "experts_per_layer": rep["experts_per_layer"],
+                   "eigengap_estimate": rep["eigengap_estimate"],
                    **evaluate(m, tok, held, docs, sink_ids, args.batch_size)}
             res["uncurl_adaptive"].append(row)
             print(f"UNCURL adaptive on {tname}: {row['experts_per_layer']} ppl {row['ppl_' + tname]:.3f}", flush=True)

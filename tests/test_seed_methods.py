@@ -1,5 +1,6 @@
 """The seed methods: PreMoe (TCESS pruning + retrieval), UNCURL, DERN, STUN; SEs never touched."""
 import copy
+import dataclasses
 import json
 import subprocess
 import sys
@@ -242,19 +243,26 @@ def test_bad_requests_are_refused_before_anything_changes(tokenizer, tiny_dir, t
 
 
 def test_uncurl_adaptive_counts_run_in_memory_and_are_refused_at_export(tokenizer, tmp_path):
+    from secompress.data import load_calibration
+    from secompress.prune.task_jobs import uncurl_adaptive
+
     model = make_tiny("qwen3_moe")  # seed 0: the eigengap estimates differ between layers
-    r = prune(model, tokenizer, PruneConfig(0.5, "uncurl", uncurl_counts="adaptive", **SMALL))
-    counts = r.extra["uncurl"]["experts_per_layer"]
+    cfg = PruneConfig(0.5, "uncurl", **SMALL)
+    task = load_calibration("builtin", tokenizer, 4, 64)
+    rep = uncurl_adaptive(model, tokenizer, cfg, task)
+    counts = rep["experts_per_layer"]
     ad = get_adapter(model.config)
-    assert sum(counts.values()) == 4 * len(counts)  # the uniform budget, shared out
+    assert sum(counts.values()) == 4 * len(counts) and len(set(counts.values())) > 1  # the uniform budget, shared
     for l, c in counts.items():
         assert ad.router_of(ad.block_of(model.model.layers[int(l)])).weight.shape[0] == c >= 2
-    assert set(r.extra["uncurl"]["eigengap_estimate"]) == set(counts)
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.randint(0, 256, (1, 16))).logits).all()
-    assert len(set(counts.values())) > 1
+    uniform = prune(make_tiny("qwen3_moe"), tokenizer, cfg, data=task)  # the registered method: uniform, reported
+    assert uniform.extra["uncurl"]["adaptive_counts_same_budget"] == counts
+    assert uniform.extra["uncurl"]["eigengap_estimate"] == rep["eigengap_estimate"]
     with pytest.raises(Exception, match="different expert counts"):
-        save_pruned(model, tokenizer, r, tmp_path / "o")
+        save_pruned(model, tokenizer, dataclasses.replace(uniform, num_experts_after=max(counts.values())),
+                    tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
@@ -302,7 +310,8 @@ def test_premoe_variants_index_and_retrieval(tokenizer, tiny_dir, tmp_path, caps
     assert "task_min_tokens" in capsys.readouterr().err and not (tmp_path / "few").exists()
 
 
-def test_task_specific_pruning_composes_with_quantization_in_one_recipe(tmp_path, tokenizer, monkeypatch):
+@pytest.mark.parametrize("streaming", [False, True])
+def test_task_specific_pruning_composes_with_quantization_in_one_recipe(tmp_path, tokenizer, monkeypatch, streaming):
     from secompress.recipe.run import run_recipe
     from secompress.recipe.schema import parse_recipe
     from secompress.testing import plant_super_expert, save_tiny
@@ -317,7 +326,7 @@ def test_task_specific_pruning_composes_with_quantization_in_one_recipe(tmp_path
     text = f"""\
 version: 1
 name: tiny-premoe
-model: {{id: {path}, model_type: qwen3_moe}}
+model: {{id: {path}, model_type: qwen3_moe, streaming: {str(streaming).lower()}}}
 data: {{calibration: {task}, num_samples: 4, seq_len: 64, batch_size: 4, eval_samples: 2}}
 stages:
   - profile: {{}}
@@ -336,3 +345,25 @@ stages:
     q = secompress.load(res.out / "model")
     with torch.no_grad():
         assert torch.isfinite(q(input_ids=torch.randint(0, 256, (1, 16))).logits).all()
+
+
+# ---- both layer sources: streamed from the shards = in memory ------------------------------------
+@pytest.mark.parametrize("model_type,method", [("qwen3_moe", "premoe"), ("deepseek_v3", "uncurl"),
+                                               ("gpt_oss", "dern"), ("qwen2_moe", "stun")])
+def test_streamed_seed_method_equals_in_memory(tmp_path, model_type, method):
+    from test_streamed_merge import B, N, S, _same_report, _setup, _tensors
+    from test_streamed import streamed
+
+    from secompress.compress import Job
+
+    src, tok, calib, model, prof = _setup(tmp_path, model_type)
+    pc = PruneConfig(0.5, method, calib_samples=N, eval_samples=0, seq_len=S, batch_size=B, task_min_tokens=32)
+    r = prune(model, tok, pc, profile=prof, data=calib)
+    save_pruned(model, tok, r, tmp_path / "mem")
+    plan, go = streamed(src, Job(prune=pc, batch_size=B), prof, calib=calib.input_ids)
+    res = go(None, tmp_path / "str", tok, progress=False)
+    _same_report(r, res.prune_result(prof, calib.source))
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
+    assert set(a) == set(b) == {s.name for s in plan.out_specs}
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

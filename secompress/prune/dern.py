@@ -4,7 +4,8 @@
     d = decide_dern(stats, experts, plan, protected={3})        # drop by router statistics, assign segments
     apply_dern(block, adapter, d, stats.freq, path)             # merge segments, keep the retained experts
     finish_dern(model, adapter, plan)                           # the expert count in the config
-    dern_model(model, adapter, stats_by_layer, plan, ses)       # the in-memory driver
+
+The method (:mod:`secompress.prune.methods.dern`) runs these per layer in a pass over any layer source.
 
 Criterion: :mod:`secompress.prune.dern_math` (Zhou et al. 2025, arXiv 2509.10377). The statistics
 are the original model's routing weights on the calibration tokens (the hidden states *entering*
@@ -25,7 +26,7 @@ from ..experts import expert_weights, write_expert
 from .dern_math import Segment, assign_segments, merge_segments, recombination_summary
 from .premoe import keep_by_score
 from .seed_stats import SeedStats
-from .select import PrunePlan, protected_by_layer
+from .select import PrunePlan
 from .structural import keep_layer_experts, set_expert_count
 
 STATS = ("routing",)
@@ -85,20 +86,3 @@ def apply_dern(block: nn.Module, adapter: MoEAdapter, decision: DernDecision, fr
 
 def finish_dern(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> None:
     set_expert_count(model, adapter, plan.num_keep)
-
-
-def dern_model(model: nn.Module, adapter: MoEAdapter, stats: dict[int, SeedStats], plan: PrunePlan, ses=(),
-               protect: bool = True, threshold: float = 0.0
-               ) -> tuple[dict[int, DernDecision], list[tuple[int, int]]]:
-    """The in-memory driver: decide every layer first, then apply. Returns the decisions and the Super
-    Experts dropped or changed by a segment (only possible with ``protect=False``)."""
-    prot = protected_by_layer(ses)
-    layers = adapter.layers(model)
-    decisions = {l: decide_dern(s, adapter.experts_of(adapter.block_of(layers[l])), plan, prot.get(l, ()), protect,
-                                threshold) for l, s in stats.items()}
-    for l, d in decisions.items():
-        apply_dern(adapter.block_of(layers[l]), adapter, d, stats[l].freq, adapter.block_path(l))
-    finish_dern(model, adapter, plan)
-    touched = sorted((l, e) for l, d in decisions.items() for e in prot.get(l, ())
-                     if e in d.dropped or e in d.receivers())
-    return decisions, touched

@@ -4,7 +4,9 @@
     d = decide_premoe(stats, plan, protected={3})                   # keep the highest TCESS (pure)
     apply_premoe(block, adapter, d, path)                           # that layer's experts, in place
     finish_premoe(model, adapter, plan)                             # the expert count in the config
-    premoe_model(model, adapter, stats_by_layer, plan, ses)         # the in-memory driver
+
+The method (:mod:`secompress.prune.methods.premoe`) runs these per layer in a pass over any layer
+source; ``prune(model, ..., PruneConfig(0.5, "premoe"), data=TASK)`` is the in-memory call.
 
 Criterion: :mod:`secompress.prune.premoe_math` (Pei et al. 2025, arXiv 2505.17639). The statistics
 are the original model's routing on the task's tokens (the hidden states *entering* each layer in
@@ -22,7 +24,7 @@ from torch import nn
 
 from ..adapters import MoEAdapter
 from .seed_stats import SeedStats
-from .select import PrunePlan, protected_by_layer, select_by_score
+from .select import PrunePlan, select_by_score
 from .structural import keep_layer_experts, set_expert_count
 
 STATS = ("routing", "tcess")
@@ -68,17 +70,3 @@ def apply_premoe(block: nn.Module, adapter: MoEAdapter, decision: KeepDecision, 
 
 def finish_premoe(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> None:
     set_expert_count(model, adapter, plan.num_keep)
-
-
-def premoe_model(model: nn.Module, adapter: MoEAdapter, stats: dict[int, SeedStats], plan: PrunePlan, ses=(),
-                 protect: bool = True) -> tuple[dict[int, KeepDecision], list[tuple[int, int]]]:
-    """The in-memory driver: decide every layer first (a refusal changes nothing), then apply.
-    Returns the decisions and the Super Experts removed (only with ``protect=False``)."""
-    prot = protected_by_layer(ses)
-    decisions = {l: decide_premoe(s, plan, prot.get(l, ()), protect) for l, s in stats.items()}
-    layers = adapter.layers(model)
-    for l, d in decisions.items():
-        apply_premoe(adapter.block_of(layers[l]), adapter, d, adapter.block_path(l))
-    finish_premoe(model, adapter, plan)
-    removed = sorted((l, e) for l, d in decisions.items() for e in prot.get(l, ()) if e not in d.keep)
-    return decisions, removed

@@ -6,13 +6,12 @@
     s2 = SeedStats(K, frozenset(WANDA_STATS))                      # the changed layer's expert inputs
     apply_wanda(block, adapter, s2, skip={new SE ids}, 0.5, "2:4") # zero weights inside kept experts
     finish_stun(model, adapter, plan)                              # the expert count in the config
-    stun_model(model, adapter, stats, plan, ses, ids, ...)         # the in-memory driver
 
 Criterion: :mod:`secompress.prune.stun_math` (Lee et al. 2025, arXiv 2409.06211). Stage 1 decides
 from the routing of the hidden states entering the layer; stage 2 (Wanda) needs the inputs that the
-*changed* layer's experts receive (tokens of a removed expert now go elsewhere), so a layer-by-layer
-engine reruns the layer after stage 1 on its propagated stream (``hidden``), as Wanda does; the
-in-memory driver takes them from one pass over the expert-pruned model. An expert no calibration
+*changed* layer's experts receive (tokens of a removed expert now go elsewhere), so the method
+(:mod:`secompress.prune.methods.stun`) reruns the layer after stage 1 on the calibration stream
+propagated through the layers already pruned, as Wanda does layer by layer. An expert no calibration
 token reaches in stage 2 is pruned by magnitude (Wanda with unit input norms).
 
 **What a server can exploit.** Stage 1 is real: fewer experts, a smaller stock checkpoint. Stage 2
@@ -34,8 +33,8 @@ from torch import nn
 
 from ..adapters import MoEAdapter
 from ..experts import expert_weights, write_expert
-from .seed_stats import SeedStats, collect_seed
-from .select import PrunePlan, protected_by_layer
+from .seed_stats import SeedStats
+from .select import PrunePlan
 from .structural import keep_layer_experts, set_expert_count
 from .stun_math import behaviour_distance, closest_to_centroid, greedy_clusters, wanda_mask
 
@@ -63,13 +62,13 @@ class StunDecision:
 
 
 @torch.no_grad()
-def decide_stun(stats: SeedStats, experts: nn.Module, router_weight: torch.Tensor, plan: PrunePlan,
+def decide_stun(stats: SeedStats | None, experts: nn.Module, router_weight: torch.Tensor, plan: PrunePlan,
                 protected=frozenset(), protect: bool = True, similarity: str = "router", mix: float = 0.0
                 ) -> StunDecision:
     """STUN stage 1 for one layer: greedy clusters by behaviour distance; each cluster's representative
     is the member whose weights are closest to the cluster's mean."""
     prot = set(protected) if protect else set()
-    dist = behaviour_distance(similarity, router_weight, stats.coact, mix)
+    dist = behaviour_distance(similarity, router_weight, stats.coact if stats is not None else None, mix)
     clusters = greedy_clusters(dist, plan.num_remove, plan.groups(), prot)
     out = []
     for c in clusters:
@@ -115,37 +114,3 @@ def apply_wanda(block: nn.Module, adapter: MoEAdapter, stats: SeedStats, skip=fr
 
 def finish_stun(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan) -> None:
     set_expert_count(model, adapter, plan.num_keep)
-
-
-def stun_model(model: nn.Module, adapter: MoEAdapter, stats: dict[int, SeedStats], plan: PrunePlan, ses, ids,
-               batch_size: int, protect: bool = True, sparsity: float = 0.5, pattern: str = "2:4",
-               similarity: str = "router", mix: float = 0.0
-               ) -> tuple[dict[int, StunDecision], list[tuple[int, int]], dict]:
-    """The in-memory driver: stage 1 on every layer (decided first, then applied), one pass of the
-    calibration windows ``ids [N, S]`` over the expert-pruned model, stage 2 on every layer. Returns
-    the decisions, the Super Experts removed or zeroed in (only with ``protect=False``) and the
-    zeroed share per layer and expert."""
-    prot = protected_by_layer(ses)
-    layers = adapter.layers(model)
-    decisions = {}
-    for l, s in stats.items():
-        block = adapter.block_of(layers[l])
-        decisions[l] = decide_stun(s, adapter.experts_of(block), adapter.router_of(block).weight, plan,
-                                   prot.get(l, ()), protect, similarity, mix)
-    for l, d in decisions.items():
-        apply_stun(adapter.block_of(layers[l]), adapter, d, adapter.block_path(l))
-    finish_stun(model, adapter, plan)
-    touched = {(l, e) for l, d in decisions.items() for e in prot.get(l, ()) if e not in d.keep}
-    zeroed = {}
-    if sparsity > 0:
-        stats2 = collect_seed(model, adapter, ids, batch_size, WANDA_STATS)
-        for l, d in decisions.items():
-            new_ses = {d.keep.index(e) for e in prot.get(l, ()) if e in d.keep}
-            z = apply_wanda(adapter.block_of(layers[l]), adapter, stats2[l], new_ses if protect else set(), sparsity,
-                            pattern)
-            zeroed[l] = z
-            touched |= {(l, d.keep[e]) for e in new_ses if z.get(e, 0.0) > 0}
-    report = {"similarity": similarity, "sparsity": sparsity, "pattern": pattern,
-              "zeroed_share": {str(l): {str(e): round(v, 4) for e, v in z.items()} for l, z in zeroed.items()},
-              "server": SERVER_NOTE}
-    return decisions, sorted(touched), report

@@ -5,6 +5,7 @@
         # and out/premoe_router.safetensors (the first MoE layer's full router, to match queries)
     name, dist = select_variant("out/", "def f(x):\\n    return x")   # PreMoe's task-adaptive retrieval
     uncurl_threshold(model, tok, PruneConfig(0.25, "uncurl"), task, held_out)   # factor where quality drops
+    uncurl_adaptive(model, tok, PruneConfig(0.5, "uncurl"), task)   # per-layer counts, in memory only
 
 PreMoe (Pei et al. 2025, arXiv 2505.17639; see :mod:`.premoe_math`): each task's pattern is its
 TCESS per MoE layer, measured on the original model; a query is matched by L2 to the stored
@@ -34,7 +35,6 @@ from ..perplexity import perplexity
 from .api import PruneConfig, plan_for, prune, save_pruned
 from .layer_stats import capture
 from .premoe_math import nearest_pattern, tcess
-from .seeds import check_seed
 
 INDEX_NAME = "premoe_index.json"
 ROUTER_NAME = "premoe_router.safetensors"
@@ -63,12 +63,12 @@ def premoe_variants(model, tokenizer, tasks: dict[str, str | Path | CalibrationD
     if bad:
         raise ValueError(f"task names {bad} must be 1-64 letters, digits, '_', '.', '-' (they name the variant folders)")
     adapter = check_model(model)
-    plan = plan_for(model, config.ratio, "premoe")
+    plan_for(model, config.ratio, "premoe")
     calib = {}
     for name, spec in tasks.items():
         c = spec if isinstance(spec, CalibrationData) else \
             load_calibration(spec, tokenizer, config.calib_samples, config.seq_len)
-        check_seed(model, adapter, plan, c.num_tokens, f"{name}: {c.source}", (), config)
+        config.prune_method.check_data(config, c.num_tokens, f"{name}: {c.source}")
         calib[name] = c
     if profile is None:  # the Super Experts are the model's: profile once, on every task's windows
         from ..profile import ProfileConfig, profile_for
@@ -224,3 +224,36 @@ def uncurl_threshold(model, tokenizer, config: PruneConfig, task, held_out: torc
     ok = [x for x in rows if "perplexity" in x and x["relative"] <= tolerance]
     return {"baseline_perplexity": base, "tolerance": tolerance, "sweep": rows,
             "threshold_factor": max((x["factor"] for x in ok), default=None)}
+
+
+def uncurl_adaptive(model, tokenizer, config: PruneConfig, task, profile=None) -> dict:
+    """UNCURL with adaptive per-layer counts, in place, in memory only: the same total as
+    ``config.ratio`` everywhere, shared out by each layer's eigengap estimate
+    (:func:`secompress.prune.uncurl.adaptive_counts`). The model then holds a different count per
+    layer: it evaluates, but ``save_pruned`` refuses it (a config stores one count). Returns the
+    counts, the estimates and the groups."""
+    from ..profile import ProfileConfig, profile_for
+    from .seed_stats import collect_seed
+    from .select import protected_by_layer
+    from .uncurl import STATS, adaptive_counts, apply_uncurl, decide_uncurl, estimate_count, finish_uncurl
+
+    if config.method != "uncurl":
+        raise ValueError(f"uncurl_adaptive runs UNCURL; the config says '{config.method}'")
+    adapter = check_model(model)
+    plan = plan_for(model, config.ratio, "uncurl")
+    c = task if isinstance(task, CalibrationData) else load_calibration(task, tokenizer, config.calib_samples,
+                                                                        config.seq_len)
+    config.prune_method.check_data(config, c.num_tokens, c.source)
+    prof = profile_for(model, profile, tokenizer, c, ProfileConfig(num_samples=c.input_ids.shape[0],
+                       seq_len=c.input_ids.shape[1], batch_size=config.batch_size), False)
+    prot = protected_by_layer(prof.se_ids()) if config.protect_super_experts else {}
+    stats = collect_seed(model, adapter, c.input_ids, config.batch_size, STATS)
+    est = {l: estimate_count(s, plan, prot.get(l, set())) for l, s in stats.items()}
+    counts = adaptive_counts(est, plan, prot)
+    decisions = {l: decide_uncurl(s, plan, prot.get(l, ()), counts[l], config.seed) for l, s in stats.items()}
+    layers = adapter.layers(model)
+    for l, d in decisions.items():
+        apply_uncurl(adapter.block_of(layers[l]), adapter, d, stats[l].freq, adapter.block_path(l))
+    finish_uncurl(model, adapter, max(counts.values()))
+    return {"experts_per_layer": {str(l): n for l, n in counts.items()}, "eigengap_estimate": {str(l): n for l, n in
+            est.items()}, "groups": {str(l): d.to_json() for l, d in decisions.items()}}

@@ -4,7 +4,6 @@
     d = decide_uncurl(stats, plan, protected={3})           # spectral clusters of router logits (pure)
     apply_uncurl(block, adapter, d, stats.freq, path)       # align + merge, keep representatives
     finish_uncurl(model, adapter, plan.num_keep)            # the expert count in the config
-    uncurl_model(model, adapter, stats_by_layer, plan, ses) # the in-memory driver
 
 The threshold pruning factor (the reduction above which task quality drops) is a sweep of whole
 runs: :func:`secompress.prune.task_jobs.uncurl_threshold`.
@@ -13,33 +12,29 @@ Criterion: :mod:`secompress.prune.uncurl_math` (Sarkar et al. 2024, arXiv 2409.0
 statistics are the original model's router logits and routing counts on the task's tokens (the
 hidden states *entering* each layer in the original model, as merging decides everywhere here).
 
-**Per-layer counts.** ``counts="uniform"`` (default) keeps ``plan.num_keep`` experts in every layer,
-the count a stock transformers config can hold, so the result exports and reloads anywhere.
-``counts="adaptive"`` shares the same total out per layer by the eigengap of each layer's affinity
-(:func:`~secompress.prune.uncurl_math.allocate_counts`); the model in memory then holds a different
-count per layer (each module carries its own), which is evaluated and reported, but **not
-exported**: a config has one ``num_experts``, and padding the short layers with masked experts is
-not expressible in stock routers without a bias (Qwen3-MoE, Mixtral, OLMoE: a zero router row still
-wins top-k slots), so ``save_pruned`` refuses it with the counts named. The report always gives the
-eigengap estimate per layer. Legend: E experts before, K kept.
+**Per-layer counts.** The method (:mod:`secompress.prune.methods.uncurl`) keeps ``plan.num_keep``
+experts in every layer, the count a stock transformers config can hold, so the result exports,
+streams and reloads anywhere; its report gives each layer's eigengap estimate and the adaptive
+counts the same budget would give (:func:`adaptive_counts`). Applying adaptive counts
+(:func:`secompress.prune.task_jobs.uncurl_adaptive`) leaves a different count in each layer of the
+model in memory (each module carries its own), which evaluates, but is **not exported**: a config
+has one ``num_experts``, and padding the short layers with masked experts cannot be expressed in
+stock routers without a bias (Qwen3-MoE, Mixtral, OLMoE: a zero router row still wins top-k slots),
+so ``save_pruned`` refuses it with the counts named. Legend: E experts before, K kept.
 """
 from __future__ import annotations
-
-import logging
 
 from torch import nn
 
 from ..adapters import MoEAdapter
 from .merge import MergeDecision
-from .merging import apply_merge, merge_targets, merged_super_experts
+from .merging import apply_merge, merge_targets
 from .seed_stats import SeedStats
-from .select import PrunePlan, protected_by_layer
+from .select import PrunePlan
 from .structural import set_expert_count
 from .uncurl_math import allocate_counts, eigengap_count, logit_affinity, uncurl_groups
 
-log = logging.getLogger(__name__)
 STATS = ("routing", "gram")
-COUNTS = ("uniform", "adaptive")
 
 
 def decide_uncurl(stats: SeedStats, plan: PrunePlan, protected=frozenset(), keep: int | None = None,
@@ -59,16 +54,15 @@ def estimate_count(stats: SeedStats, plan: PrunePlan, protected=frozenset()) -> 
     return eigengap_count(aff, lo, len(free) - 1) + len(protected)
 
 
-def adaptive_counts(stats: dict[int, SeedStats], plan: PrunePlan, protected: dict[int, set[int]]) -> dict[int, int]:
-    """Per-layer counts with the uniform total (``plan.num_keep`` per layer), shared out by eigengap
-    estimates; each at least top_k and every protected expert plus one, at most E - 1."""
+def adaptive_counts(estimates: dict[int, int], plan: PrunePlan, protected: dict[int, set[int]]) -> dict[int, int]:
+    """Per-layer counts with the uniform total (``plan.num_keep`` per layer), shared out in proportion
+    to the layers' eigengap ``estimates``; each at least top_k and every protected expert plus one, at
+    most E - 1."""
     if plan.n_group > 1:
-        raise ValueError("UNCURL adaptive counts with grouped routing (n_group > 1) are not supported: use "
-                         "uncurl_counts='uniform'")
-    layers = sorted(stats)
-    est = [estimate_count(stats[l], plan, protected.get(l, set())) for l in layers]
+        raise ValueError("UNCURL adaptive counts keep routing groups equal only with one group (n_group 1)")
+    layers = sorted(estimates)
     lo = [max(plan.top_k, len(protected.get(l, ())) + 1) for l in layers]
-    counts = allocate_counts(est, plan.num_keep * len(layers), lo, plan.num_experts - 1)
+    counts = allocate_counts([estimates[l] for l in layers], plan.num_keep * len(layers), lo, plan.num_experts - 1)
     return dict(zip(layers, counts))
 
 
@@ -81,25 +75,3 @@ def apply_uncurl(block: nn.Module, adapter: MoEAdapter, decision: MergeDecision,
 def finish_uncurl(model: nn.Module, adapter: MoEAdapter, count: int) -> None:
     """The model's and the config's expert count (adaptive counts: the largest layer's)."""
     set_expert_count(model, adapter, count)
-
-
-def uncurl_model(model: nn.Module, adapter: MoEAdapter, stats: dict[int, SeedStats], plan: PrunePlan, ses=(),
-                 protect: bool = True, counts: str = "uniform", seed: int = 0
-                 ) -> tuple[dict[int, MergeDecision], list[tuple[int, int]], dict]:
-    """The in-memory driver: decide every layer, then apply. Returns the decisions, the Super Experts
-    merged with others (only with ``protect=False``) and the per-layer count report."""
-    if counts not in COUNTS:
-        raise ValueError(f"uncurl counts must be one of {COUNTS}, got '{counts}'")
-    prot = protected_by_layer(ses) if protect else {}
-    est = {l: estimate_count(s, plan, prot.get(l, set())) for l, s in stats.items()}
-    per_layer = adaptive_counts(stats, plan, prot) if counts == "adaptive" else {l: plan.num_keep for l in stats}
-    decisions = {l: decide_uncurl(s, plan, prot.get(l, ()), per_layer[l], seed) for l, s in stats.items()}
-    layers = adapter.layers(model)
-    for l, d in decisions.items():
-        apply_uncurl(adapter.block_of(layers[l]), adapter, d, stats[l].freq, adapter.block_path(l))
-    finish_uncurl(model, adapter, max(per_layer.values()))
-    report = {"counts": counts, "experts_per_layer": {str(l): c for l, c in per_layer.items()},
-              "eigengap_estimate": {str(l): c for l, c in est.items()},
-              "uniform": len(set(per_layer.values())) == 1}
-    return decisions, merged_super_experts(decisions, ses), report
-

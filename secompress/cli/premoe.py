@@ -7,8 +7,8 @@
 """
 from __future__ import annotations
 
-from ..cli_args import add_command, add_profile_arg, add_protection, model_parent, output_parent
 from ..errors import SecompressError
+from .args import add_command, add_profile_arg, add_protection, model_parent, output_parent
 
 
 def _add_premoe(sub) -> None:
@@ -28,11 +28,11 @@ def _add_premoe(sub) -> None:
 
 
 def _premoe(args) -> int:
-    from ..checkpoints import load_model, load_tokenizer
-    from ..cli_args import check_calibration_args, device_map_arg, load_profile_arg
+    from ..checkpoints import check_finite_weights
     from ..outputs import check_output_dir, checkpoint_bytes
-    from .api import PruneConfig, plan_for
-    from .task_jobs import premoe_variants
+    from ..prune.api import PruneConfig
+    from ..prune.task_jobs import premoe_variants
+    from .args import check_calibration_args, load_profile_arg, open_source
 
     tasks = {}
     for spec in args.task:
@@ -49,10 +49,12 @@ def _premoe(args) -> int:
                       calib_samples=args.num_samples, eval_samples=0, seq_len=args.seq_len, batch_size=args.batch_size,
                       task_min_tokens=args.task_min_tokens, tcess_top_k=args.tcess_top_k,
                       tcess_threshold=args.tcess_threshold)
+    source = open_source(args)
+    cfg.prune_method.target(source.skeleton(), cfg)  # a ratio the router cannot take: before any weight is read
     prof = load_profile_arg(args.profile)
-    model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code, device=device_map_arg(args))
-    plan_for(model, cfg.ratio, cfg.method)
-    tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
+    tok = source.tokenizer()
+    model = source.load()
+    check_finite_weights(model, args.model)
     out = premoe_variants(model, tok, tasks, cfg, args.out, profile=prof, overwrite=args.overwrite, match=args.match)
     print(f"wrote {out}: {', '.join(f'{n}/' for n in tasks)} (one pruned checkpoint per task) and premoe_index.json")
     return 0
@@ -72,7 +74,7 @@ def _select(args) -> int:
     from pathlib import Path
 
     from ..checkpoints import load_model, load_tokenizer
-    from .task_jobs import select_variant
+    from ..prune.task_jobs import select_variant
 
     prompt = Path(args.prompt)
     if not prompt.is_file():
