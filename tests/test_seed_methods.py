@@ -335,6 +335,11 @@ stages:
   - evaluate: {{perplexity: true}}
   - export: {{}}
 """
+    if not streaming:  # task data below task_min_tokens: refused before the model is loaded or profiled
+        short = text.replace("task_min_tokens: 128", "task_min_tokens: 100000")
+        with pytest.raises(ValueError, match="task_min_tokens=100000"):
+            run_recipe(parse_recipe(short, "t.yaml"), short, tmp_path / "short", progress=False)
+        assert not (tmp_path / "short").exists() and not (tmp_path / "cache").exists()
     res = run_recipe(parse_recipe(text, "t.yaml"), text, tmp_path / "out", progress=False)
     report = json.loads((res.out / "model" / "prune_report.json").read_text())
     assert report["config"]["method"] == "premoe" and "premoe" in report["details"]
