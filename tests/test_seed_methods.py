@@ -289,7 +289,8 @@ def test_premoe_variants_index_and_retrieval(tokenizer, tiny_dir, tmp_path, caps
     assert main(["premoe", str(tiny_dir("qwen3_moe")), "--task", f"math={files['math']}", "--task",
                  f"caps={files['caps']}", "--ratio", "0.5", "--num-samples", "8", "--seq-len", "64",
                  "--task-min-tokens", "256", "--out", str(out)]) == 0
-    assert "premoe_index.json" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "premoe_index.json" in printed and "  math/: " in printed and "x the checkpoint's" in printed  # sizes
     index = json.loads((out / INDEX_NAME).read_text())
     assert set(index["tasks"]) == {"math", "caps"} and index["match"] == "first"
     assert index["tasks"]["math"]["kept"] != index["tasks"]["caps"]["kept"]  # task-specific patterns

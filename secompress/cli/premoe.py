@@ -29,7 +29,7 @@ def _add_premoe(sub) -> None:
 
 def _premoe(args) -> int:
     from ..checkpoints import check_finite_weights
-    from ..outputs import check_output_dir, checkpoint_bytes
+    from ..outputs import check_output_dir, checkpoint_bytes, export_size
     from ..prune.api import PruneConfig
     from ..prune.task_jobs import premoe_variants
     from .args import check_calibration_args, load_profile_arg, open_source
@@ -56,7 +56,11 @@ def _premoe(args) -> int:
     model = source.load()
     check_finite_weights(model, args.model)
     out = premoe_variants(model, tok, tasks, cfg, args.out, profile=prof, overwrite=args.overwrite, match=args.match)
-    print(f"wrote {out}: {', '.join(f'{n}/' for n in tasks)} (one pruned checkpoint per task) and premoe_index.json")
+    sizes = {n: export_size(out / n, source.nbytes) for n in tasks}
+    print(f"wrote {out}: one pruned checkpoint per task and premoe_index.json")
+    for n, size in sizes.items():
+        print(f"  {n}/: {size['bytes'] / 2**20:.1f} MiB in {size['files']} files, {size['ratio']:.2f}x the "
+              f"checkpoint's {size['source_bytes'] / 2**20:.1f} MiB")
     return 0
 
 
