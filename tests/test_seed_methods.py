@@ -373,3 +373,62 @@ def test_streamed_seed_method_equals_in_memory(tmp_path, model_type, method):
     assert set(a) == set(b) == {s.name for s in plan.out_specs}
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("method", ["dern", "stun"])
+def test_seed_method_and_quantization_in_one_pass_streamed_equals_resident(tmp_path, method):
+    """A weight-changing seed method and RTN share one pass: which experts stay is decided in the pass, so
+    the plan protects the SE's whole layer until then and names the SE by its new id after; streamed from
+    the shards = the same job over the model in memory, tensor for tensor; the SE reloads bit-identical."""
+    from test_streamed import streamed
+    from test_streamed_merge import B, N, S, _setup, _tensors
+
+    import secompress
+    from secompress.compress import Job, plan_job, run_job
+    from secompress.pipeline import Resident
+    from secompress.quant.api import QuantConfig
+    from secompress.source import Source
+    from secompress.testing import plant_super_expert
+
+    def plant(m):
+        plant_super_expert(m, 1, 3, scale=300.0)
+
+    src, tok, calib, model, prof = _setup(tmp_path, "qwen3_moe", plant)
+    assert prof.se_ids() == [(1, 3)]
+    opts = {"dern_threshold": -1.0} if method == "dern" else {}  # every dropped neuron recombined somewhere
+    pc = PruneConfig(0.5, method, calib_samples=N, eval_samples=0, seq_len=S, batch_size=B, task_min_tokens=32, **opts)
+    job = Job(prune=pc, quant=QuantConfig(bits=4, group_size=8, symmetric=True), batch_size=B)
+    plan, go = streamed(src, job, prof, calib=calib.input_ids)
+    assert plan.quant_plan.super_experts == [(1, None)]  # the layer, until the pass decides who stays
+    res = go(None, tmp_path / "str", tok, progress=False)
+    mplan = plan_job(Source.open(src, dtype=torch.float32, device="cpu"), job, prof, calib=calib.input_ids)
+    res_m = run_job(mplan, Resident(model), None, tmp_path / "mem", tok, progress=False)
+    kept = res.prune_step.kept[1]
+    assert kept == res_m.prune_step.kept[1] and 3 in kept
+    new = kept.index(3)
+    assert plan.quant_plan.super_experts == mplan.quant_plan.super_experts == [(1, new)]
+    assert all(plan.quant_plan.bits[n] is None for n, u in plan.quant_plan.units.items()
+               if u.layer == 1 and u.expert is not None)  # the SE's layer stays 16-bit
+    assert any(b == 4 for n, b in plan.quant_plan.bits.items() if plan.quant_plan.units[n].layer != 1)
+    js, jm = res.prune_result(prof, calib.source).to_json(), res_m.prune_result(prof, calib.source).to_json()
+    for k in ("layers", "details", "parameters", "num_experts_after", "removed_super_experts"):
+        assert js[k] == jm[k], k
+    a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
+    assert set(a) == set(b) and any(k.endswith("weight_packed") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    back = secompress.load(tmp_path / "str")
+    ad = get_adapter(back.config)
+    src_model = make_tiny("qwen3_moe", num_hidden_layers=3)
+    plant(src_model)
+    se = expert_weights(ad.experts_of(ad.block_of(ad.layers(src_model)[1])), 3)
+    after = expert_weights(ad.experts_of(ad.block_of(ad.layers(back)[1])), new)
+    for k, v in se.items():
+        assert torch.equal(after[k], v), k
+    d = res.prune_result(prof, calib.source).extra[method]
+    if method == "dern":  # segments were recombined into the other kept experts of the SE's layer, none into it
+        rec = d["layers"]["1"]["recombination"]
+        per = rec["segments_per_retained_expert"]  # keyed by original id
+        assert rec["assigned"] == rec["segments"] > 0 and "3" not in per and set(per) == {str(e) for e in kept if e != 3}
+    else:  # the other kept experts of the SE's layer were Wanda-pruned, the SE not
+        assert str(new) not in d["zeroed_share"]["1"] and len(d["zeroed_share"]["1"]) == len(kept) - 1
