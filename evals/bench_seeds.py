@@ -16,6 +16,9 @@ comes from training-split files, evaluation from held-out files. Measured in thi
      task (task-specific) and on the built-in mixed text (task-agnostic); DERN, STUN and the REAP
      reference on the built-in text. STUN zeros 2:4 of the kept experts' weights (stage 2);
      "dern-drop" is DERN's drop step alone (no segment recombined), to see what recombination adds.
+     A row whose pruned weights are bit for bit those of an earlier row (the digest of every tensor) reuses
+     its measurements and names it (``same_weights_as``): typically the unprotected run of a criterion
+     that left the Super Expert alone anyway.
   2. UNCURL's threshold factor per task: the largest E / K whose task perplexity stays within
      5% / 10% of the unpruned model's; and its adaptive per-layer counts (in memory; not exportable).
   3. PreMoe retrieval: variants for code and prose at 50%, then held-out queries of each task (two
@@ -52,11 +55,11 @@ def task_windows(tok, name: str, kind: str, n: int, seq: int) -> torch.Tensor:
 
 
 def export_bytes(model, tok, result) -> int:
+    from secompress.outputs import export_size
     from secompress.prune import save_pruned
 
     with tempfile.TemporaryDirectory() as d:
-        out = save_pruned(model, tok, result, Path(d) / "m")
-        return sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        return export_size(save_pruned(model, tok, result, Path(d) / "m"), 0)["bytes"]
 
 
 @torch.no_grad()
@@ -87,6 +90,20 @@ def nextline_accuracy(model, tok, docs: list[dict], batch_size: int = 64) -> flo
     return sum(int(max(range(k), key=lambda c: scores[q * k + c]) == d["label"]) for q, d in enumerate(docs)) / len(docs)
 
 
+METRICS = ("ppl_code", "ppl_prose", "acc_code", "acc_prose", "peak_massive_ratio", "mean_sink_mass")
+
+
+def weights_digest(model) -> str:
+    """SHA-256 over every tensor's name, shape, dtype and bytes: two rows with one digest hold one model."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in model.state_dict().items():
+        h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+        h.update(v.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def evaluate(model, tok, held: dict, docs: dict, sink_ids, batch_size: int) -> dict:
     from secompress.perplexity import perplexity
     from secompress.sink import measure_sink
@@ -105,7 +122,7 @@ def retrieval(model, tok, calib: dict, eval_texts: dict, ratio: float, prof, arg
     from secompress.prune.task_jobs import premoe_variants, select_variant
 
     cfg = PruneConfig(ratio, "premoe", calib_samples=args.samples, eval_samples=0, seq_len=args.seq_len,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, task_min_tokens=args.task_min_tokens)
     out = {}
     with tempfile.TemporaryDirectory() as d:
         folder = premoe_variants(model, tok, calib, cfg, Path(d) / "v", profile=prof)
@@ -143,12 +160,14 @@ def main() -> None:
     ap.add_argument("--query-bytes", type=int, nargs="+", default=[128, 512])
     ap.add_argument("--no-extras", action="store_true", help="skip the threshold sweep, adaptive counts, retrieval")
     ap.add_argument("--combine", nargs="+", default=None, metavar="JSON")
-    ap.add_argument("--quick", action="store_true", help="4 windows of 128, 20 items, 8 queries")
+    ap.add_argument("--task-min-tokens", type=int, default=2048, help="PreMoe / UNCURL: refuse less task data")
+    ap.add_argument("--quick", action="store_true", help="4 windows of 128, 20 items, 8 queries (task_min_tokens 512)")
     args = ap.parse_args()
     if args.combine:
         return combine(args.combine, args.out)
     if args.quick:
         args.samples, args.eval_samples, args.seq_len, args.nextline, args.queries = 4, 4, 128, 20, 8
+        args.task_min_tokens = 512
     torch.set_num_threads(2)
 
     from secompress.checkpoints import load_model, load_tokenizer
@@ -178,12 +197,14 @@ def main() -> None:
     print(fmt(rows[0]), flush=True)
     runs = [(r, m, c, p) for r in args.ratios for m in args.methods
             for c in (("code", "prose", "agnostic") if m in TASK_METHODS else ("agnostic",)) for p in (True, False)]
+    measured: dict[str, dict] = {}  # weights digest -> the row first measured with those weights
     for ratio, method, cal, protect in runs:
         t = time.perf_counter()
         m = copy.deepcopy(model)
         base_method, opts = VARIANTS.get(method, (method, {}))
         cfg = PruneConfig(ratio, base_method, protect_super_experts=protect, calib_samples=args.samples, eval_samples=0,
-                          seq_len=args.seq_len, batch_size=args.batch_size, **opts)
+                          seq_len=args.seq_len, batch_size=args.batch_size, task_min_tokens=args.task_min_tokens,
+                          **opts)
         row = {"method": method, "ratio": ratio, "calibration": cal, "se_protection": protect}
         try:
             r = prune(m, tok, cfg, profile=prof, data=calib[cal])
@@ -191,8 +212,14 @@ def main() -> None:
             rows.append({**row, "error": str(e)})
             print(f"{method} {ratio} {cal} protect={protect}: {e}", flush=True)
             continue
-        row.update(evaluate(m, tok, held, docs, sink_ids, args.batch_size), experts_after=r.num_experts_after,
-                   export_bytes=export_bytes(m, tok, r), super_experts_touched=[list(x) for x in r.removed_super_experts],
+        digest = weights_digest(m)
+        if digest in measured:  # bit for bit the model of an earlier row (e.g. the SE kept either way): same figures
+            row.update({k: v for k, v in measured[digest].items() if k in METRICS}, same_weights_as=measured[digest]["id"])
+        else:
+            row.update(evaluate(m, tok, held, docs, sink_ids, args.batch_size))
+            measured[digest] = {**row, "id": f"{method} {ratio} {cal} protect={protect}"}
+        row.update(experts_after=r.num_experts_after, export_bytes=export_bytes(m, tok, r),
+                   super_experts_touched=[list(x) for x in r.removed_super_experts],
                    seconds=round(time.perf_counter() - t, 1))
         if base_method == "stun":
             z = [v for layer in r.extra["stun"]["zeroed_share"].values() for v in layer.values()]
@@ -208,7 +235,7 @@ def main() -> None:
         res["uncurl_threshold"] = {}
         for tname in TASK_NAMES:
             cfg = PruneConfig(0.25, "uncurl", calib_samples=args.samples, eval_samples=0, seq_len=args.seq_len,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, task_min_tokens=args.task_min_tokens)
             sweep = uncurl_threshold(model, tok, cfg, calib[tname], held[tname], ratios=(0.25, 0.5, 0.625, 0.75),
                                      tolerance=0.05, profile=prof)
             ok10 = [x["factor"] for x in sweep["sweep"] if "relative" in x and x["relative"] <= 0.10]
@@ -220,7 +247,7 @@ def main() -> None:
         for tname in TASK_NAMES:
             m = copy.deepcopy(model)
             cfg = PruneConfig(0.5, "uncurl", calib_samples=args.samples, eval_samples=0, seq_len=args.seq_len,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, task_min_tokens=args.task_min_tokens)
             rep = uncurl_adaptive(m, tok, cfg, calib[tname], profile=prof)
             row = {"calibration": tname, "experts_per_layer": rep["experts_per_layer"],
                    "eigengap_estimate": rep["eigengap_estimate"],
@@ -254,7 +281,7 @@ def fmt(r: dict) -> str:
             f"ppl code {r['ppl_code']:.3f} prose {r['ppl_prose']:.3f} acc {r['acc_code']:.2f}/{r['acc_prose']:.2f} "
             f"ratio {r['peak_massive_ratio']:.1f} sink {r['mean_sink_mass']:.4f} "
             f"{r['export_bytes'] / 2**20:.2f} MiB SEs touched {r.get('super_experts_touched', '-')} "
-            f"({r.get('seconds', '-')} s)")
+            f"({r.get('seconds', '-')} s)" + (f" = weights of {r['same_weights_as']}" if "same_weights_as" in r else ""))
 
 
 def table(rows: list[dict]) -> str:
@@ -272,8 +299,29 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def protection_md(rows: list[dict]) -> str:
+    """Each (method, ratio, calibration): what switching SE protection off did (unprotected - protected)."""
+    out = ["", "Where SE protection changed the result (unprotected minus protected; 'same weights': the criterion "
+           "left the Super Expert alone either way, so protection changed nothing):", "",
+           "| method | ratio | calibration | SEs touched unprotected | same weights | ppl code | ppl prose | "
+           "next-line code | next-line prose | peak massive ratio (on -> off) | sink mass (on -> off) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    runs = {(r["method"], r["ratio"], r["calibration"], r["se_protection"]): r for r in rows if "error" not in r}
+    for (method, ratio, cal, prot), on in runs.items():
+        off = runs.get((method, ratio, cal, False))
+        if not prot or off is None:
+            continue
+        same = off.get("same_weights_as") == f"{method} {ratio} {cal} protect=True"
+        out.append(f"| {method} | {ratio} | {cal} | {off.get('super_experts_touched') or '-'} | "
+                   f"{'yes' if same else 'no'} | {off['ppl_code'] - on['ppl_code']:+.3f} | "
+                   f"{off['ppl_prose'] - on['ppl_prose']:+.3f} | {off['acc_code'] - on['acc_code']:+.2f} | "
+                   f"{off['acc_prose'] - on['acc_prose']:+.2f} | {on['peak_massive_ratio']:.1f} -> "
+                   f"{off['peak_massive_ratio']:.1f} | {on['mean_sink_mass']:.4f} -> {off['mean_sink_mass']:.4f} |")
+    return "\n".join(out)
+
+
 def extras_md(res: dict) -> str:
-    out = []
+    out = [protection_md(res["rows"])]
     if "uncurl_threshold" in res:
         out += ["", "UNCURL threshold (largest E/K whose task perplexity stays within 5% / 10% of the unpruned):", "",
                 "| task | baseline ppl | sweep (E/K: ppl, change) | threshold 5% | threshold 10% |", "|---|---|---|---|---|"]
@@ -316,6 +364,8 @@ def plot(res: dict, path: Path) -> None:
     import numpy as np
 
     rows = [r for r in res["rows"] if r["method"] != "baseline" and "error" not in r]
+    if not rows:
+        return
     base = res["rows"][0]
     labels = list(dict.fromkeys(f"{r['method']}\n{r['calibration']}" for r in rows))
     ratios = sorted({r["ratio"] for r in rows})
