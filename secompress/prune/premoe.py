@@ -13,7 +13,7 @@ are the original model's routing on the task's tokens (the hidden states *enteri
 the original model): TCESS describes the router the deployed variant keeps. Every layer keeps the
 same number of experts (one count per config). A protected Super Expert is always kept; the expert
 it displaces is recorded. Several tasks, one variant each, and the retrieval index:
-:mod:`secompress.prune.premoe_tasks`. Legend: E experts before, K kept.
+:mod:`secompress.prune.task_jobs`. Legend: E experts before, K kept.
 """
 from __future__ import annotations
 

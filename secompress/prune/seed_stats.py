@@ -11,8 +11,9 @@
            inputs over the tokens routed to each expert                           (STUN stage 2)
 All are sums over tokens, [E]- or [E, E]-sized (no [T, E] is kept), so chunks, streams and layer
 sources only add up. :func:`collect_seed` is the in-memory driver (hooks on every MoE layer, one
-forward per batch); a layer-by-layer engine reruns one layer on its chunks under :func:`capture`
-and calls :meth:`SeedStats.observe_captured` (as ``secompress.prune.streamed_merge`` does).
+forward per batch); the seed methods' per-layer step (:mod:`secompress.prune.methods.seed`) reruns
+one layer on its chunks through :func:`secompress.prune.layer_stats.observe_entered`, which calls
+:meth:`SeedStats.observe_captured`.
 Legend: T tokens, K top-k, E experts, H hidden size, I expert FFN size.
 """
 from __future__ import annotations
