@@ -242,7 +242,7 @@ def build_skeleton(config, dtype: torch.dtype | None = None):
     ``quantization_config`` is dropped from the skeleton's config: :class:`Checkpoint` dequantizes
     those weights on read, so once materialised they are real (and a config written from the
     skeleton must not claim otherwise). A block-FP8 one stays: a pruned FP8 checkpoint is written
-    FP8, its codes copied (:mod:`secompress.prune.as_stored`)."""
+    FP8, its codes copied (:mod:`secompress.quant.formats.plain`)."""
     from transformers import AutoModelForCausalLM
 
     config._attn_implementation = "eager"
