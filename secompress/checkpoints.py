@@ -40,40 +40,12 @@ def check_safetensors_files(model: str | Path) -> None:
     """Read every safetensors header of a local checkpoint (no tensor data) and fail with one line
     naming the file on what would otherwise be a library traceback: a file shorter than its header
     says, a header that is not JSON, a tensor reaching past the end of the file, a shard named by
-    ``model.safetensors.index.json`` that is missing, or an index that is not JSON."""
-    import json
-    import struct
+    ``model.safetensors.index.json`` that is missing or is not a ``.safetensors`` file in the folder,
+    or an index that is not JSON (:func:`secompress.integrity.read_headers`)."""
+    from .integrity import read_headers
 
-    local = Path(model)
-    if not local.is_dir():
-        return
-    index = local / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"'{index}' is not a valid safetensors index ({type(e).__name__}: {e})") from None
-        missing = [s for s in shards if not (local / s).is_file()]
-        if missing:
-            raise CheckpointError(f"'{local / missing[0]}' is missing: '{index.name}' lists it "
-                                  f"({len(missing)} of {len(shards)} shards missing)")
-    for f in sorted(local.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as h:
-            head = h.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"'{f}' is truncated: {size} bytes, shorter than a safetensors header")
-            n = struct.unpack("<Q", head)[0]
-            if n > size - 8:
-                raise CheckpointError(f"'{f}' is truncated or corrupt: its header claims {n} bytes, the file has {size}")
-            try:
-                header = json.loads(h.read(n))
-                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-                raise CheckpointError(f"'{f}' has a corrupt safetensors header (not the JSON safetensors writes)") from None
-        if ends and 8 + n + max(ends) > size:
-            raise CheckpointError(f"'{f}' is truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}")
+    if Path(model).is_dir():
+        read_headers(model)
 
 
 def check_finite_weights(model, source: str | Path = "the model") -> None:
@@ -141,11 +113,11 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
     from transformers import AutoModelForCausalLM
 
     from .fp8 import BlockFP8
+    from .integrity import check_loading_info, no_unpickling, verify
 
     config = load_config(model, revision, trust_remote_code)
     _check_safetensors(model)
     torch_dtype = resolve_dtype(dtype, config)
-    check_safetensors_files(model)  # truncated/corrupt files and missing shards: one line naming the file
     qc = getattr(config, "quantization_config", None)
     extra = {"device_map": device} if device else {}
     method = (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") if qc is not None else None
@@ -155,19 +127,20 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
         extra["quantization_config"] = getattr(transformers, DEQUANTIZED_ON_LOAD[method])(dequantize=True)
     elif BlockFP8.from_config(qc) is not None:  # raises for a quantization we cannot read
         return _load_fp8(model, config, torch_dtype, revision, device)
-    elif Path(model).is_dir():
-        from .streaming import Checkpoint
-
-        Checkpoint(model)  # reads the headers only: refuses FP8 codes stored without scales
+    # only .safetensors files, every tensor present with its shape, before any weight is read (a hub id: its snapshot)
+    verify(local_checkpoint(model, revision), config)
     try:
-        m = AutoModelForCausalLM.from_pretrained(
-            str(model), config=config, dtype=torch_dtype, revision=revision, use_safetensors=True,
-            trust_remote_code=trust_remote_code, attn_implementation="eager", **extra,
-        )
+        with no_unpickling(f"a weights file of '{model}'"):  # whatever transformers picks, no pickle runs
+            m, info = AutoModelForCausalLM.from_pretrained(
+                str(model), config=config, dtype=torch_dtype, revision=revision, use_safetensors=True,
+                output_loading_info=True,
+                trust_remote_code=trust_remote_code, attn_implementation="eager", **extra,
+            )
     except Exception as e:  # safetensors' own errors: corrupt files the header check let through
         if type(e).__name__ != "SafetensorError":
             raise
         raise CheckpointError(f"could not load the weights of '{model}': {str(e).splitlines()[0]}") from None
+    check_loading_info(info, model)  # nothing left at its random initialisation
     return m.eval()
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import struct
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,17 +24,12 @@ from torch import nn
 
 from .adapters import MoEAdapter
 from .experts import join_gate_up, layout_of
-from .layout import PROJ
 from .errors import SecompressError
 from . import fp8
 from .fp8 import SCALE_SUFFIX, BlockFP8
+from .integrity import SAFETENSORS_DTYPES as _DTYPES, verify
 
 log = logging.getLogger(__name__)
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class Checkpoint:
@@ -43,6 +37,9 @@ class Checkpoint:
 
     Tensors are read with plain file reads straight into their own memory (no memory
     map), so a tensor costs its bytes once and nothing stays resident after it is freed.
+    Opening one runs :func:`secompress.integrity.verify` (once per checkpoint and process): only
+    the files the index names (or ``model.safetensors``) are read, and every tensor the model
+    needs is there with its shape; ``raw`` exports are checked per module.
 
     A block-scaled FP8 checkpoint (``quantization_config.quant_method: fp8``, see
     :mod:`secompress.fp8`) is dequantized tensor by tensor: :meth:`get` of a ``weight`` stored
@@ -52,20 +49,9 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | Path, raw: bool = False):
-        from .checkpoints import check_safetensors_files
-
         self.path = Path(path)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise SecompressError(f"no safetensors weights in '{path}'")
-        check_safetensors_files(self.path)  # one line naming the file for a truncated or corrupt header
-        self.where: dict[str, tuple[Path, int, dict]] = {}
-        for f in files:
-            with open(f, "rb") as h:
-                n = struct.unpack("<Q", h.read(8))[0]
-                header = json.loads(h.read(n))
-            header.pop("__metadata__", None)
-            self.where.update({k: (f, 8 + n, v) for k, v in header.items()})
+        # the files the index names (or model.safetensors), every tensor the model needs: one line naming what is wrong
+        self.where: dict[str, tuple[Path, int, dict]] = verify(self.path, raw=raw)
         self._open: dict | None = None
         self.raw = raw
         cfg = self.path / "config.json"
@@ -183,29 +169,13 @@ def _expert_tensor(ckpt: Checkpoint, adapter: MoEAdapter, layer_prefix: str, exp
 
 
 def disk_name(adapter: MoEAdapter, rel: str) -> str:
-    """Module-relative name -> name on disk for renamed MoE blocks (e.g. Mixtral's block_sparse_moe)."""
-    head = f"{adapter.moe_block}."
-    if not rel.startswith(head):
-        return rel
-    rest = rel[len(head):]
-    if adapter.ckpt_router and rest.startswith(f"{adapter.router}."):
-        rest = adapter.ckpt_router + rest[len(adapter.router):]
-    return f"{adapter.ckpt_block}.{rest}"
+    """Module-relative name -> name on disk for renamed MoE blocks (:meth:`MoEAdapter.disk_name`)."""
+    return adapter.disk_name(rel)
 
 
 def disk_key(adapter: MoEAdapter, name: str) -> str:
-    """Model-tree tensor or module name (per-expert layout) -> checkpoint name (transformers-4 layout)."""
-    head = adapter.layers_path + "."
-    if not name.startswith(head):
-        return name
-    idx, _, rest = name[len(head):].partition(".")
-    pre = f"{head}{idx}."
-    per = f"{adapter.moe_block}.{adapter.experts}.per_expert."
-    if rest.startswith(per):
-        e, proj, *suffix = rest[len(per):].split(".", 2)  # suffix: none for a module name
-        ckpt_proj = adapter.ckpt_expert_names[PROJ.index(proj)]
-        return ".".join([f"{pre}{adapter.ckpt_block}.{adapter.experts}.{e}.{ckpt_proj}", *suffix])
-    return pre + disk_name(adapter, rest)
+    """Model-tree tensor or module name -> checkpoint name (:meth:`MoEAdapter.disk_key`)."""
+    return adapter.disk_key(name)
 
 
 @torch.no_grad()
