@@ -6,10 +6,12 @@ the export readers open). Three rules, each failure one :class:`~secompress.erro
 line naming the file or tensor:
 
 1. **Files.** A checkpoint is ``model.safetensors.index.json`` and the shards it names, or one
-   ``model.safetensors`` (both at once is ambiguous and refused). Every name in the index is a bare
-   ``*.safetensors`` file name inside the folder: a ``.bin`` shard (a pickle, which can run code),
-   ``/etc/passwd`` or ``../elsewhere.safetensors`` is refused. Other ``*.safetensors`` files in the
-   folder (a codes file, a consolidated copy) are not part of the checkpoint.
+   ``model.safetensors`` (both at once is ambiguous and refused, unless the index names just that
+   file). Every name in the index is a bare ``*.safetensors`` file name inside the folder (a
+   symlink, as in the Hub cache, is followed; its content must still parse as safetensors): a
+   ``.bin`` shard (a pickle, which can run code), ``/etc/passwd`` or ``../elsewhere.safetensors``
+   is refused. Other ``*.safetensors`` files in the folder (a codes file, a consolidated copy) are
+   not part of the checkpoint.
 2. **Headers** (no tensor data read). Each header parses, every tensor lies inside its file, its
    bytes match its shape and safetensors dtype, and no tensor is stored twice.
 3. **Tensors.** The expected set comes from the model's meta skeleton (built from ``config.json``)
@@ -74,9 +76,10 @@ def checkpoint_files(folder: str | Path) -> list[Path]:
     if explicit is not None and explicit not in (INDEX_NAME, SINGLE_NAME):
         raise CheckpointError(f"'{folder / 'config.json'}' names transformers_weights '{explicit}'; secompress reads "
                               f"only {SINGLE_NAME} or {INDEX_NAME}")
-    if index.is_file() and single.exists():
-        raise CheckpointError(f"'{folder}' holds both {SINGLE_NAME} and {INDEX_NAME}: which one is the checkpoint is "
-                              "ambiguous (transformers would read only the first); remove the one that is not")
+    if index.is_file() and single.exists() and set(_weight_map(index).values()) != {SINGLE_NAME}:
+        raise CheckpointError(f"'{folder}' holds both {SINGLE_NAME} and an {INDEX_NAME} naming other shards: which "
+                              "one is the checkpoint is ambiguous (transformers would read only the first); remove "
+                              "the one that is not")
     if not index.is_file():
         if not single.is_file():
             others = sorted(p.name for p in folder.glob("*.safetensors"))

@@ -160,6 +160,43 @@ def test_our_quantized_exports_are_checked_per_module(tmp_path):
         check_modules({**where, "model.layers.1.mlp.experts.8.gate_proj.weight_packed": where[packed]}, config, out)
 
 
+def test_the_files_of_a_checkpoint(tmp_path):
+    """The index decides which files are read; both layouts at once, a shard named twice, an index that
+    disagrees with the headers, or a config pointing transformers elsewhere are one line naming the file."""
+    from secompress.integrity import checkpoint_files
+
+    m = save_tiny(make_tiny("qwen3_moe", num_hidden_layers=2), tmp_path / "m")
+    sd = load_file(m / "model.safetensors")
+    save_file({"x": torch.zeros(2)}, str(m / "consolidated.safetensors"))  # not named: not part of it
+    assert checkpoint_files(m) == [m / "model.safetensors"]
+    index = m / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: "model.safetensors" for k in sd}}))
+    assert checkpoint_files(m) == [m / "model.safetensors"]  # an index naming just model.safetensors (convert tools)
+    half = dict(list(sd.items())[: len(sd) // 2])
+    save_file(half, str(m / "model-00001-of-00002.safetensors"))
+    index.write_text(json.dumps({"weight_map": {k: "model-00001-of-00002.safetensors" for k in half}}))
+    with pytest.raises(CheckpointError, match="ambiguous"):
+        checkpoint_files(m)
+    save_file({k: v for k, v in sd.items() if k not in half}, str(m / "model-00002-of-00002.safetensors"))
+    wm = {k: "model-00001-of-00002.safetensors" if k in half else "model-00002-of-00002.safetensors" for k in sd}
+    index.write_text(json.dumps({"weight_map": wm}))
+    (m / "model.safetensors").unlink()
+    verify(m)  # sharded: fine
+    key = next(iter(half))
+    index.write_text(json.dumps({"weight_map": {**wm, key: "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(CheckpointError, match=re.escape(f"puts '{key}' in 'model-00002-of-00002.safetensors'")):
+        read_headers(m)
+    save_file({**{k: v for k, v in sd.items() if k not in half}, key: half[key]},
+              str(m / "model-00002-of-00002.safetensors"))
+    index.write_text(json.dumps({"weight_map": wm}))
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{key}' is stored twice")):
+        read_headers(m)
+    cfg = json.loads((m / "config.json").read_text())
+    (m / "config.json").write_text(json.dumps({**cfg, "transformers_weights": "adapter_model.bin"}))
+    with pytest.raises(CheckpointError, match="transformers_weights 'adapter_model.bin'"):
+        checkpoint_files(m)
+
+
 # ---- (b) every command, both sources --------------------------------------------------------------
 class _Marker:
     """Unpickling this writes a marker file: what a hostile .bin shard would do."""
