@@ -156,7 +156,9 @@ def main() -> None:
     good = _tiny(root / "good")
     cells: dict[str, dict[str, dict]] = {}
     cases = dict(CASES)
-    cases["--overwrite onto a folder secompress did not write"] = None
+    foreign_flags = {"--overwrite onto a folder secompress did not write": ["--overwrite"],
+                     "--overwrite --force onto that folder": ["--overwrite", "--force"]}
+    cases.update(dict.fromkeys(foreign_flags))
     for case in cases:
         if args.cases and not any(s in case for s in args.cases.split(",")):
             continue
@@ -171,7 +173,7 @@ def main() -> None:
                 foreign = out
                 (out / ".git").mkdir(parents=True)
                 (out / "thesis.tex").write_text("four years of work")
-                argv.append("--overwrite")
+                argv += foreign_flags[case]
             else:
                 cases[case](model, ws)
             t0 = time.time()

@@ -245,7 +245,8 @@ def expected(config, skeleton=None) -> tuple[list[Need], MoEAdapter]:
             if fused and pname in FUSED_EXPERT_PARAMS:  # fused under the model's own name, or per expert
                 transposed = layout_of(mod).transposed
                 per = _per_expert_form(adapter, adapter.disk_key(mname), pname, shape, transposed)
-                forms = [((name, shape, kind),), per][::-1 if not adapter.ckpt_fused_experts else 1]
+                whole = ((name, shape, kind),)
+                forms = [whole, per] if adapter.ckpt_fused_experts else [per, whole]  # the usual one first
                 if extra_form is not None and not pname.endswith("_bias"):
                     forms.append(extra_form(name, shape, transposed))
             needs.append(Need(name, tuple(forms), required=id(p) not in seen))  # a tied alias may be absent
