@@ -1,9 +1,10 @@
 """Issue 21's fault matrix: corrupted checkpoints, hostile indexes and a foreign output folder, each
 run through every command (profile, prune, quantize, run) in memory and streamed, as a new user
-would (one fresh ``python -m secompress.cli`` process per cell).
+would (one fresh ``python -m secompress`` process per cell).
 
     python3 evals/integrity_matrix.py --tree . --out evals/results/integrity_after.md
-    python3 evals/integrity_matrix.py --tree /tmp/main-copy --out before.md     # the old code
+    git archive main | tar -x -C /tmp/main-copy   # the code before (main without this branch)
+    python3 evals/integrity_matrix.py --tree /tmp/main-copy --out evals/results/integrity_before.md
 
 Per cell: exit status, what the user saw (the ``secompress: error:`` line, the exception of a
 traceback, or "ok"), whether an output folder was written or replaced, and whether a hostile
@@ -154,6 +155,8 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="integrity-matrix-"))
     env["SECOMPRESS_CACHE"] = str(root / "cache")
     good = _tiny(root / "good")
+    # the command line: ``python -m secompress`` (a package since issue 20), ``secompress.cli`` before
+    entry = "secompress" if (Path(args.tree) / "secompress" / "__main__.py").is_file() else "secompress.cli"
     cells: dict[str, dict[str, dict]] = {}
     cases = dict(CASES)
     foreign_flags = {"--overwrite onto a folder secompress did not write": ["--overwrite"],
@@ -177,7 +180,7 @@ def main() -> None:
             else:
                 cases[case](model, ws)
             t0 = time.time()
-            proc = subprocess.run([sys.executable, "-m", "secompress.cli", *argv], env=env, cwd=ws,
+            proc = subprocess.run([sys.executable, "-m", entry, *argv], env=env, cwd=ws,
                                   capture_output=True, text=True)
             cells[case][cmd] = _outcome(proc, out, ws / "MARKER", foreign) | {"s": round(time.time() - t0, 1)}
             print(f"{case:<50} {cmd:<22} rc={proc.returncode} {cells[case][cmd]['seen'][:90]}", flush=True)

@@ -36,18 +36,6 @@ def _check_safetensors(model: str | Path) -> None:
                               "(pickle-based .bin files can run code when loaded)")
 
 
-def check_safetensors_files(model: str | Path) -> None:
-    """Read every safetensors header of a local checkpoint (no tensor data) and fail with one line
-    naming the file on what would otherwise be a library traceback: a file shorter than its header
-    says, a header that is not JSON, a tensor reaching past the end of the file, a shard named by
-    ``model.safetensors.index.json`` that is missing or is not a ``.safetensors`` file in the folder,
-    or an index that is not JSON (:func:`secompress.integrity.read_headers`)."""
-    from .integrity import read_headers
-
-    if Path(model).is_dir():
-        read_headers(model)
-
-
 def check_finite_weights(model, source: str | Path = "the model") -> None:
     """Every floating-point parameter is finite, or an error naming the first bad one (and its layer)."""
     for name, p in model.named_parameters():

@@ -27,7 +27,8 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQU
                 errno.EFBIG, errno.EEXIST, errno.EISDIR}
 FORCE = "force"  # overwrite=FORCE (--force): replace an existing folder even if secompress did not write it
 # what every secompress output holds at its top: one of these files (a run: both of the last pair)
-OWN_FILES = ("super_experts.json", "prune_report.json", "quantization_plan.json", ("manifest.json", "recipe.yaml"))
+OWN_FILES = ("super_experts.json", "prune_report.json", "quantization_plan.json", "evaluation.json",
+             ("manifest.json", "recipe.yaml"))
 
 
 def written_by_secompress(folder: Path) -> bool:
@@ -210,3 +211,11 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     log.info("wrote %s", out)
+
+
+def export_size(folder: Path, source_bytes: int) -> dict:
+    """Bytes of the export's weight files and their ratio to the source checkpoint's."""
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    n = sum(f.stat().st_size for f in files)
+    return {"bytes": n, "files": len(files), "source_bytes": source_bytes,
+            "ratio": round(n / source_bytes, 4) if source_bytes else None}

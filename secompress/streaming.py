@@ -27,7 +27,7 @@ from .experts import join_gate_up, layout_of
 from .errors import SecompressError
 from . import fp8
 from .fp8 import SCALE_SUFFIX, BlockFP8
-from .integrity import SAFETENSORS_DTYPES as _DTYPES, verify
+from .integrity import SAFETENSORS_DTYPES as _DTYPES, read_headers, verify
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,16 @@ class Checkpoint:
         return t
 
 
+def check_safetensors_files(model: str | Path) -> None:
+    """Read every safetensors header of a local checkpoint (no tensor data) and fail with one line
+    naming the file on what would otherwise be a library traceback: a file shorter than its header
+    says, a header that is not JSON, a tensor reaching past the end of the file, a shard named by
+    ``model.safetensors.index.json`` that is missing or is not a ``.safetensors`` file in the folder,
+    or an index that is not JSON (:func:`secompress.integrity.read_headers`)."""
+    if Path(model).is_dir():
+        read_headers(model)
+
+
 @contextmanager
 def params_on_meta():
     """Every parameter registered inside the block is created on ``meta``; buffers stay real."""
@@ -138,12 +148,20 @@ def params_on_meta():
         nn.Module.register_parameter = original
 
 
-def build_skeleton(config):
+def build_skeleton(config, dtype: torch.dtype | None = None):
+    """The model of ``config`` with every parameter on ``meta`` (in ``dtype`` when given: what
+    materialising gives them, so sizes computed on it are the real ones)."""
     from transformers import AutoModelForCausalLM
 
     config._attn_implementation = "eager"
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    if dtype is not None:
+        for mod in model.modules():
+            for n, p in list(mod._parameters.items()):
+                if p is not None and p.is_floating_point():
+                    mod._parameters[n] = nn.Parameter(torch.empty_like(p, dtype=dtype, device="meta"),
+                                                      requires_grad=False)
     return model.eval()
 
 
@@ -313,22 +331,3 @@ def capture_layer_inputs(model, adapter: MoEAdapter, chunks: list[torch.Tensor])
     hidden = [stores[0][c][0] for c in range(len(chunks))]  # [B, S, H] per chunk
     args = [[(stores[i][c][1], stores[i][c][2]) for c in range(len(chunks))] for i in range(len(real))]
     return hidden, args
-
-
-@torch.no_grad()
-def run_streaming(model, adapter: MoEAdapter, ckpt: Checkpoint, chunks: list[torch.Tensor], dtype,
-                  progress=None, device: torch.device | str = "cpu") -> None:
-    """Run ``chunks`` through the skeleton ``model`` one materialised decoder layer at a time on ``device``."""
-    layers = adapter.layers(model)
-    base = {id(m) for m in model.get_submodule(adapter.layers_path.rpartition(".")[0]).modules()}
-    skip = {id(m) for m in layers.modules()} | {id(m) for m in model.modules() if id(m) not in base}
-    with ckpt.reading():  # embeddings, final norm, rotary: small, load once (no output head)
-        materialise_rest(model, ckpt, adapter, dtype, device, skip=skip)
-    hidden, layer_args = capture_layer_inputs(model, adapter, [c.to(device) for c in chunks])
-    for i, layer in enumerate(layers):
-        materialise(layer, f"{adapter.layers_path}.{i}.", ckpt, adapter, dtype, device)
-        for c in range(len(chunks)):
-            hidden[c] = run_layer(layer, hidden[c], *layer_args[i][c])
-        release(layer)
-        if progress is not None:
-            progress.update(1)

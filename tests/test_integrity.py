@@ -384,3 +384,30 @@ def test_overwrite_replaces_only_a_folder_secompress_wrote(tmp_path, monkeypatch
     (run / "recipe.yaml").unlink()
     with pytest.raises(OutputExistsError):
         check_output_dir(run, True)  # a web app's manifest.json alone is not ours
+    evaluate = ["evaluate", str(small("qwen3_moe")), "--out", str(run), *FAST]
+    assert main(evaluate + ["--overwrite"]) == 2 and "--force" in capsys.readouterr().err  # evaluate: the same rule
+    assert (run / "manifest.json").is_file()
+    (run / "manifest.json").unlink()
+    (run / "evaluation.json").write_text("{}")
+    check_output_dir(run, True)  # an evaluation's folder
+
+
+def test_gptq_reads_no_unverified_checkpoint(tmp_path):
+    """``gptq_quantize`` hands a checkpoint folder to gptqmodel in a child process: it is verified first
+    (the hostile .bin index is refused here, no child starts, nothing is written)."""
+    import importlib.util
+
+    if importlib.util.find_spec("gptqmodel") is None:  # (never imported here: it patches transformers)
+        pytest.skip("needs the gptq extra")
+    from secompress.quant.api import QuantConfig, plan_quantization
+    from secompress.quant.gptq import gptq_quantize
+    from test_quant import fake_profile
+
+    tiny = make_tiny("qwen3_moe", num_hidden_layers=3)
+    model = save_tiny(tiny, tmp_path / "m")
+    plan = plan_quantization(tiny, QuantConfig(bits=4, group_size=32, format="dequantized"), profile=fake_profile(tiny))
+    _route("model-00001-of-00002.bin", _pickle_marker)(model, tmp_path)
+    before = _tree(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape("names 'model-00001-of-00002.bin' as a shard")):
+        gptq_quantize(model, None, plan, torch.zeros(2, 8, dtype=torch.long), tmp_path / "q", group_size=32)
+    assert _tree(tmp_path) == before and not (tmp_path / "MARKER").exists()

@@ -78,8 +78,12 @@ def gptq_quantize(model_path: str | Path, tokenizer, plan: QuantPlan, calib_ids:
     """
     from .backends import get_backend
 
+    from ..checkpoints import local_checkpoint
+    from ..integrity import verify
+
     get_backend("gptq").require()  # MissingExtraError naming the extra, without importing gptqmodel here
     adapter = get_adapter(load_config(model_path))
+    verify(local_checkpoint(model_path))  # only .safetensors, every tensor there, before gptqmodel reads it
     dynamic = dynamic_from_plan(plan, bits) if se_aware else {}
     with atomic_dir(out, overwrite) as tmp:
         local = Path(model_path)

@@ -30,7 +30,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ..devices import check_device
 from ..dtypes import DEFAULT_DTYPE, check_dtype
-from ..errors import SecompressError
+from ..errors import SecompressError, RecipeError
 from ..profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, ProfileConfig
 from ..prune.api import PruneConfig
 from ..quant.backends import get_backend
@@ -42,10 +42,6 @@ SCHEMA_VERSION = 1
 # a recipe's name becomes a folder name under the output root: one plain path component only
 EVAL_BACKENDS = ("hf", "vllm")  # evaluate.backend: what runs the lm-eval tasks
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class RecipeError(SecompressError):
-    """A recipe that does not match the schema; the message points at the line and key."""
 
 
 @dataclass(frozen=True)
@@ -429,7 +425,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe '{path}' does not exist")
-    return parse_recipe(p.read_text(encoding="utf-8"), str(p), list(overrides))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})")
+    return parse_recipe(text, str(p), list(overrides))
 
 
 def check_against_checkpoint(recipe: Recipe) -> None:
