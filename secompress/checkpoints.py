@@ -181,13 +181,21 @@ def write_legacy_config_keys(config_path: Path, config, adapter: MoEAdapter) -> 
     config_path.write_text(json.dumps(d, indent=2) + "\n")
 
 
-def write_model_config(model, folder: Path, adapter: MoEAdapter | None = None) -> None:
+def write_model_config(model, folder: Path, adapter: MoEAdapter | None = None, dtype: torch.dtype | None = None) -> None:
     """config.json with the transformers-4 keys (:func:`write_legacy_config_keys`), and
-    generation_config.json when the model has one: the config part of every export."""
-    model.config.save_pretrained(folder)
+    generation_config.json when the model has one: the config part of every export. ``dtype``: the
+    dtype the weights are written in (config.json's ``dtype``); ``architectures`` names the model's
+    class, as ``save_pretrained`` writes it (vLLM needs it). The model's own config is not changed."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    write_legacy_config_keys(Path(folder) / "config.json", model.config, adapter or check_model(model))
+    write_legacy_config_keys(Path(folder) / "config.json", config, adapter or check_model(model))
 
 
 def as_saved(model, state_dict: dict) -> dict:

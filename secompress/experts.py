@@ -84,23 +84,35 @@ def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.T
     Fused modules compute with their 3D tensors in place (no copy); per-expert modules
     (:class:`secompress.layout.PerExpertExperts`, quantized or not) with their Linear layers.
     """
+    act = expert_act(experts, e, x)
+    return act, expert_down(experts, e, act)
+
+
+def expert_act(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """The first half of :func:`expert_forward`: rows ``x [c, H]`` -> down_proj input [c, I]."""
     per = getattr(experts, "per_expert", None)
     if per is not None:
         m = per[e]
-        gu = join_gate_up(m.gate_proj(x), m.up_proj(x), experts.is_concatenated, dim=-1)
-        act = experts._apply_gate(gu)  # [c, I]
-        return act, m.down_proj(act)
+        return experts._apply_gate(join_gate_up(m.gate_proj(x), m.up_proj(x), experts.is_concatenated, dim=-1))
     lay = layout_of(experts)
     w = experts.gate_up_proj[e]
     gu = x @ w if lay.transposed else x @ w.T  # [c, 2I]
     if lay.has_bias:
         gu = gu + experts.gate_up_proj_bias[e]
-    act = experts._apply_gate(gu)  # [c, I]
+    return experts._apply_gate(gu)  # [c, I]
+
+
+def expert_down(experts: nn.Module, e: int, act: torch.Tensor) -> torch.Tensor:
+    """The second half of :func:`expert_forward`: down_proj input ``act [c, I]`` -> output [c, H]."""
+    per = getattr(experts, "per_expert", None)
+    if per is not None:
+        return per[e].down_proj(act)
+    lay = layout_of(experts)
     w = experts.down_proj[e]
     y = act @ w if lay.transposed else act @ w.T  # [c, H]
     if lay.has_bias:
         y = y + experts.down_proj_bias[e]
-    return act, y
+    return y
 
 
 def fused_from(experts: nn.Module, weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -392,22 +392,20 @@ def test_overwrite_replaces_only_a_folder_secompress_wrote(tmp_path, monkeypatch
     check_output_dir(run, True)  # an evaluation's folder
 
 
-def test_gptq_reads_no_unverified_checkpoint(tmp_path):
-    """``gptq_quantize`` hands a checkpoint folder to gptqmodel in a child process: it is verified first
-    (the hostile .bin index is refused here, no child starts, nothing is written)."""
-    import importlib.util
-
-    if importlib.util.find_spec("gptqmodel") is None:  # (never imported here: it patches transformers)
-        pytest.skip("needs the gptq extra")
-    from secompress.quant.api import QuantConfig, plan_quantization
-    from secompress.quant.gptq import gptq_quantize
-    from test_quant import fake_profile
-
-    tiny = make_tiny("qwen3_moe", num_hidden_layers=3)
-    model = save_tiny(tiny, tmp_path / "m")
-    plan = plan_quantization(tiny, QuantConfig(bits=4, group_size=32, format="dequantized"), profile=fake_profile(tiny))
-    _route("model-00001-of-00002.bin", _pickle_marker)(model, tmp_path)
-    before = _tree(tmp_path)
-    with pytest.raises(CheckpointError, match=re.escape("names 'model-00001-of-00002.bin' as a shard")):
-        gptq_quantize(model, None, plan, torch.zeros(2, 8, dtype=torch.long), tmp_path / "q", group_size=32)
-    assert _tree(tmp_path) == before and not (tmp_path / "MARKER").exists()
+@pytest.mark.parametrize("streaming", [False, True], ids=["memory", "streaming"])
+def test_gptq_reads_no_unverified_checkpoint(streaming, small, tmp_path, monkeypatch, capsys):
+    """``quantize --method gptq`` (GPTQ in process, Hessians from the calibration stream) verifies
+    the checkpoint like every other method: the hostile .bin index is refused before any compute,
+    nothing is written and the pickle's marker never appears."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(ws / "cache"))
+    model = Path(shutil.copytree(small("qwen3_moe"), ws / "model"))
+    _route("model-00001-of-00002.bin", _pickle_marker)(model, ws)
+    argv = ["quantize", str(model), "--out", str(ws / "q"), *FAST, "--group-size", "32", "--method", "gptq"]
+    before = _tree(ws)
+    rc = main(argv + (["--streaming"] if streaming else []))
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and "names 'model-00001-of-00002.bin' as a shard" in err, err
+    assert _tree(ws) == before and not (ws / "MARKER").exists()

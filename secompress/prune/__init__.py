@@ -8,7 +8,8 @@ Modules: ``methods/`` (the registry ``PRUNE_METHODS``: one file per method famil
 out its per-layer step), pure math (``scores`` (registry ``SCORERS``), ``select``, ``merge``,
 ``heapr``, ``reconstruction``), per-layer statistics and actions (``layer_stats``, ``merging``,
 ``neurons``, ``structural``), ``config`` (PruneConfig), ``result`` (the report), ``api`` (the
-in-memory stage), ``as_stored`` (FP8 checkpoints written as stored).
+in-memory stage; its export is the ``plain`` format, :mod:`secompress.quant.formats.plain`,
+which writes FP8 checkpoints as stored).
 """
 from __future__ import annotations
 

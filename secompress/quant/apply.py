@@ -24,8 +24,10 @@ log = logging.getLogger(__name__)
 
 
 def needs_profile(config: QuantConfig) -> bool:
-    """Whether quantizing with ``config`` uses a profile (SEs, allocation, or calibration coverage)."""
-    return config.protect_super_experts or config.avg_bits is not None or config.backend.calibrated
+    """Whether quantizing with ``config`` uses a profile (SEs, allocation, or calibration coverage: not
+    under all-expert calibration, where every expert sees every token)."""
+    return (config.protect_super_experts or config.avg_bits is not None
+            or (config.backend.calibrated and config.calibration != "all-experts"))
 
 
 def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, data="builtin",
@@ -46,8 +48,12 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
         meta["calibration"] = config.calibration
     if config.format is not None:
         meta["format"] = config.format  # the export format save_quantized writes
+    if config.scale_dtype != "model":
+        meta["scale_dtype"] = config.scale_dtype  # the export's scales (compressed-tensors)
     assert config.se_mode is not None  # resolved when the config was built
     plan = resolve_plan(model, config.rules, ses, config.se_mode, config.se_bits, config.bits, meta)
+    if backend.calibrated and config.calibration != "all-experts":
+        check_coverage(prof, config.fallback)  # an expert no calibration token reached: error unless fallback 'rtn'
     if config.avg_bits is not None:
         plan = _allocate(plan, prof, config)
     backend.check_plan(plan, config)
@@ -100,9 +106,9 @@ def quantize_(model, config: QuantConfig, profile=None, tokenizer=None, data="bu
     """Quantize ``model`` in place following ``config``; returns the plan applied.
 
     The Super Experts come from ``profile`` (a :class:`~secompress.profile.ProfileResult`), or
-    from profiling ``data`` with ``tokenizer`` now. Checkpoint-based backends (gptq) write
-    their checkpoint under ``work`` and may read ``source``, the local checkpoint ``model`` was
-    loaded from, if it is unchanged since. ``save_quantized`` writes the result.
+    from profiling ``data`` with ``tokenizer`` now (calibrated backends, gptq: their windows too).
+    ``work`` and ``source`` are accepted for backends that work on a checkpoint (none built in).
+    ``save_quantized`` writes the result.
     """
     backend = config.backend
     backend.require()
