@@ -124,14 +124,14 @@ class JobPlan:
     def peak_bytes(self, num_windows: int = 0, seq_len: int = 0, streams: int = 2) -> int:
         """Estimated peak memory of a streamed pass: the embeddings and head, a layer materialised plus what
         quantization makes of it (codes, then the dequantized copy written out: about 2.5 layers at the
-        worst moment), the streams' hidden states [N, S, H] in float32, one chunk's attention scores and the
-        runtime; a method deciding from calibration windows: that stream [Nc, S, H] twice (what it carried
+        worst moment), the next layer read meanwhile (:class:`~secompress.pipeline.prefetch.Prefetcher`),
+        the streams' hidden states [N, S, H] in float32, one chunk's attention scores and the runtime; a method deciding from calibration windows: that stream [Nc, S, H] twice (what it carried
         into the layer too) and, for HEAPr's Fisher Hessian, every layer's calibration input kept."""
         H = int(getattr(self.source.config, "hidden_size", 0))
         heads = int(getattr(self.source.config, "num_attention_heads", 1))
         hidden = streams * num_windows * seq_len * H * 4
         attn = self.job.batch_size * heads * seq_len * seq_len * 4 * 2
-        factor = 2.5 if self.job.quant is not None else 1.5
+        factor = (2.5 if self.job.quant is not None else 1.5) + 1.0  # + the layer read ahead
         return int(self.rest_bytes + factor * self.layer_bytes + hidden + attn + self._calib_bytes(H)
                    + RUNTIME_BYTES)
 
@@ -167,7 +167,7 @@ def checkpoint_sizes(ckpt: Checkpoint, layers_path: str, dtype: torch.dtype) -> 
     per_layer: dict[str, int] = {}
     rest = 0
     head = layers_path + "."
-    for k, (_, _, info) in ckpt.where.items():
+    for k, info in ckpt.tensor_infos().items():  # compressed-tensors weights as the dequantized tensors they become
         b = _dtype_bytes(info, dtype)
         if k.startswith(head):
             idx = k[len(head):].split(".", 1)[0]

@@ -115,6 +115,41 @@ def expert_down(experts: nn.Module, e: int, act: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def grouped_forward(experts: nn.Module, x: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All experts of a fused module on rows sorted by expert: ``x [R, H]`` holds ``counts[e]`` rows
+    for expert ``e``, in expert order -> (down_proj input [R, I], down_proj output [R, H]).
+
+    Each expert's rows are computed as :func:`expert_forward` computes them (the same matmul per
+    expert, written into its slice of one output; bias added in place), and the activation runs
+    once over all rows. The weights are read once (a quantized module dequantizes them here once).
+    """
+    lay = layout_of(experts)
+    gu = _grouped_linear(x, experts.gate_up_proj, counts, lay.transposed,
+                         experts.gate_up_proj_bias if lay.has_bias else None)  # [R, 2I]
+    act = experts._apply_gate(gu)  # [R, I]
+    del gu
+    y = _grouped_linear(act, experts.down_proj, counts, lay.transposed,
+                        experts.down_proj_bias if lay.has_bias else None)  # [R, H]
+    return act, y
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], transposed: bool,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """x [R, In] sorted by expert, w [E, O, In] ([E, In, O] transposed) -> [R, O]: one matmul per expert."""
+    O = w.shape[-1] if transposed else w.shape[-2]
+    out = torch.empty(x.shape[0], O, dtype=torch.result_type(x, w), device=x.device)  # [R, O]
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        rows = slice(start, start + c)
+        torch.matmul(x[rows], w[e] if transposed else w[e].T, out=out[rows])
+        if bias is not None:
+            out[rows] += bias[e]
+        start += c
+    return out
+
+
 def fused_from(experts: nn.Module, weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Inverse of :func:`expert_weights` over all experts: nn.Linear-shaped tensors per expert
     (gate_proj / up_proj [I, H], down_proj [H, I], + ``*_bias``) -> the module's fused tensors

@@ -25,6 +25,12 @@ line naming the file or tensor:
    what the adapter tolerates as data (DeepSeek-V3's multi-token-prediction layers after
    ``num_hidden_layers``).
 
+A compressed-tensors checkpoint (llm-compressor's, or ours read as input; :mod:`secompress.ct_read`)
+is checked as the model sees it: each quantized weight as compressed-tensors rebuilds it from its
+stored parameters (``weight_packed``, ``weight_scale``...: present, their shapes giving the weight's),
+those parameters not listed themselves; activation and KV-cache scales (``input_scale``, ``k_scale``...,
+which secompress does not apply) are tolerated on the modules that have them.
+
 Our own quantized exports (read with ``Checkpoint(path, raw=True)``) hold codes instead of weights
 (``weight_packed``, bitsandbytes' ``weight.absmax``...), which their format readers check; for them
 rule 3 is checked per module: every stored tensor belongs to a module of the model, and every
@@ -285,12 +291,51 @@ def _fmt(shape) -> str:
     return "[" + ", ".join(str(d) for d in shape) + "]"
 
 
+# compressed-tensors parameters of activation / KV-cache quantization: data secompress does not apply
+CT_ACTIVATION_PARAMS = ("input_scale", "input_zero_point", "input_global_scale", "output_scale",
+                        "output_zero_point", "k_scale", "v_scale", "k_zero_point", "v_zero_point")
+
+
+def ct_view(where: Where, qc, folder: Path) -> Where:
+    """The tensors of a compressed-tensors checkpoint as the model sees them (see the module docstring):
+    each rebuilt weight with its shape and its scale's dtype (``"cols"``: its in-features are known up to
+    channel-wise packing, a multiple of that), its parameters and activation scales not listed."""
+    from .ct_read import CTReader
+
+    reader = CTReader(qc, {k: v for k, (_, _, v) in where.items()}, f"'{folder}'")  # its own errors: one line
+    modules = {e.module for e in reader.weights.values()}
+    owners = modules | {m.rpartition(".")[0] for m in modules}  # k_scale / v_scale sit on the attention module
+    view = {k: v for k, v in where.items() if k not in reader.consumed and not (
+        k.rpartition(".")[2] in CT_ACTIVATION_PARAMS and k.rpartition(".")[0] in owners)}
+    for key, e in reader.weights.items():
+        for k in reader.needed(key):
+            if k not in where:
+                raise CheckpointError(f"checkpoint '{folder}': tensor '{k}' is missing (compressed-tensors format "
+                                      f"'{e.fmt}' rebuilds '{key}' from it); nothing was computed")
+        info = dict(reader.info(key))
+        args = reader.config.config_groups[e.group].weights
+        if e.packed and args.strategy != "group":  # In = packed columns * 32 / bits: rounded up to that multiple
+            info["cols"] = 32 // args.num_bits
+        view[key] = (where[f"{e.module}.weight_scale"][0], 0, info)
+    return view
+
+
+def _shape_ok(stored: tuple, shape: tuple, entry: dict) -> bool:
+    m = entry.get("cols")
+    return stored == shape or (m is not None and len(stored) == len(shape) and stored[:-1] == shape[:-1]
+                               and stored[-1] == -(-shape[-1] // m) * m)
+
+
 def check_tensors(where: Where, config, folder: Path, skeleton=None, expect=None) -> None:
-    """Rule 3 on an unquantized (or block-FP8, or MXFP4) checkpoint: raises on the first problem
-    (``expect``: :func:`expected`'s result, when the caller has it)."""
+    """Rule 3 on an unquantized (or block-FP8, or MXFP4, or compressed-tensors: :func:`ct_view`)
+    checkpoint: raises on the first problem (``expect``: :func:`expected`'s result, when the caller has it)."""
+    from .ct_read import is_ct
+
     qc = getattr(config, "quantization_config", None)
     method = (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") if qc is not None else None
-    fp8 = None if method in STORED_FORMS else BlockFP8.from_config(qc)  # raises for unreadable quantization
+    if is_ct(qc):
+        where = ct_view(where, qc, folder)
+    fp8 = None if method in STORED_FORMS or is_ct(qc) else BlockFP8.from_config(qc)  # raises for unreadable ones
     needs, adapter = expect if expect is not None else expected(config, skeleton)
     missing, wrong, used = [], [], set()
     for need in needs:
@@ -310,7 +355,7 @@ def check_tensors(where: Where, config, folder: Path, skeleton=None, expect=None
         for key, shape, kind in full[0]:
             used.add(key)
             code, stored = where[key][2]["dtype"], tuple(where[key][2]["shape"])
-            if stored != shape:
+            if not _shape_ok(stored, shape, where[key][2]):
                 wrong.append(f"tensor '{key}' has shape {_fmt(stored)}; the model needs {_fmt(shape)}")
             elif not _kind_ok(code, kind):
                 wrong.append(f"tensor '{key}' is stored as {code}; the model needs "

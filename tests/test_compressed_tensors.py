@@ -124,7 +124,11 @@ def test_stock_transformers_loads_the_all_quantized_variant(tmp_path, ids):
     _, m, plan = _quantized("qwen3_moe", protect_super_experts=False)
     out = save_ct(m, None, plan, tmp_path / "ct")
     compat = json.loads((out / "quantization_plan.json").read_text())["compatibility"]
-    assert compat["transformers"]["ok"] and compat["vllm"]["ok"] and compat["sglang"]["ok"]
+    assert compat["transformers"]["ok"] and compat["vllm"]["ok"]
+    # the tiny shapes (group size 8, hidden size 64) miss the Marlin MoE kernel: vLLM falls back to Triton, SGLang has
+    # no fallback (secompress.quant.compat)
+    assert "slower: group size 8" in compat["vllm"]["why"] and "hidden size 64" in compat["vllm"]["why"]
+    assert not compat["sglang"]["ok"] and "group size 8" in compat["sglang"]["why"]
     ours = secompress.load(out)
     tf = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():

@@ -151,6 +151,7 @@ def test_our_quantized_exports_are_checked_per_module(tmp_path):
     out = save_quantized(model, None, plan, tmp_path / "ct")
     where, config = read_headers(out), _config(out)
     verify(out, raw=True)
+    assert verify(out).keys() == where.keys()  # and read as input (compressed-tensors, rebuilt weights)
     packed = "model.layers.1.mlp.experts.3.gate_proj.weight_packed"
     assert packed in where
     module = packed.rsplit(".", 1)[0]
@@ -158,6 +159,58 @@ def test_our_quantized_exports_are_checked_per_module(tmp_path):
         check_modules({k: v for k, v in where.items() if not k.startswith(module + ".")}, config, out)
     with pytest.raises(CheckpointError, match=re.escape("'model.layers.1.mlp.experts.8.gate_proj.weight_packed'")):
         check_modules({**where, "model.layers.1.mlp.experts.8.gate_proj.weight_packed": where[packed]}, config, out)
+
+
+PEER = Path(__file__).parent / "fixtures" / "peer"
+PEER_CT = sorted(p.name for p in PEER.iterdir() if (p / "config.json").is_file()
+                 and "compressed-tensors" in (p / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", PEER_CT)
+def test_compressed_tensors_input_is_checked_as_the_model_sees_it(name, tmp_path):
+    """llm-compressor's checkpoints (packed, act-order g_idx, asymmetric, ignore lists, W8 channel-wise):
+    each quantized weight counts as present when its compression parameters are; dropping a scale,
+    dropping a packed weight, reshaping the codes or adding a tensor is refused naming it."""
+    pytest.importorskip("compressed_tensors")
+    src = PEER / name
+    assert verify(src)  # as it was written
+    where, config = read_headers(src), _config(src)
+    packed = next(k for k in sorted(where) if k.endswith("mlp.experts.1.gate_proj.weight_packed"))
+    module = packed.removesuffix(".weight_packed")
+    scale = module + ".weight_scale"
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{scale}' is missing")):
+        check_tensors({k: v for k, v in where.items() if k != scale}, config, src)
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{module}.weight' is missing")):
+        check_tensors({k: v for k, v in where.items() if k != packed}, config, src)
+    f, base, info = where[scale]
+    halved = {**info, "shape": [info["shape"][0] // 2, *info["shape"][1:]]}
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{module}.weight' has shape")):
+        check_tensors({**where, packed: (f, base, {**where[packed][2], "shape": [where[packed][2]["shape"][0] // 2,
+                                                                                  where[packed][2]["shape"][1]]}),
+                       scale: (f, base, halved)}, config, src)
+    stray = "model.layers.0.mlp.experts.9.gate_proj.weight_scale"
+    with pytest.raises(CheckpointError, match=re.escape(f"tensor '{stray}'")):
+        check_tensors({**where, stray: where[scale]}, config, src)
+    check_tensors({**where, module + ".input_scale": where[scale]}, config, src)  # activation scales: data
+
+
+def test_compressed_tensors_input_refused_by_every_command_both_sources(tmp_path, monkeypatch, capsys):
+    """A peer compressed-tensors checkpoint missing one expert's scale: exit 2 naming it, in memory and
+    streamed, nothing written."""
+    pytest.importorskip("compressed_tensors")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    monkeypatch.chdir(ws)
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(ws / "cache"))
+    model = Path(shutil.copytree(PEER / "rtn-w4g16", ws / "model"))
+    gone = "model.layers.1.mlp.experts.2.down_proj.weight_scale"
+    _edit(lambda sd: sd.pop(gone))(model, ws)
+    for streaming in (False, True):
+        before = _tree(ws)
+        rc = main(_argv("profile", streaming, model, ws))
+        err = capsys.readouterr().err
+        assert rc == 2 and "Traceback" not in err and f"tensor '{gone}' is missing" in err, err
+        assert _tree(ws) == before
 
 
 def test_the_files_of_a_checkpoint(tmp_path):

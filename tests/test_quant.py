@@ -106,6 +106,7 @@ def test_se_modes(base, mode):
     assert p.bits["model.layers.1.self_attn.q_proj"] == 4
     compat = exporter(p.meta).compatibility(p)  # method rtn, format dequantized: a 16-bit export
     assert compat["transformers"][0] and not compat["gptqmodel"][0] and compat["vllm-fused-moe"][0]
+    assert "index" in compat["vllm-fused-moe"][1]  # the writer's index keeps vLLM off the codes file (quant.compat)
     gp = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8,
                       meta={"method": "gptq", "format": "dequantized"})
     assert exporter(gp.meta).compatibility(gp) == compat  # GPTQ's codes export as RTN's do
@@ -245,7 +246,8 @@ def test_quantize_with_avg_bits_pins_ses(base):
     assert plan.bits[EXP.format(2, 7)] >= plan.bits[EXP.format(2, 0)]  # 71 tokens vs 1
     lp = quantize_(copy.deepcopy(base), QuantConfig(format="dequantized", group_size=32, avg_bits=4, se_mode="layer", se_bits=8),
                    profile=fake_profile(base))
-    assert lp.compatibility()["vllm-fused-moe"][0] and {lp.bits[EXP.format(1, e)] for e in range(8)} == {8}
+    assert {lp.bits[EXP.format(1, e)] for e in range(8)} == {8}  # the SE's layer 8-bit as a whole
+    assert "model.safetensors.index.json" in lp.compatibility()["vllm-fused-moe"][1]  # dequantized: unindexed
 
 
 # ---- coverage ----------------------------------------------------------------------------------

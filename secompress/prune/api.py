@@ -96,6 +96,7 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
     if profile is not None:
         check_profile_matches(profile, model)
     calib, held_out = _split_data(data, eval_data, tokenizer, config)
+    method.check_data(config, calib.num_tokens, calib.source)  # e.g. a task too short: before the profile
     pc = ProfileConfig(num_samples=calib.input_ids.shape[0], seq_len=calib.input_ids.shape[1],
                        batch_size=config.batch_size)
     profile = profile_for(model, profile, tokenizer, calib, pc, progress)
@@ -137,6 +138,12 @@ def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrit
     if adapter.num_experts(model.config) != result.num_experts_after:
         raise SecompressError(f"the model has {adapter.num_experts(model.config)} experts but the result says "
                               f"{result.num_experts_after}: save the model that prune() returned this result for")
+    counts = {int(adapter.router_of(adapter.block_of(adapter.layers(model)[l])).weight.shape[0])
+              for l in adapter.moe_layer_indices(model)}
+    if len(counts) > 1:
+        raise SecompressError(f"the MoE layers hold different expert counts {sorted(counts)}: a transformers config "
+                              "stores one, so this model cannot be saved as a stock checkpoint (UNCURL's adaptive "
+                              "counts are evaluated in memory only)")
     src = Path(source) if source is not None else resident_source(model)
     if fp8_checkpoint(src) is not None and PRUNE_METHODS[result.config.method].changes_weights:
         raise SecompressError(f"'{result.config.method}' writes new weights, which cannot be copied as stored from "

@@ -52,7 +52,6 @@ from .plan import QuantPlan
 log = logging.getLogger(__name__)
 FORMAT = "compressed-tensors"
 PACKED = "pack-quantized"
-VLLM_BITS = (4, 8)  # vLLM's WNA16 MoE kernels: uint4b8 / uint8b128
 SE_MODE_ERROR = ("export format compressed-tensors needs se_mode: layer (got se_mode: expert): vLLM and SGLang serve "
                  "one quantization scheme per fused MoE layer (vLLM reads it from expert 0), so a 16- or 8-bit Super "
                  "Expert inside a 4-bit layer cannot be served; se_mode: layer keeps the Super Expert's whole layer "
@@ -183,49 +182,22 @@ def vllm_rule_problems(qcfg: dict, plan: QuantPlan, adapter) -> list[str]:
 
 
 def compatibility(qcfg: dict, plan: QuantPlan, adapter) -> dict[str, tuple[bool, str]]:
-    """runtime -> (loads it, why), derived from the serving rules above and the written config."""
-    problems = vllm_rule_problems(qcfg, plan, adapter)
-    lbits = layer_bits(plan)
-    widths = sorted({g["weights"]["num_bits"] for g in qcfg["config_groups"].values()})
-    sym = all(g["weights"]["symmetric"] for g in qcfg["config_groups"].values())
-    ignored = [l for l, b in lbits.items() if b is None]
-    expert_widths = sorted({b for b in lbits.values() if b is not None})
-    if problems:
-        bad = (False, "; ".join(problems))
-        return {"transformers": bad, "vllm": bad, "sglang": bad, "secompress.load": (True, "any export")}
-    odd = [b for b in widths if b not in VLLM_BITS]
-    if odd:
-        vllm = (False, f"{odd}-bit weights: vLLM's WNA16 kernels take 4 or 8 bits")
-    elif not sym:
-        vllm = (False, "asymmetric zero points: not checked against vLLM's MoE kernels here (quantize symmetric)")
-    else:
-        vllm = (True, "each MoE layer one scheme, read from expert 0" +
-                (f"; layers {ignored} unquantized (16-bit Super-Expert layers)" if ignored else "") +
-                ("; int4 and int8 MoE layers side by side need a vLLM release with the grouped int8 WNA16 MoE "
-                 "fix (merged 2026-08)" if len(expert_widths) > 1 else ""))
-    if ignored or len(expert_widths) > 1 or not vllm[0]:
-        sglang = (False, "SGLang's compressed-tensors MoE (derived from vLLM 0.8) takes one scheme from the "
-                         "'Linear' group for every MoE layer: no ignored or 8-bit expert layer" if vllm[0] else vllm[1])
-    else:
-        sglang = (True, "one scheme for every MoE layer (the 'Linear' group)")
-    if adapter.ckpt_fused_experts:  # e.g. GPT-OSS: runtimes read its experts fused, not per expert
-        why = (f"{adapter.model_type} checkpoints keep experts fused: transformers re-initialises per-expert "
-               "compressed experts and the vLLM/SGLang loaders were not checked with them; use secompress.load")
-        vllm, sglang, tf = (False, why), (False, why), (False, why)
-    elif ignored:
-        tf = (False, f"transformers 5.24 fails on the ignored expert layers {ignored} ('Concatenate on tensors "
-                     "destined for ...gate_up_proj. Ckpt contains: 0'): use secompress.load, or compressed-tensors' "
-                     "dequantizer then from_pretrained")
-    elif len(widths) > 1:
-        tf = (False, f"transformers dequantizes every expert with one scheme, this export has {widths} bits: "
-                     "use secompress.load")
-    elif not sym:
-        tf = (False, "transformers 5.24's compressed-tensors dequantizer drops the zero points of asymmetric codes "
-                     "('Asymmetric quant requires zero-point values'): use secompress.load, or quantize symmetric")
-    else:
-        tf = (True, "AutoModelForCausalLM.from_pretrained dequantizes into the fused experts (dense 16-bit in memory)")
-    return {"transformers": tf, "vllm": vllm, "sglang": sglang,
-            "secompress.load": (True, "real integer codes, experts fused (secompress.load)")}
+    """runtime -> (loads it, why): the rules of :mod:`secompress.quant.compat` (each checked against a named
+    vLLM / SGLang / transformers release) over the written config and the plan."""
+    from . import compat
+
+    groups = qcfg["config_groups"].values()
+    gs = next((g["weights"].get("group_size") for g in groups), None)
+    experts = [u for u in plan.units.values() if u.expert is not None]
+    facts = compat.ExportFacts(
+        fmt=FORMAT, expert_bits=layer_bits(plan),
+        linear_bits=tuple(sorted({b for n, b in plan.bits.items() if b is not None and plan.units[n].expert is None})),
+        symmetric=all(g["weights"]["symmetric"] for g in groups), group_size=gs if gs not in (None, -1) else None,
+        hidden=experts[0].in_features[0] if experts else None,
+        intermediate=experts[0].in_features[-1] if experts else None,
+        fused_experts=bool(adapter.ckpt_fused_experts), arch=adapter.model_type,
+        problems=tuple(vllm_rule_problems(qcfg, plan, adapter)))
+    return {**compat.report(facts), "secompress.load": (True, "real integer codes, experts fused (secompress.load)")}
 
 
 def report(compat: dict[str, tuple[bool, str]]) -> str:

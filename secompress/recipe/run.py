@@ -185,6 +185,8 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
     with stage("load", f"{m.id} ({m.dtype}) {'and the data' if streamed else 'in memory, and the data'}"):
         tok = source.tokenizer()
         calib, eval_ids = _data(recipe, tok)
+        if job.prune is not None:  # e.g. a task too short for a task method: before the model or the profile
+            job.prune.prune_method.check_data(job.prune, calib.num_tokens, calib.source)
         if not streamed:
             model = source.load()
             check_finite_weights(model, m.id)  # NaN weights: named here, not by a failed evaluation
@@ -197,7 +199,7 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
             (job.quant is not None and needs_profile(job.quant)):
         with stage("profile", "Super Experts"):
             prof, cache_hit = _cached_profile(recipe, source, model, tok, calib, progress, streamed)
-        dead, evidence = dead_experts(prof), prof.evidence()
+        dead, evidence = dead_experts(prof), prof.evidence()  # not `ev`: that is the evaluate stage
         stage.report(f"    Super Experts: {prof.se_ids() or 'none'} (profile cache {'hit' if cache_hit else 'miss'}); "
                      f"{len(dead)} dead experts (no calibration token)" + (", listed in profile/super_experts.json"
                                                                            if dead else ""))

@@ -222,7 +222,14 @@ class BitsandbytesFormat(ExportFormat):
                                       f"bitsandbytes configs hold one width, the plan mixes {widths}: "
                                       "secompress.load only"),
                 "gptqmodel": (False, "not a GPTQ checkpoint"),
-                "vllm-fused-moe": (False, "bitsandbytes: not checked against vLLM here")}
+                **self._engines()}
+
+    @staticmethod
+    def _engines() -> dict:
+        """vLLM / SGLang rows from the rules of :mod:`secompress.quant.compat`."""
+        from ..compat import ExportFacts, report
+
+        return report(ExportFacts(fmt="bnb"), keys={"vllm": "vllm-fused-moe"})
 
 
 EXPORT = BitsandbytesFormat()

@@ -32,6 +32,7 @@ from ...streaming import disk_key
 from .. import rtn
 from ..compressed_tensors import (FORMAT, SE_MODE_ERROR, _compress, build_config, compatibility, iter_qtensors,
                                   load_ct, report, vllm_rule_problems)
+from ..compat import log_warnings
 from ..fused import WEIGHTS, FusedQuantizedExperts
 from .base import HEADER_BYTES, ExportFormat, ExportSummary, LayerWriter, cast_floats, plan_export_format, write_plan
 from .dequantized import planned_matrices
@@ -156,6 +157,7 @@ class CompressedTensorsWriter(LayerWriter):
             "compatibility": {k: {"ok": ok, "why": why} for k, (ok, why) in self.compat.items()},
             "scale_dtype": str(self.scale_dtype).removeprefix("torch."), "size": summary.to_json()})
         log.info("wrote %s (compressed-tensors)\n%s", self.folder, report(self.compat))
+        log_warnings(self.compat, str(self.folder))
 
 
 def ct_bytes(skeleton, plan, dtype: torch.dtype) -> int:

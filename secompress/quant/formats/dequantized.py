@@ -184,10 +184,13 @@ class DequantizedFormat(ExportFormat):
         return model, plan
 
     def compatibility(self, plan):
-        return {"transformers": (True, "dequantized 16-bit export: stock from_pretrained loads it; "
-                                       "secompress.load rebuilds the integer codes"),
-                "gptqmodel": (False, "not a gptqmodel checkpoint"),
-                "vllm-fused-moe": (True, "loads the dequantized 16-bit weights (no memory saving)")}
+        """The rules of :mod:`secompress.quant.compat`; the writer always writes the index that keeps vLLM and
+        SGLang (which otherwise read every ``*.safetensors`` of the folder) off the codes."""
+        from ..compat import ExportFacts, report
+
+        rows = report(ExportFacts(fmt=FORMAT, index=self.always_index), keys={"vllm": "vllm-fused-moe"})
+        return {"transformers": rows["transformers"], "gptqmodel": (False, "not a gptqmodel checkpoint"),
+                "vllm-fused-moe": rows["vllm-fused-moe"], "sglang": rows["sglang"]}
 
 
 EXPORT = DequantizedFormat()
