@@ -108,6 +108,9 @@ def checkpoint_bytes(model: str | Path) -> int:
     return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else 0
 
 
+_TEMP_PART = re.compile(r"\.(.+)\.(?:%s)-\d+-[^/]+" % "|".join(TEMP_KINDS))
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -137,6 +140,13 @@ def sweep_stale(folder: str | Path) -> list[Path]:
         log.info("removed '%s', left by a process that no longer runs", p)
         removed.append(p)
     return removed
+
+
+def final_path(path: str | Path) -> Path:
+    """``path`` as it will be named once its temporary folders are renamed (``.NAME.tmp-PID-X/model`` ->
+    ``NAME/model``): what messages written from inside :func:`atomic_dir` show the user."""
+    parts = [m.group(1) if (m := _TEMP_PART.fullmatch(part)) else part for part in Path(path).parts]
+    return Path(*parts)
 
 
 def make_temp_dir(parent: str | Path, name: str, kind: str) -> Path:

@@ -148,6 +148,12 @@ class Checkpoint:
         """Write the tensor's real values into ``dest`` (same shape): the file's bytes straight into
         ``dest``'s memory when it is a contiguous host tensor of the stored dtype, else read and copied
         (cast, moved to its device)."""
+        if self._rebuilt(key):  # compressed-tensors codes: dequantized, then copied
+            t = self.get(key)
+            if tuple(t.shape) != tuple(dest.shape):
+                raise SecompressError(f"'{key}': checkpoint shape {tuple(t.shape)} != {tuple(dest.shape)}")
+            dest.copy_(t)
+            return
         if tuple(dest.shape) != tuple(self.where[key][2]["shape"]):
             raise SecompressError(f"'{key}': checkpoint shape {tuple(self.where[key][2]['shape'])} != "
                                   f"{tuple(dest.shape)}")
