@@ -105,11 +105,14 @@ class FakeQuantLinear(nn.Module):
         return {k: v for k, v in self.named_buffers(recurse=False) if k != "serve_scale" and v is not None}
 
     @property
-    def weight(self) -> torch.Tensor:  # [O, In] dequantized, as served
-        w = dequantize_weight(self.tensors(), self.scheme, self.weight_dtype)
-        if self.serve_scale is not None:
-            w = floatq.qdq(w, self.serve_scale.to(w.dtype), self.scheme.weights).to(w.dtype)
-        return w
+    def weight(self) -> torch.Tensor:  # [O, In] dequantized, as served (computed once, then cached)
+        key = (self.serve_scale is None, self.weight_scale.data_ptr())
+        if self.__dict__.get("_served", (None,))[0] != key:
+            w = dequantize_weight(self.tensors(), self.scheme, self.weight_dtype)
+            if self.serve_scale is not None:
+                w = floatq.qdq(w, self.serve_scale.to(w.dtype), self.scheme.weights).to(w.dtype)
+            self.__dict__["_served"] = (key, w)
+        return self.__dict__["_served"][1]
 
     def forward(self, x):
         x = quantize_input(x, self.scheme.inputs, getattr(self, "input_scale", None),
@@ -196,13 +199,17 @@ class FakeQuantExperts(nn.Module):
     def expert_weight(self, e: int, proj: str, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_weight(self.tensors(e, proj), self.scheme, dtype)
 
-    def _w13(self, e: int, dtype) -> torch.Tensor:  # [2I, H] in the module's gate/up order
-        g, u = self.expert_weight(e, "gate_proj", dtype), self.expert_weight(e, "up_proj", dtype)
-        a = self.scheme.weights
-        if a.strategy == "tensor" and a.type == "float":  # vLLM requantizes w1/w3 to max(scale_w1, scale_w3)
-            smax = torch.maximum(self.gate_proj__weight_scale[e], self.up_proj__weight_scale[e]).to(dtype)
-            g, u = floatq.qdq(g, smax, a).to(dtype), floatq.qdq(u, smax, a).to(dtype)
-        return join_gate_up(g, u, self.is_concatenated)
+    def _served(self, e: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ``e``'s weights as served: w13 [2I, H] in the module's gate/up order, w2 [H, I] (cached)."""
+        cache = self.__dict__.setdefault("_cache", {})
+        if (e, dtype) not in cache:
+            g, u = self.expert_weight(e, "gate_proj", dtype), self.expert_weight(e, "up_proj", dtype)
+            a = self.scheme.weights
+            if a.strategy == "tensor" and a.type == "float":  # vLLM requantizes w1/w3 to max(scale_w1, scale_w3)
+                smax = torch.maximum(self.gate_proj__weight_scale[e], self.up_proj__weight_scale[e]).to(dtype)
+                g, u = floatq.qdq(g, smax, a).to(dtype), floatq.qdq(u, smax, a).to(dtype)
+            cache[(e, dtype)] = (join_gate_up(g, u, self.is_concatenated), self.expert_weight(e, "down_proj", dtype))
+        return cache[(e, dtype)]
 
     def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, K], [T, K]
         out = torch.zeros_like(hidden_states)
@@ -214,15 +221,16 @@ class FakeQuantExperts(nn.Module):
             slot_tok = torch.where(top_k_index == e)
             tok, slot = slot_tok[0], slot_tok[1]
             x = quantize_input(hidden_states[tok], a, *self.served_input_scale("w13", e))
-            gu = F.linear(x, self._w13(e, dt))  # [c, 2I]
+            w13, w2 = self._served(e, dt)
+            gu = F.linear(x, w13)  # [c, 2I]
             if self.has_bias:
                 gu = gu + self.gate_up_proj_bias[e].to(dt)
             act = self.shell._apply_gate(gu)  # [c, I]
             act = quantize_input(act, a, *self.served_input_scale("w2", e))
-            y = F.linear(act, self.expert_weight(e, "down_proj", dt))  # [c, H]
+            y = F.linear(act, w2)  # [c, H]
             if self.has_bias:
                 y = y + self.down_proj_bias[e].to(dt)
-            out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
+            out[tok] += (y * top_k_weights[tok, slot, None]).to(out.dtype)  # a token meets an expert once
         return out
 
     def _apply_gate(self, gu):

@@ -106,7 +106,7 @@ def _stats_forward(stats: LayerStats, state: dict, all_experts: bool):
             keep, slot = torch.where(routed[tok])  # rows of tok that are routed, and their top-k slot
             if keep.numel():
                 w = top_k_weights[tok[keep], slot][:, None]
-                out.index_add_(0, tok[keep], (y[keep] * w).to(out.dtype))
+                out[tok[keep]] += (y[keep] * w).to(out.dtype)  # a token meets an expert once
         return out
     return forward
 
@@ -130,7 +130,7 @@ def collect_layer(layer: nn.Module, adapter, massive_threshold: float = MASSIVE_
     def on_linear(name):
         def hook(mod, args):
             x = args[0]
-            ptrs[name] = (x.data_ptr(), x.numel())
+            ptrs[name] = (x.data_ptr(), x.numel(), x)  # kept alive until the layer's forward ends (address reuse)
             m = state.get("massive")
             rows = x.numel() // x.shape[-1]
             stats.linears.setdefault(name, InputStats()).update(x, m if m is not None and m.numel() == rows else None)
@@ -147,8 +147,8 @@ def collect_layer(layer: nn.Module, adapter, massive_threshold: float = MASSIVE_
 
     def group_shared(mod, args, out):  # after each forward: Linear names that read one tensor
         by: dict[tuple, list[str]] = {}
-        for n, p in ptrs.items():
-            by.setdefault(p, []).append(n)
+        for n, (ptr, numel, _) in ptrs.items():
+            by.setdefault((ptr, numel), []).append(n)
         for names in by.values():
             if len(names) > 1 and tuple(sorted(names)) not in stats.shared:
                 stats.shared.append(tuple(sorted(names)))
