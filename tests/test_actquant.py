@@ -19,7 +19,7 @@ from secompress.quant.plan import resolve_plan  # noqa: E402
 from secompress.quant.schemes import get_scheme  # noqa: E402
 from secompress.quant.smooth_math import aggregate, gap_split, outlier_factor, smoothquant_factor  # noqa: E402
 from secompress.quant.smoothing import SmoothConfig, smooth_layer  # noqa: E402
-from secompress.testing import make_tiny, plant_super_expert  # noqa: E402
+from secompress.testing import make_tiny  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "llmc_actquant"
 LLMC_SCHEMES = ["FP8", "FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "NVFP4", "MXFP4"]
@@ -67,7 +67,7 @@ def test_layer_tensors_equal_llm_compressor_export(name):
         for part in ("weights", "input_activations"):
             assert (g[part] is None) == (w[part] is None)
             if g[part] is not None:
-                assert {k: g[part][k] for k in keys} == {k: w[part][k] for k in keys}
+                assert {k: g[part].get(k) for k in keys} == {k: w[part].get(k) for k in keys}
                 assert str(g[part].get("scale_dtype")) == str(w[part].get("scale_dtype"))
     if name != "FP8_BLOCK":  # 128-groups do not fit its 32-wide inputs (check_shapes says so): no forward
         m2 = _llmc_base()
@@ -258,3 +258,22 @@ def test_smoothing_is_exact_and_keeps_routing(arch):
         ch = torch.stack([s.channel_amax for s in stats.w13 if s.channel_amax is not None]).amax(0)
         return float(ch[5] / ch.median())
     assert spread(st) > 10 and spread(st2) < spread(st) / 3
+
+
+# ---- EAQuant's router alignment -------------------------------------------------------------------------------
+def test_router_alignment_keeps_routing_better_than_min_max():
+    from secompress.quant.floatq import QArgs
+    from secompress.quant.router_align import align_router, topk_agreement, topk_kl
+
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * 0.1
+    w[2, 5] = 3.0  # one outlier weight stretches a min-max grid
+    x = torch.randn(512, 64)
+    int4 = QArgs(4, "int", "tensor")
+    aligned = align_router(w, x, int4, top_k=2)
+    plain = align_router(w, x, int4, top_k=2, low=1.0)
+    assert plain.ratio == 1.0 and plain.kl == pytest.approx(plain.kl_minmax)
+    assert aligned.ratio < 1.0 and aligned.kl < plain.kl
+    ref = x @ w.T
+    assert topk_agreement(ref, x @ aligned.weight.T, 2) > topk_agreement(ref, x @ plain.weight.T, 2)
+    assert topk_kl(ref, ref, 2) == pytest.approx(0.0, abs=1e-6)

@@ -88,3 +88,17 @@ def test_describe():
     d = get_scheme("NVFP4").describe()
     assert "float4 tensor_group 16" in d and "static global, dynamic local" in d
     assert torch.float8_e4m3fn == get_scheme("NVFP4").weights.scale_dtype
+
+
+def test_model_check_on_a_skeleton_reads_no_weight():
+    from secompress.quant.schemes import check_model, model_shapes
+    from secompress.streaming import build_skeleton
+    from secompress.testing import tiny_config
+
+    skel = build_skeleton(tiny_config("qwen3_moe"))  # meta device: shapes only
+    linears, experts = model_shapes(skel)
+    assert experts == (64, 32) and linears["model.layers.0.self_attn.q_proj"] == (64, 64)
+    assert check_model(get_scheme("NVFP4"), skel) == []
+    with pytest.raises(SecompressError, match="cannot be served on this model: .*group size 128") as e:
+        check_model(get_scheme("W4A16"), skel)
+    assert "more" in str(e.value) and "\n" not in str(e.value)

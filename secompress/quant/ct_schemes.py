@@ -168,7 +168,7 @@ def read_layer(layer: nn.Module, index: int, adapter, assignment: dict[str, Sche
 def _expert_shape(experts, proj: str) -> tuple[int, int]:
     from ..experts import layout_of
 
-    gu, dn = experts.gate_up_proj.shape, experts.down_proj.shape  # [E, 2I, H] / [E, H, I] (or transposed)
+    gu = experts.gate_up_proj.shape  # [E, 2I, H] (transposed: [E, H, 2I])
     t = layout_of(experts).transposed
     H, I2 = (gu[1], gu[2]) if t else (gu[2], gu[1])
     return (H, I2 // 2) if proj == "down_proj" else (I2 // 2, H)

@@ -210,3 +210,30 @@ def check_method(scheme: Scheme, method: str) -> None:
     if method == "gptq" and (scheme.weights.type != "int" or scheme.inputs is not None):
         raise SecompressError(f"scheme {scheme.name} with --method gptq: gptqmodel makes integer weight-only codes "
                               "(W4A16, W8A16); use --method rtn for this scheme")
+
+
+def model_shapes(model) -> tuple[dict[str, tuple[int, int]], tuple[int, int] | None]:
+    """(quantizable Linear name -> (O, In), (H, I) of the routed experts or None), from any model, a
+    meta-device skeleton included (no weight is read)."""
+    from .plan import quantizable_units
+
+    adapter_units = quantizable_units(model)
+    linears, experts = {}, None
+    for name, u in adapter_units.items():
+        if u.expert is None:
+            w = model.get_submodule(name).weight
+            linears[name] = (int(w.shape[0]), int(w.shape[1]))
+        elif experts is None:
+            experts = (int(u.in_features[0]), int(u.in_features[1]))  # gate/up read H, down reads I
+    return linears, experts
+
+
+def check_model(scheme: Scheme, model) -> list[str]:
+    """Refuse, in one line, a scheme the model's shapes cannot serve; returns the notes (slower kernels)."""
+    linears, experts = model_shapes(model)
+    problems = check_shapes(scheme, linears, experts)
+    errors = [t for s, t in problems if s == "error"]
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise SecompressError(f"scheme {scheme.name} cannot be served on this model: {errors[0]}{more}")
+    return [t for s, t in problems if s == "note"]
