@@ -253,8 +253,9 @@ def plot(rows, base, timing, out: Path) -> None:
                     ys.append(r["loss"] - base[model]["loss"])
             bars = ax.bar(xs, ys, 0.27, color=colors[v], label=v)
             for x, y in zip(xs, ys):
-                ax.text(x, y, f"{y:+.3f}", ha="center", va="bottom" if y >= 0 else "top", fontsize=6.5, rotation=90)
+                ax.text(x, y, f"{y:+.4f}", ha="center", va="bottom" if y >= 0 else "top", fontsize=6, rotation=90)
             del bars
+        ax.margins(y=0.2)
         ax.set_xticks(range(len(schemes)), schemes, fontsize=8)
         ax.axhline(0, color="black", lw=0.6)
         ax.set_ylabel("held-out loss change vs bf16 (nats/token)")
@@ -308,8 +309,13 @@ def main() -> None:
     ap.add_argument("--nextline", type=int, default=60)
     ap.add_argument("--target-ratio", type=float, default=3000.0, help="massive ratio of the planted model")
     ap.add_argument("--llmc-python", default="/work/venvs/llmc/bin/python")
+    ap.add_argument("--models", nargs="+", default=["reference", "planted"], choices=["reference", "planted"],
+                    help="run only these (two processes may split the run; see --combine)")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON", help="merge partial result files into --out")
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
+    if args.combine:
+        return combine(args.combine, args.out)
     full, light, llmc = FULL, LIGHT, LLMC
     if args.quick:  # a smoke run of every code path
         args.samples, args.eval_samples, args.seq_len, args.nextline = 2, 2, 64, 10
@@ -338,6 +344,7 @@ def main() -> None:
     plant = amplify_super_expert(planted, calib, ses[0][0], ses[0][1], args.target_ratio, held)
     print(f"planted: {plant}", flush=True)
     models = {"reference": ref, "planted SE (x{:.0f})".format(plant["factor"]): planted}
+    models = {k: v for k, v in models.items() if k.split()[0] in args.models}
     base, rows, timing = {}, [], {}
     for mname, model in models.items():
         base[mname] = {**evaluate(model, tok, held, docs, args.batch_size), "bf16_bytes": bf16_bytes(model)}
@@ -357,34 +364,57 @@ def main() -> None:
                 if mname == "reference" and variant == "SE-unaware" and name in llmc:
                     timing[name] = {"ours": row["quant_seconds"]}
                 del qm
-    if Path(args.llmc_python).exists():
+    if Path(args.llmc_python).exists() and "reference" in args.models:
         for name in llmc:
             timing[name]["llmc"] = llmc_time(args.llmc_python, str(REFERENCE), calib, name)
             print(f"llm-compressor {name}: {timing[name]['llmc']}", flush=True)
-    out = Path(args.out)
+    result = {"models": list(models), "super_experts": ses, "planted": plant, "base": base, "rows": rows,
+              "timing": timing, "calibration": f"builtin {args.samples}x{args.seq_len}",
+              "eval": f"reference held-out stream {args.eval_samples}x{args.seq_len}", "nextline_docs": len(docs),
+              "seconds": round(time.perf_counter() - t0, 1)}
+    write(result, Path(args.out))
+
+
+def combine(files: list[str], out: str) -> None:
+    """One result from partial runs (``--models`` split over processes): their bases, rows and timings."""
+    parts = [json.loads(Path(f).read_text()) for f in files]
+    res = dict(parts[0])
+    for key in ("base", "timing"):
+        res[key] = {k: v for p in parts for k, v in p[key].items()}
+    res["rows"] = [r for p in parts for r in p["rows"]]
+    res["models"] = list(res["base"])
+    res["seconds"] = [p["seconds"] for p in parts]
+    res["parts"] = files
+    write(res, Path(out))
+
+
+def write(res: dict, out: Path) -> None:
+    base, rows, timing, ses, plant = res["base"], res["rows"], res["timing"], res["super_experts"], res["planted"]
     main_rows = [r for r in rows if r["variant"] in VARIANTS]
     router = [r for r in rows if r["variant"] not in VARIANTS]
     md = ["# Activation quantization: SE-unaware vs SE-aware (evals/bench_actquant.py)", "",
-          f"Calibration: builtin text, {args.samples} x {args.seq_len} tokens (all-expert calibration); held-out: "
-          f"reference held-out stream, {args.eval_samples} x {args.seq_len}; next-line: first {len(docs)} docs. "
-          f"Super Experts {ses}; planted model: {plant}. float32 fake-quant on the CPU; vLLM's serving rules "
-          "(FP8 per-layer max of the experts' input scales, NVFP4 per-layer global scale).", "",
+          f"Calibration: {res['calibration']} (builtin text, all-expert calibration); held-out: {res.get('eval', 'n/a')}; "
+          f"next-line: first {res.get('nextline_docs', 'n/a')} docs. Super Experts {ses}; planted model: {plant}. float32 "
+          "fake-quant on the CPU with vLLM's serving rules (FP8: the per-layer max of the experts' input scales; "
+          "NVFP4: one global input scale per fused MoE layer).", "",
           "| model | bf16 loss | perplexity | next-line acc | peak massive ratio | sink mass | bf16 size |",
           "|---|---|---|---|---|---|---|"]
     md += [f"| {m} | {b['loss']:.4f} | {b['perplexity']:.3f} | {b['nextline_acc']:.2f} | {b['peak_massive_ratio']:.0f} | "
            f"{b['mean_sink_mass']:.3f} | {b['bf16_bytes'] / 2**20:.2f} MiB |" for m, b in base.items()]
-    md += ["", table(main_rows, base), "", "Router alignment (EAQuant Sec. 3.2; routers are 16-bit when served by vLLM):", "",
-           "| router | top-k KL | top-k agreement | Δ loss | next-line acc |", "|---|---|---|---|---|"]
-    md += [f"| {r['variant']} | {r['router_kl']:.4f} | {r['router_topk_agreement']:.3f} | "
-           f"{r['loss'] - base['reference']['loss']:+.4f} | {r['nextline_acc']:.2f} |" for r in router]
-    md += ["", "Quantization wall time, reference model, same calibration (one run):", "",
-           "| scheme | secompress (s) | llm-compressor (s) |", "|---|---|---|"]
-    md += [f"| {s} | {t['ours']} | {t.get('llmc', {}).get('seconds', t.get('llmc', {}).get('error', 'n/a'))} |"
-           for s, t in timing.items()]
+    md += ["", table(main_rows, base)]
+    if router:
+        md += ["", "Router alignment (EAQuant Sec. 3.2) on the SE-aware FP8 reference model; vLLM serves routers "
+               "16-bit, so this applies only where a runtime quantizes them:", "",
+               "| router | top-k KL | top-k agreement | Δ loss | next-line acc |", "|---|---|---|---|---|"]
+        md += [f"| {r['variant']} | {r['router_kl']:.4f} | {r['router_topk_agreement']:.3f} | "
+               f"{r['loss'] - base[r['model']]['loss']:+.4f} | {r['nextline_acc']:.2f} |" for r in router]
+    if timing:
+        md += ["", "Quantization wall time, reference model, same scheme and calibration, in one run:", "",
+               "| scheme | secompress (s) | llm-compressor QuantizationModifier (s) |", "|---|---|---|"]
+        md += [f"| {s} | {t['ours']} | {t.get('llmc', {}).get('seconds', t.get('llmc', {}).get('error', 'n/a'))} |"
+               for s, t in timing.items()]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    out.write_text(json.dumps({"models": list(models), "super_experts": ses, "planted": plant, "base": base,
-                               "rows": rows, "timing": timing, "calibration": f"builtin {args.samples}x{args.seq_len}",
-                               "seconds": round(time.perf_counter() - t0, 1)}, indent=1, default=str) + "\n")
+    out.write_text(json.dumps(res, indent=1, default=str) + "\n")
     plot(main_rows, base, timing, out.with_suffix(".png"))
     print("\n".join(md))
     print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}")

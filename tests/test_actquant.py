@@ -207,12 +207,12 @@ def test_se_layer_kept_16_bit_or_given_its_own_scheme():
 def test_apply_scheme_end_to_end_is_close_to_the_model():
     from secompress.perplexity import mean_loss
 
-    m = make_tiny("qwen3_moe")
-    ids = _ids(8, 32)
+    m = make_tiny("qwen3_moe", num_hidden_layers=2)
+    ids = _ids(4, 24)
     base = mean_loss(m, ids)
-    for name, tol in (("FP8_DYNAMIC", 0.01), ("FP8", 0.02), ("NVFP4", 0.2)):
+    for name, tol in (("FP8", 0.02), ("NVFP4", 0.2)):
         q = copy.deepcopy(m)
-        apply_scheme(q, name, ids[:4])
+        apply_scheme(q, name, ids[:2])
         loss = mean_loss(q, ids)
         assert loss != base and abs(loss - base) < tol, (name, loss, base)
 
@@ -236,7 +236,7 @@ def test_smoothing_is_exact_and_keeps_routing(arch):
     layer = ad.layers(m)[0]
     with torch.no_grad():
         layer.post_attention_layernorm.weight[5] *= 20  # an outlier channel in the MoE block's input
-    ids = _ids()
+    ids = _ids(2, 16)
     with torch.no_grad():
         before = m(ids).logits
     with collect_layer(layer, ad) as st, torch.no_grad():
@@ -268,9 +268,9 @@ def test_router_alignment_keeps_routing_better_than_min_max():
     torch.manual_seed(0)
     w = torch.randn(16, 64) * 0.1
     w[2, 5] = 3.0  # one outlier weight stretches a min-max grid
-    x = torch.randn(512, 64)
+    x = torch.randn(256, 64)
     int4 = QArgs(4, "int", "tensor")
-    aligned = align_router(w, x, int4, top_k=2)
+    aligned = align_router(w, x, int4, top_k=2, steps=40)
     plain = align_router(w, x, int4, top_k=2, low=1.0)
     assert plain.ratio == 1.0 and plain.kl == pytest.approx(plain.kl_minmax)
     assert aligned.ratio < 1.0 and aligned.kl < plain.kl
