@@ -36,46 +36,6 @@ def _check_safetensors(model: str | Path) -> None:
                               "(pickle-based .bin files can run code when loaded)")
 
 
-def check_safetensors_files(model: str | Path) -> None:
-    """Read every safetensors header of a local checkpoint (no tensor data) and fail with one line
-    naming the file on what would otherwise be a library traceback: a file shorter than its header
-    says, a header that is not JSON, a tensor reaching past the end of the file, a shard named by
-    ``model.safetensors.index.json`` that is missing, or an index that is not JSON."""
-    import json
-    import struct
-
-    local = Path(model)
-    if not local.is_dir():
-        return
-    index = local / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"'{index}' is not a valid safetensors index ({type(e).__name__}: {e})") from None
-        missing = [s for s in shards if not (local / s).is_file()]
-        if missing:
-            raise CheckpointError(f"'{local / missing[0]}' is missing: '{index.name}' lists it "
-                                  f"({len(missing)} of {len(shards)} shards missing)")
-    for f in sorted(local.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as h:
-            head = h.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"'{f}' is truncated: {size} bytes, shorter than a safetensors header")
-            n = struct.unpack("<Q", head)[0]
-            if n > size - 8:
-                raise CheckpointError(f"'{f}' is truncated or corrupt: its header claims {n} bytes, the file has {size}")
-            try:
-                header = json.loads(h.read(n))
-                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-                raise CheckpointError(f"'{f}' has a corrupt safetensors header (not the JSON safetensors writes)") from None
-        if ends and 8 + n + max(ends) > size:
-            raise CheckpointError(f"'{f}' is truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}")
-
-
 def check_finite_weights(model, source: str | Path = "the model") -> None:
     """Every floating-point parameter is finite, or an error naming the first bad one (and its layer)."""
     for name, p in model.named_parameters():
@@ -145,6 +105,8 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
     config = load_config(model, revision, trust_remote_code)
     _check_safetensors(model)
     torch_dtype = resolve_dtype(dtype, config)
+    from .streaming import check_safetensors_files
+
     check_safetensors_files(model)  # truncated/corrupt files and missing shards: one line naming the file
     qc = getattr(config, "quantization_config", None)
     extra = {"device_map": device} if device else {}

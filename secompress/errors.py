@@ -82,3 +82,22 @@ class CheckpointError(SecompressError):
 class Interrupted(KeyboardInterrupt):
     """SIGTERM, turned into an exception by the CLI so that every ``with`` block cleans up."""
 
+
+class SinkHealthError(SecompressError):
+    """The compressed model lost its massive activation or its attention sink."""
+
+
+class UnsupportedQuantizationError(SecompressError):
+    """The checkpoint is quantized in a way secompress cannot read back to real weights."""
+
+
+class RecoveryError(SecompressError):
+    """The compressed model recovered less than the recipe's threshold of some metric."""
+
+
+class PushError(SecompressError):
+    """The upload failed; the export stays on disk."""
+
+
+class RecipeError(SecompressError):
+    """A recipe that does not match the schema; the message points at the line and key."""

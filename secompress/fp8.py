@@ -14,15 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SecompressError
+from .errors import SecompressError, UnsupportedQuantizationError
 
 SCALE_SUFFIX = "_scale_inv"  # "<name>.weight" -> "<name>.weight_scale_inv"
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-
-
-class UnsupportedQuantizationError(SecompressError):
-    """The checkpoint is quantized in a way secompress cannot read back to real weights."""
 
 
 @dataclass(frozen=True)

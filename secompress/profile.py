@@ -17,13 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .adapters import MoEAdapter
 from .data import CalibrationData, load_calibration
 from .errors import CalibrationError, SecompressError
 from .instrument import Recorder, instrument
-from .checkpoints import check_model, load_config, load_model, load_tokenizer, local_checkpoint, resolve_dtype
+from .checkpoints import check_model
 from .dtypes import DEFAULT_DTYPE, check_dtype
 from .se_rule import SERule, find_super_experts, massive_ratio
 
@@ -111,70 +109,55 @@ def _chunks(data: CalibrationData, batch_size: int) -> list[torch.Tensor]:
     return list(data.input_ids.split(batch_size))
 
 
-@torch.no_grad()
-def _run_in_memory(model, adapter: MoEAdapter, chunks, rec: Recorder, attention: bool, show: bool) -> None:
-    base = model.get_submodule(adapter.layers_path.rpartition(".")[0])
-    with instrument(model, adapter, rec, attention=attention):
-        for ids in tqdm(chunks, desc="profile", unit="batch", disable=not show):
-            base(input_ids=ids.to(model.device), use_cache=False)
-
-
 def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin",
             config: ProfileConfig = ProfileConfig(), revision: str | None = None,
             trust_remote_code: bool = False, progress: bool = True, device: str = "auto") -> ProfileResult:
     """Run calibration text through an MoE and identify its Super Experts.
 
-    ``model`` is a checkpoint folder, a hub id, or an in-memory transformers model.
-    Per (layer, expert), shared experts included, it records the max |down_proj
-    output| with its hidden channel and token position, the max |down_proj input|,
-    routed-token counts and routing-weighted output norms; per layer, the max |hidden|,
-    the max |hidden| at the first token, the median |hidden| and the attention mass on
-    the first token. Streaming runs on ``device`` (auto | cpu | cuda | cuda:N). SEs are then found with the rule of Su et al. 2025 (arXiv
+    ``model`` is a checkpoint folder, a hub id, a :class:`~secompress.source.Source`, or an in-memory
+    transformers model. One pass of the calibration windows over its layers (:mod:`secompress.pipeline`:
+    the model in memory, or with ``config.streaming`` the checkpoint one materialised decoder layer at a
+    time on ``device``) under the recording hooks of :func:`~secompress.instrument.instrument`. Per
+    (layer, expert), shared experts included, it records the max |down_proj output| with its hidden
+    channel and token position, the max |down_proj input|, routed-token counts and routing-weighted output
+    norms; per layer, the max |hidden|, the max |hidden| at the first token, the median |hidden| and the
+    attention mass on the first token. SEs are then found with the rule of Su et al. 2025 (arXiv
     2507.23279) and with its layer-normalised variant.
     """
-    from .devices import resolve_device
-    from .streaming import Checkpoint, build_skeleton, run_streaming
+    from .pipeline import Resident, Stream, Streamed, run_pass
+    from .source import Source
 
-    hf_config = None
-    name = str(model) if isinstance(model, (str, Path)) else getattr(model, "name_or_path", type(model).__name__)
+    source = model if isinstance(model, Source) else None
     if isinstance(model, (str, Path)):
-        hf_config = load_config(model, revision, trust_remote_code)
-        tokenizer = tokenizer or load_tokenizer(model, revision, trust_remote_code)
+        source = Source.open(model, revision, trust_remote_code, config.dtype, device)
+    if source is not None:
+        name = source.id
+        tokenizer = tokenizer or source.tokenizer()
     elif config.streaming:
         raise SecompressError("streaming mode needs a checkpoint path, not an in-memory model")
+    else:
+        name = getattr(model, "name_or_path", type(model).__name__)
     if tokenizer is None and not isinstance(data, CalibrationData):
         raise SecompressError("a tokenizer is needed to tokenize calibration text")
     calib = data if isinstance(data, CalibrationData) else \
         load_calibration(data, tokenizer, config.num_samples, config.seq_len)
-    chunks = _chunks(calib, config.batch_size)
     rec = Recorder(seq_len=calib.input_ids.shape[1])
-
-    if isinstance(model, (str, Path)) and config.streaming:
-        local = local_checkpoint(model, revision)
-        skeleton = build_skeleton(hf_config)
-        adapter = check_model(skeleton)
-        with instrument(skeleton, adapter, rec, attention=config.attention), \
-                tqdm(total=len(adapter.layers(skeleton)), desc="profile (streaming)", unit="layer",
-                     disable=not progress) as bar:
-            run_streaming(skeleton, adapter, Checkpoint(local), chunks, resolve_dtype(config.dtype, hf_config),
-                          progress=bar, device=resolve_device(device))
-        live = skeleton
+    if source is not None and config.streaming:
+        src = Streamed(source)
     else:
-        dev = resolve_device(device)
-        live = load_model(model, config.dtype, revision, trust_remote_code,
-                          device=None if dev.type == "cpu" else str(dev)) if isinstance(model, (str, Path)) else model
-        adapter = check_model(live)
-        with _eager_attention(live, config.attention):
-            _run_in_memory(live, adapter, chunks, rec, config.attention, progress)
-
-    E = adapter.num_experts(live.config)
-    moe_layers = adapter.moe_layer_indices(live)
+        src = Resident(source.load() if source is not None else model)
+    live, adapter = src.model, src.adapter
+    E, moe_layers, L = adapter.num_experts(live.config), adapter.moe_layer_indices(live), len(src.layers)
+    with _eager_attention(live, config.attention and src.resident), \
+            instrument(live, src.adapter, rec, attention=config.attention):
+        run_pass(src, {"calibration": Stream(_chunks(calib, config.batch_size), before=True)}, progress=progress,
+                 desc="profile (streaming)" if not src.resident else "profile")
     has_shared = adapter.shared_expert is not None
-    arrays = _arrays(rec, len(adapter.layers(live)), E, moe_layers, has_shared)
+    arrays = _arrays(rec, L, E, moe_layers, has_shared)  # (a streamed pass has dropped its layers by now)
     if not rec.experts:
         raise CalibrationError("no token reached any expert: is the calibration data empty?")
     return ProfileResult(
-        model=name, model_type=live.config.model_type, num_experts=E, moe_layers=moe_layers,
+        model=str(name), model_type=live.config.model_type, num_experts=E, moe_layers=moe_layers,
         has_shared=has_shared, rule=config.rule, data_source=calib.source, data_sha256=calib.sha256,
         num_tokens=calib.num_tokens, arrays=arrays,
         super_experts=find_super_experts(arrays["out_max"], config.rule),

@@ -27,17 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import SecompressError
+from .errors import SinkHealthError
 from .instrument import Recorder, instrument
 from .checkpoints import check_model
 from .se_rule import massive_ratio
 
 log = logging.getLogger(__name__)
 SINK_BATCH_SIZE = 4  # windows per batch of the per-batch statistics (median |h|, sink mass)
-
-
-class SinkHealthError(SecompressError):
-    """The compressed model lost its massive activation or its attention sink."""
 
 
 @dataclass

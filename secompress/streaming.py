@@ -26,7 +26,7 @@ from torch import nn
 from .adapters import MoEAdapter
 from .experts import join_gate_up, layout_of
 from .layout import PROJ
-from .errors import SecompressError
+from .errors import CheckpointError, SecompressError
 from . import fp8
 from .fp8 import SCALE_SUFFIX, BlockFP8
 
@@ -52,8 +52,6 @@ class Checkpoint:
     """
 
     def __init__(self, path: str | Path, raw: bool = False):
-        from .checkpoints import check_safetensors_files
-
         self.path = Path(path)
         files = sorted(self.path.glob("*.safetensors"))
         if not files:
@@ -135,6 +133,44 @@ class Checkpoint:
         return t
 
 
+def check_safetensors_files(model: str | Path) -> None:
+    """Read every safetensors header of a local checkpoint (no tensor data) and fail with one line
+    naming the file on what would otherwise be a library traceback: a file shorter than its header
+    says, a header that is not JSON, a tensor reaching past the end of the file, a shard named by
+    ``model.safetensors.index.json`` that is missing, or an index that is not JSON."""
+    local = Path(model)
+    if not local.is_dir():
+        return
+    index = local / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"'{index}' is not a valid safetensors index ({type(e).__name__}: {e})") from None
+        missing = [s for s in shards if not (local / s).is_file()]
+        if missing:
+            raise CheckpointError(f"'{local / missing[0]}' is missing: '{index.name}' lists it "
+                                  f"({len(missing)} of {len(shards)} shards missing)")
+    for f in sorted(local.glob("*.safetensors")):
+        size = f.stat().st_size
+        with open(f, "rb") as h:
+            head = h.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"'{f}' is truncated: {size} bytes, shorter than a safetensors header")
+            n = struct.unpack("<Q", head)[0]
+            if n > size - 8:
+                raise CheckpointError(f"'{f}' is truncated or corrupt: its header claims {n} bytes, the file has {size}")
+            try:
+                header = json.loads(h.read(n))
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+                raise CheckpointError(f"'{f}' has a corrupt safetensors header (not the JSON safetensors writes)") from None
+        if ends and 8 + n + max(ends) > size:
+            raise CheckpointError(f"'{f}' is truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}")
+
+
+
 @contextmanager
 def params_on_meta():
     """Every parameter registered inside the block is created on ``meta``; buffers stay real."""
@@ -152,12 +188,20 @@ def params_on_meta():
         nn.Module.register_parameter = original
 
 
-def build_skeleton(config):
+def build_skeleton(config, dtype: torch.dtype | None = None):
+    """The model of ``config`` with every parameter on ``meta`` (in ``dtype`` when given: what
+    materialising gives them, so sizes computed on it are the real ones)."""
     from transformers import AutoModelForCausalLM
 
     config._attn_implementation = "eager"
     with params_on_meta():
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    if dtype is not None:
+        for mod in model.modules():
+            for n, p in list(mod._parameters.items()):
+                if p is not None and p.is_floating_point():
+                    mod._parameters[n] = nn.Parameter(torch.empty_like(p, dtype=dtype, device="meta"),
+                                                      requires_grad=False)
     return model.eval()
 
 
@@ -343,22 +387,3 @@ def capture_layer_inputs(model, adapter: MoEAdapter, chunks: list[torch.Tensor])
     hidden = [stores[0][c][0] for c in range(len(chunks))]  # [B, S, H] per chunk
     args = [[(stores[i][c][1], stores[i][c][2]) for c in range(len(chunks))] for i in range(len(real))]
     return hidden, args
-
-
-@torch.no_grad()
-def run_streaming(model, adapter: MoEAdapter, ckpt: Checkpoint, chunks: list[torch.Tensor], dtype,
-                  progress=None, device: torch.device | str = "cpu") -> None:
-    """Run ``chunks`` through the skeleton ``model`` one materialised decoder layer at a time on ``device``."""
-    layers = adapter.layers(model)
-    base = {id(m) for m in model.get_submodule(adapter.layers_path.rpartition(".")[0]).modules()}
-    skip = {id(m) for m in layers.modules()} | {id(m) for m in model.modules() if id(m) not in base}
-    with ckpt.reading():  # embeddings, final norm, rotary: small, load once (no output head)
-        materialise_rest(model, ckpt, adapter, dtype, device, skip=skip)
-    hidden, layer_args = capture_layer_inputs(model, adapter, [c.to(device) for c in chunks])
-    for i, layer in enumerate(layers):
-        materialise(layer, f"{adapter.layers_path}.{i}.", ckpt, adapter, dtype, device)
-        for c in range(len(chunks)):
-            hidden[c] = run_layer(layer, hidden[c], *layer_args[i][c])
-        release(layer)
-        if progress is not None:
-            progress.update(1)

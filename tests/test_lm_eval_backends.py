@@ -99,11 +99,12 @@ def test_schema_keys_and_their_errors(tmp_path):
 def _no_compute(monkeypatch):
     """Any weight read or profile fails the test: the refusals must come first."""
     import secompress.recipe.run as run
+    from secompress.source import Source
 
     def boom(*a, **k):
         raise AssertionError("computed before refusing")
 
-    monkeypatch.setattr(run, "load_model", boom)
+    monkeypatch.setattr(Source, "load", boom)
     monkeypatch.setattr(run, "_cached_profile", boom)
 
 
@@ -141,22 +142,22 @@ def test_vllm_refusals_before_any_compute(tmp_path, monkeypatch):
 def test_vllm_refused_for_an_export_vllm_cannot_load(tmp_path):
     """The compatibility report of the streamed plan (known before the first pass) decides: asymmetric
     compressed-tensors codes are refused, symmetric ones pass; a plain checkpoint has no report."""
+    from secompress.compress import Job
     from secompress.quant.config import QuantConfig
-    from secompress.streamed import StreamedJob, plan_streamed
+    from test_streamed import streamed
 
     src = save_tiny(make_tiny("qwen2_moe", num_hidden_layers=2), tmp_path / "tiny")
     recipe = parse_recipe(_recipe(src, f"{{tasks: [{TASK}], backend: vllm}}"), "r.yaml")
-    asym = plan_streamed(src, StreamedJob(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False)))
+    asym, _ = streamed(src, Job(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False)))
     with pytest.raises(RecipeError, match=r"r.yaml:7: stages.evaluate.backend: vllm cannot load this export, says "
                                           r"its compatibility report: asymmetric zero points"):
-        check_vllm_loads(recipe, asym.ct[1])
-    sym = plan_streamed(src, StreamedJob(quant=QuantConfig(bits=4, group_size=16, symmetric=True,
-                                                           protect_super_experts=False)))
-    check_vllm_loads(recipe, sym.ct[1])
-    check_vllm_loads(recipe, export_eval.plan_report(None))
-    deq = plan_streamed(src, StreamedJob(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False,
-                                                           format="dequantized")))
-    check_vllm_loads(recipe, export_eval.plan_report(deq.quant_plan))  # vllm-fused-moe: the 16-bit weights
+        check_vllm_loads(recipe, asym.report())
+    sym, _ = streamed(src, Job(quant=QuantConfig(bits=4, group_size=16, symmetric=True, protect_super_experts=False)))
+    check_vllm_loads(recipe, sym.report())
+    check_vllm_loads(recipe, streamed(src, Job())[0].report())  # no quantization: no report
+    deq, _ = streamed(src, Job(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False,
+                                                format="dequantized")))
+    check_vllm_loads(recipe, deq.report())  # vllm-fused-moe: the 16-bit weights
 
 
 @pytest.mark.parametrize("fmt", ["dequantized", "compressed-tensors"])

@@ -245,16 +245,20 @@ def test_recipe_sink_check_fails_a_run_whose_super_expert_was_removed_before_wri
     for f in ("sink.json", "sink.md", "sink.png"):
         assert (ok.out / f).is_file(), f
     assert "sink/peak_massive_ratio" in ok.comparison.rows
-    real = run_mod._compress
+    real = run_mod.run_job
 
-    def compress_and_lose_the_se(recipe, model, *a, **k):
-        info = real(recipe, model, *a, **k)
-        ad = get_adapter(model.config)
-        with torch.no_grad():
-            ad.experts_of(ad.block_of(model.model.layers[1])).down_proj[se].zero_()  # the SE is gone
-        return info
+    class LoseTheSE:  # a step after the job's own: the compressed stream sees layer 1 without its SE
+        def __init__(self, src):
+            self.src = src
 
-    monkeypatch.setattr(run_mod, "_compress", compress_and_lose_the_se)
+        def on_layer(self, index, layer, inputs):
+            if index == 1:
+                ad = self.src.adapter
+                with torch.no_grad():
+                    ad.experts_of(ad.block_of(layer)).down_proj[se].zero_()
+
+    monkeypatch.setattr(run_mod, "run_job", lambda plan, src, *a, **k: real(plan, src, *a, **k,
+                                                                          extra_steps=[LoseTheSE(src)]))
     with pytest.raises(SinkHealthError, match="SE-aware model lost its attention sink"):
         run_mod.run_recipe(parse_recipe(text, "t.yaml"), text, tmp_path / "bad", progress=False)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))

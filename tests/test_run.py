@@ -47,8 +47,8 @@ def test_pipeline_writes_model_card_comparison_manifest_and_dry_run(tmp_path, ti
     res = run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
     out = res.out
     assert res.manifest["super_experts"] == [[1, 3]] and not res.manifest["profile_cache_hit"]
-    assert set(res.pushed) >= {"README.md", "config.json", "model.safetensors", "tokenizer.json",
-                               "quantization_plan.json"}  # compressed-tensors, the default export
+    assert set(res.pushed) >= {"README.md", "config.json", "tokenizer.json", "quantization_plan.json"}
+    assert any(f.startswith("model") and f.endswith(".safetensors") for f in res.pushed)  # compressed-tensors
     assert res.manifest["push"]["dry_run"] is True
     for f in ("comparison.json", "comparison.md", "comparison.png", "manifest.json", "recipe.yaml",
               "profile/super_experts.json", "sink.json", "sink.md", "sink.png"):
@@ -92,9 +92,18 @@ def test_profile_cache_is_reused_and_invalidated(tmp_path, tiny_se):
 def test_recovery_threshold_fails_the_run_and_writes_nothing(tmp_path, tiny_se, monkeypatch):
     import secompress.recipe.run as run_mod
 
+    import math
+
     recipe, text = _recipe(tiny_se, extra=", recovery_threshold: 0.9")
-    ppl = iter([10.0, 12.5, 30.0])  # baseline, SE-aware, SE-unaware
-    monkeypatch.setattr(run_mod, "measure", lambda *a, **k: {"perplexity": next(ppl)})
+    losses = iter([(math.log(10.0), math.log(12.5)), (None, math.log(30.0))])  # baseline, SE-aware; SE-unaware
+    real = run_mod.run_job
+
+    def job(*a, **k):
+        res = real(*a, **k)
+        res.loss_before, res.loss_after = next(losses)
+        return res
+
+    monkeypatch.setattr(run_mod, "run_job", job)
     with pytest.raises(RecoveryError, match="perplexity recovers 0.800"):
         run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
@@ -108,7 +117,7 @@ def test_interruption_leaves_nothing_and_existing_output_is_kept(tmp_path, tiny_
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_mod, "_export", boom)  # interrupted while writing the checkpoint
+    monkeypatch.setattr(run_mod, "_card", boom)  # interrupted while writing the export's model card
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe, text, tmp_path / "out", dry_run=True, progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
@@ -138,7 +147,7 @@ def test_push_without_token_fails_before_compute_and_failed_push_keeps_the_expor
     with pytest.raises(PushError, match="export was kept") as e:
         run_recipe(recipe, text, tmp_path / "out", dry_run=False, progress=False)
     assert str(tmp_path / "out" / "model") in str(e.value) and "hf_test" not in str(e.value)
-    assert (tmp_path / "out" / "model" / "model.safetensors").is_file()
+    assert list((tmp_path / "out" / "model").glob("model*.safetensors"))
 
 
 def test_cli_run_refuses_existing_output(tmp_path, tiny_se, capsys):

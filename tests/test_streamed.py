@@ -1,6 +1,7 @@
-"""The layer-by-layer engine: streamed prune + RTN + export + perplexity are bit-identical to the
-in-memory path on all seven architectures, allocate nothing without an explicit device, and
-refuse bad input (disk space, in-memory-only methods, unknown devices) before any compute."""
+"""The two layer sources of the one loop: a compress job streamed from the shards (prune + RTN +
+export + perplexity) is bit-identical to the in-memory API on the same model, on all seven
+architectures, allocates nothing without an explicit device, and refuses bad input (disk space,
+unknown devices) before any compute."""
 import copy
 import json
 import sys
@@ -20,7 +21,9 @@ from secompress.profile import ProfileConfig, profile
 from secompress.prune import PruneConfig, prune, remap_profile
 from secompress.quant.api import CODES_NAME, QuantConfig, quantize_, save_quantized
 from secompress.shards import ShardWriter, specs_of
-from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+from secompress.compress import Job, plan_job, run_job
+from secompress.pipeline import Streamed
+from secompress.source import Source
 from secompress.testing import TINY, make_tiny, plant_super_expert, save_tiny
 
 PKG = str(Path(__file__).resolve().parents[1] / "secompress")
@@ -43,6 +46,13 @@ class DeviceTrap(TorchFunctionMode):
             if f.f_code.co_filename.startswith(PKG):
                 self.hits.append(f"{func.__name__} at {f.f_code.co_filename}:{f.f_lineno}")
         return func(*args, **kwargs)
+
+
+def streamed(src, job: Job, prof=None, calib=None, dtype=torch.float32, protect=None):
+    """(plan, a function running it streamed): the compress job over ``src``'s shards on the CPU."""
+    source = Source.open(src, dtype=dtype, device="cpu")
+    plan = plan_job(source, job, prof, protect=protect, calib=calib)
+    return plan, lambda *a, **k: run_job(plan, Streamed(source), *a, **k)
 
 
 def _tensors(folder: Path) -> dict:
@@ -74,12 +84,12 @@ def test_streamed_bit_identical_to_in_memory(tmp_path, model_type):
     loss_after = mean_loss(model, eval_ids, 2)
     save_quantized(model, tok, qplan, tmp_path / "mem")
 
-    plan = plan_streamed(src, StreamedJob(prune=pc, quant=qc, dtype=torch.float32, device="cpu", batch_size=2),
-                         prof)
+    plan, go = streamed(src, Job(prune=pc, quant=qc, batch_size=2), prof)
     with DeviceTrap() as trap:
-        res = compress_streamed(plan, eval_ids, tmp_path / "str", tok, progress=False)
+        res = go(eval_ids, tmp_path / "str", tok, progress=False)
     assert trap.hits == [], trap.hits[:5]
-    assert plan.kept == r.kept and plan.removal.params_after == r.params_after
+    pr = res.prune_result(prof, calib.source)
+    assert plan.mplan.kept == r.kept and pr.params_after == r.params_after and pr.kept == r.kept
     assert json.dumps(plan.quant_plan.to_json()) == json.dumps(qplan.to_json())
     assert res.loss_before == loss_before and res.loss_after == loss_after
     a, b = _tensors(tmp_path / "mem"), _tensors(tmp_path / "str")
@@ -96,9 +106,9 @@ def test_streamed_bit_identical_to_in_memory(tmp_path, model_type):
     qct = QuantConfig(bits=4, group_size=8, symmetric=True)
     assert qct.format == "compressed-tensors"
     save_quantized(pruned, tok, quantize_(pruned, qct, profile=remap_profile(prof, r)), tmp_path / "mem_ct")
-    plan = plan_streamed(src, StreamedJob(prune=pc, quant=qct, dtype=torch.float32, device="cpu"), prof)
+    plan, go = streamed(src, Job(prune=pc, quant=qct), prof)
     with DeviceTrap() as trap:
-        compress_streamed(plan, None, tmp_path / "str_ct", tok, progress=False)
+        go(None, tmp_path / "str_ct", tok, progress=False)
     assert trap.hits == [], trap.hits[:5]
     a, b = _tensors(tmp_path / "mem_ct"), _tensors(tmp_path / "str_ct")
     assert set(a) == set(b) and any(k.endswith("weight_packed") for _, k in a)
@@ -142,18 +152,14 @@ def test_shard_writer_many_shards_load_with_transformers(tmp_path):
 
 def test_refusals_before_compute(tmp_path, monkeypatch):
     src = save_tiny(make_tiny("qwen3_moe"), tmp_path / "in")
-    with pytest.raises(SecompressError, match="naee"):
-        StreamedJob(prune=PruneConfig(ratio=0.25, method="naee"))
-    with pytest.raises(SecompressError, match="in memory only"):
-        StreamedJob(quant=QuantConfig(method="gptq", group_size=32, format="gptqmodel"))
-    plan = plan_streamed(src, StreamedJob(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False,
-                                                             format="dequantized")))
+    plan, go = streamed(src, Job(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False,
+                                                   format="dequantized")))
     assert plan.output_bytes > plan.checkpoint_bytes  # dequantized export + codes
-    import secompress.streamed as st
+    import secompress.compress as cp
 
-    monkeypatch.setattr(st.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(cp.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(SecompressError, match="GiB free"):
-        compress_streamed(plan, None, tmp_path / "out", progress=False)
+        go(None, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(SecompressError, match="device must be"):
@@ -164,7 +170,7 @@ def test_refusals_before_compute(tmp_path, monkeypatch):
 
 
 def test_run_recipe_streamed_matches_in_memory(tmp_path, monkeypatch, planted_qwen2_moe):
-    from secompress.recipe import streamed_run
+    from secompress.recipe import run as runner
     from secompress.recipe.run import run_recipe
     from secompress.recipe.schema import parse_recipe
 
@@ -185,7 +191,7 @@ stages:
     said = []
     mem = run_recipe(recipe, text, tmp_path / "mem", progress=False, announce=said.append)
     assert mem.manifest["mode"] == "in memory" and "memory_share" in mem.manifest["mode_reason"]
-    monkeypatch.setattr(streamed_run, "available_memory", lambda: 1000)  # auto: the checkpoint no longer fits
+    monkeypatch.setattr(runner, "available_memory", lambda: 1000)  # auto: the checkpoint no longer fits
     st = run_recipe(recipe, text, tmp_path / "st", progress=False, announce=said.append)
     assert st.manifest["mode"] == "streamed" and said[-1].startswith("plan: streamed layer by layer on cpu")
     assert st.manifest["plan"]["estimated_peak_bytes"] > 0
@@ -222,8 +228,3 @@ def test_cli_prune_and_quantize_streaming_match_in_memory(tmp_path, capsys):
     assert main([*q, "--streaming", "--out", str(tmp_path / "qs")]) == 0
     ta, tb = _tensors(tmp_path / "qm"), _tensors(tmp_path / "qs")
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
-
-
-def test_streaming_refuses_export_formats_it_does_not_write():
-    with pytest.raises(SecompressError, match="format 'gptqmodel' .* is written in memory only"):
-        StreamedJob(quant=QuantConfig(method="gptq", bits=4, group_size=16, format="gptqmodel"))

@@ -1,7 +1,6 @@
-"""Streamed GPTQ and bitsandbytes: the export and the perplexities equal the in-memory path's
-(GPTQ: the same gptqmodel child on the same checkpoint bytes; bnb: the same quantization per layer)."""
+"""Streamed bitsandbytes: the export and the perplexities equal the in-memory path's (the same
+quantization per layer)."""
 import copy
-import importlib.util
 import json
 
 import pytest
@@ -9,14 +8,13 @@ import torch
 
 from secompress.checkpoints import load_model, load_tokenizer
 from secompress.data import CalibrationData, load_calibration
-from secompress.errors import SecompressError
 from secompress.perplexity import mean_loss
 from secompress.profile import ProfileConfig, profile
 from secompress.prune import PruneConfig, prune, remap_profile
 from secompress.quant.api import QuantConfig, quantize_, save_quantized
-from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+from secompress.compress import Job
 from secompress.testing import make_tiny, plant_super_expert, save_tiny
-from test_streamed import DeviceTrap, _tensors
+from test_streamed import DeviceTrap, _tensors, streamed
 
 
 def _setup(tmp_path, model_type, n_calib=6, seq_len=24, layers=3):
@@ -37,34 +35,6 @@ def _same_export(a_dir, b_dir, files=("config.json", "quantization_plan.json")):
     for name in files:
         assert json.loads((a_dir / name).read_text()) == json.loads((b_dir / name).read_text()), name
     return a
-
-
-@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="needs the gptq extra")
-def test_streamed_gptq_with_pruning_equals_in_memory(tmp_path, monkeypatch):
-    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
-    src, tok, calib, eval_ids = _setup(tmp_path, "qwen3_moe", n_calib=8, seq_len=32, layers=2)
-    model = load_model(src, torch.float32)
-    prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=8, seq_len=32, batch_size=4),
-                   progress=False)
-    pc = PruneConfig(ratio=0.25, method="reap", eval_samples=0)
-    qc = QuantConfig(method="gptq", bits=4, group_size=32)
-    assert qc.format == "compressed-tensors"
-    loss_before = mean_loss(model, eval_ids, 2)
-    r = prune(model, tok, pc, profile=prof, data=calib)
-    qplan = quantize_(model, qc, profile=remap_profile(prof, r), tokenizer=tok, data=calib, work=tmp_path / "work")
-    loss_after = mean_loss(model, eval_ids, 2)
-    save_quantized(model, tok, qplan, tmp_path / "mem")
-
-    plan = plan_streamed(src, StreamedJob(prune=pc, quant=qc, dtype=torch.float32, device="cpu", batch_size=2), prof,
-                         calib=calib.input_ids)
-    with DeviceTrap() as trap:
-        res = compress_streamed(plan, eval_ids, tmp_path / "str", tok, progress=False)
-    assert trap.hits == [], trap.hits[:5]
-    assert res.loss_before == loss_before and res.loss_after == loss_after, (res.loss_before, loss_before,
-                                                                             res.loss_after, loss_after)
-    a = _same_export(tmp_path / "mem", tmp_path / "str")
-    assert any(k.endswith("weight_packed") for _, k in a)
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".str")]  # the work folder is gone
 
 
 @pytest.mark.parametrize("model_type, bits, dtype, prune_too", [
@@ -88,10 +58,10 @@ def test_streamed_bnb_bit_identical_to_in_memory(tmp_path, model_type, bits, dty
     loss_after = mean_loss(model, eval_ids, 2)
     save_quantized(model, tok, qplan, tmp_path / "mem")
 
-    plan = plan_streamed(src, StreamedJob(prune=pc, quant=qc, dtype=dtype, device="cpu", batch_size=2), prof)
+    plan, go = streamed(src, Job(prune=pc, quant=qc, batch_size=2), prof, dtype=dtype)
     assert json.dumps(plan.quant_plan.to_json()) == json.dumps(qplan.to_json())
     with DeviceTrap() as trap:
-        res = compress_streamed(plan, eval_ids, tmp_path / "str", tok, progress=False)
+        res = go(eval_ids, tmp_path / "str", tok, progress=False)
     assert trap.hits == [], trap.hits[:5]
     assert res.loss_before == loss_before and res.loss_after == loss_after
     a = _same_export(tmp_path / "mem", tmp_path / "str")
@@ -102,23 +72,6 @@ def test_streamed_bnb_bit_identical_to_in_memory(tmp_path, model_type, bits, dty
     with torch.no_grad():
         ids = eval_ids[:2]
         assert torch.equal(back(input_ids=ids).logits, copy.deepcopy(model)(input_ids=ids).logits)
-
-
-def test_streamed_gptq_and_bnb_refuse_bad_combinations_up_front(tmp_path):
-    with pytest.raises(SecompressError, match="in memory only"):
-        StreamedJob(quant=QuantConfig(method="gptq", group_size=32, format="gptqmodel"))
-    with pytest.raises(SecompressError, match="cannot share one streamed pass"):
-        StreamedJob(prune=PruneConfig(ratio=0.25, method="m-smoe"), quant=QuantConfig(method="bnb", group_size=None))
-    src, tok, calib, _ = _setup(tmp_path, "qwen3_moe")
-    job = StreamedJob(quant=QuantConfig(method="gptq", bits=4, group_size=32))
-    with pytest.raises(SecompressError, match="needs the streamed profile"):
-        plan_streamed(src, job)
-    model = load_model(src, torch.float32)
-    prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=6, seq_len=24, batch_size=3),
-                   progress=False)
-    if importlib.util.find_spec("gptqmodel") is not None:
-        with pytest.raises(SecompressError, match="calibration windows"):
-            plan_streamed(src, job, prof)
 
 
 def test_cli_quantize_streaming_bnb_matches_in_memory(tmp_path, capsys):
@@ -134,14 +87,11 @@ def test_cli_quantize_streaming_bnb_matches_in_memory(tmp_path, capsys):
     assert main([*q, "--streaming", "--out", str(tmp_path / "qs")]) == 0
     assert "streamed layer by layer" in capsys.readouterr().out
     _same_export(tmp_path / "qm", tmp_path / "qs")
-    gptq = [*q[:2], "--method", "gptq", "--group-size", "32", "--format", "gptqmodel", "--streaming"]
-    assert main([*gptq, "--out", str(tmp_path / "g")]) == 2
-    assert "in memory only" in capsys.readouterr().err
 
 
 def test_run_recipe_streamed_bnb_matches_in_memory(tmp_path, monkeypatch, planted_qwen2_moe):
     pytest.importorskip("bitsandbytes", reason="needs the bnb extra")
-    from secompress.recipe import streamed_run
+    from secompress.recipe import run as runner
     from secompress.recipe.run import run_recipe
     from secompress.recipe.schema import parse_recipe
 
@@ -160,7 +110,7 @@ stages:
 """
     recipe = parse_recipe(text, "t.yaml")
     mem = run_recipe(recipe, text, tmp_path / "mem", progress=False)
-    monkeypatch.setattr(streamed_run, "available_memory", lambda: 1000)  # auto: the checkpoint no longer fits
+    monkeypatch.setattr(runner, "available_memory", lambda: 1000)  # auto: the checkpoint no longer fits
     st = run_recipe(recipe, text, tmp_path / "st", progress=False)
     assert mem.manifest["mode"] == "in memory" and st.manifest["mode"] == "streamed"
     assert st.comparison.rows["perplexity"] == mem.comparison.rows["perplexity"]

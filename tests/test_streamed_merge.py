@@ -1,6 +1,7 @@
-"""Expert merging (M-SMoE, HC-SMoE) and HEAPr on the layer-by-layer engine: the same groups, widths,
-report and exported tensors as the in-memory path; a planted Super Expert survives a streamed merge
-bit for bit; bad requests are refused before any weight is read."""
+"""Expert merging (M-SMoE, HC-SMoE), HEAPr and NAEE streamed from the shards: the same groups, widths,
+report and exported tensors as the in-memory API; HEAPr's layer-wise gradient checkpointing equals a
+whole-model backward (the oracle below); a planted Super Expert survives a streamed merge bit for bit,
+also when merging and quantization share the pass; bad requests are refused before any weight is read."""
 import dataclasses
 import json
 
@@ -15,13 +16,15 @@ from secompress.errors import SecompressError
 from secompress.experts import expert_weights
 from secompress.profile import ProfileConfig, profile
 from secompress.prune import PruneConfig, prune, save_pruned
-from secompress.prune.layer_stats import collect
-from secompress.prune.streamed_merge import fisher_stats, streamed_result
+from secompress.compress import Job
+from secompress.pipeline import Streamed
+from secompress.prune.layer_stats import LayerStats, capture, frozen
+from secompress.prune.methods.heapr import fisher_stats
 from secompress.quant.api import QuantConfig
-from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+from secompress.source import Source
 from secompress.testing import make_tiny, plant_super_expert, save_tiny
 
-from test_streamed import DeviceTrap
+from test_streamed import DeviceTrap, streamed
 
 N, S, B = 4, 24, 2  # calibration windows, their length, windows per batch
 
@@ -54,12 +57,11 @@ def _both(tmp_path, model_type, method, hessian="identity", plant=None):
     pc = PruneConfig(0.5, method, calib_samples=N, eval_samples=0, seq_len=S, batch_size=B, hessian=hessian)
     r = prune(model, tok, pc, profile=prof, data=calib)
     save_pruned(model, tok, r, tmp_path / "mem")
-    plan = plan_streamed(src, StreamedJob(prune=pc, dtype=torch.float32, device="cpu", batch_size=B), prof,
-                         calib=calib.input_ids)
+    plan, go = streamed(src, Job(prune=pc, batch_size=B), prof, calib=calib.input_ids)
     with DeviceTrap() as trap:  # every tensor the streamed pass makes names its device
-        res = compress_streamed(plan, None, tmp_path / "str", tok, progress=False)
+        res = go(None, tmp_path / "str", tok, progress=False)
     assert trap.hits == [], trap.hits[:5]
-    rs = streamed_result(plan.restructure, plan.model, res.extra["restructure"], prof, calib.source, (None, None), 0)
+    rs = res.prune_result(prof, calib.source)
     return r, rs, _tensors(tmp_path / "mem"), _tensors(tmp_path / "str"), plan
 
 
@@ -71,7 +73,8 @@ def _same_report(r, rs):
 
 @pytest.mark.parametrize("model_type,method", [("qwen2_moe", "m-smoe"), ("deepseek_v3", "m-smoe"),
                                                ("mixtral", "hc-smoe"), ("deepseek_v3", "hc-smoe"),
-                                               ("qwen2_moe", "heapr"), ("olmoe", "heapr")])
+                                               ("qwen2_moe", "heapr"), ("olmoe", "heapr"),
+                                               ("qwen3_moe", "naee"), ("gpt_oss", "naee")])
 def test_streamed_equals_in_memory(tmp_path, model_type, method):
     r, rs, a, b, plan = _both(tmp_path, model_type, method)
     _same_report(r, rs)
@@ -90,16 +93,37 @@ def test_streamed_heapr_fisher_matches_in_memory(tmp_path, model_type):
     r, rs, a, b, plan = _both(tmp_path, model_type, "heapr", hessian="fisher")
     _same_report(r, rs)
     # the up-front estimate counts what the backward pass keeps: every layer's calibration input from the first MoE layer
-    kept = (plan.config.num_hidden_layers - min(plan.restructure.moe_layers)) * N * S * plan.config.hidden_size * 4
-    assert plan.peak_bytes() - dataclasses.replace(plan, restructure=None).peak_bytes() >= kept
+    cfg = plan.source.config
+    kept = (cfg.num_hidden_layers - min(plan.mplan.moe_layers)) * N * S * cfg.hidden_size * 4
+    assert plan.peak_bytes() - dataclasses.replace(plan, mplan=None).peak_bytes() >= kept
     for k in a:
         assert torch.equal(a[k], b[k]), k
     src, _, calib, model, _ = _setup(tmp_path / "again", model_type)
-    mem = collect(model, get_adapter(model.config), calib.input_ids, B, ("heapr",), hessian="fisher")
-    st = fisher_stats(src, plan.config, torch.float32, torch.device("cpu"), plan.restructure, progress=False)
-    for l in mem:  # on the CPU even bit-identical: the same per-layer graphs, chunks and float64 sums
+    mem = _whole_model_fisher(model, calib.input_ids)
+    st = fisher_stats(Streamed(Source.open(src, dtype=torch.float32, device="cpu")), plan.mplan, progress=False)
+    for l in mem:  # the same per-layer graphs, chunks and float64 sums; a backend may order sums differently
         torch.testing.assert_close(st[l].heapr, mem[l].heapr, rtol=1e-6, atol=0)
         assert torch.equal(st[l].freq, mem[l].freq)
+
+
+def _whole_model_fisher(model, ids) -> dict:
+    """The oracle: HEAPr statistics with dL/dy from one whole-model backward of the next-token loss per batch."""
+    ad = get_adapter(model.config)
+    layers = ad.moe_layer_indices(model)
+    stats = {l: LayerStats(ad.num_experts(model.config), frozenset({"heapr"})) for l in layers}
+    emb = model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True))
+    try:
+        for chunk in ids.split(B):
+            store: dict = {}
+            with capture(model, ad, layers, store, True), frozen(model), torch.enable_grad():
+                loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss
+                g = torch.autograd.grad(loss, [store[l]["y"] for l in layers])
+            for l, gl in zip(layers, g):
+                store[l]["grad"] = gl.reshape(-1, gl.shape[-1])
+                stats[l].observe_captured(ad.experts_of(ad.block_of(ad.layers(model)[l])), store[l])
+    finally:
+        emb.remove()
+    return stats
 
 
 def test_streamed_merge_keeps_a_planted_super_expert_bit_identical(tmp_path):
@@ -128,24 +152,23 @@ def test_streamed_merge_and_heapr_refuse_bad_input_up_front(tmp_path, capsys, mo
     from secompress.cli import main
 
     src, tok, calib, model, prof = _setup(tmp_path, "qwen3_moe")
-    job = lambda method, ratio=0.5, **k: StreamedJob(prune=PruneConfig(ratio, method, **k), dtype=torch.float32)  # noqa: E731
+    job = lambda method, ratio=0.5, **k: Job(prune=PruneConfig(ratio, method, **k))  # noqa: E731
     with pytest.raises(ValueError, match="fewer than top_k"):
-        plan_streamed(src, job("m-smoe", 0.9), prof, calib=calib.input_ids)  # 8 -> 1 expert, top_k 2
+        streamed(src, job("m-smoe", 0.9), prof, calib=calib.input_ids)  # 8 -> 1 expert, top_k 2
     with pytest.raises(ValueError, match="kept width"):
-        plan_streamed(src, job("heapr", 0.99), prof, calib=calib.input_ids)  # 32 -> 0 neurons
+        streamed(src, job("heapr", 0.99), prof, calib=calib.input_ids)  # 32 -> 0 neurons
     other = profile(make_tiny("mixtral"), tok, config=ProfileConfig(num_samples=2, seq_len=32), progress=False)
     with pytest.raises(SecompressError, match="profile is of a mixtral"):
-        plan_streamed(src, job("hc-smoe"), other, calib=calib.input_ids)
-    with pytest.raises(SecompressError, match="calibration windows"):
-        plan_streamed(src, job("heapr"), prof)
+        streamed(src, job("hc-smoe"), other, calib=calib.input_ids)
+    with pytest.raises(ValueError, match="calibration windows"):
+        streamed(src, job("heapr"), prof)
     aux = save_tiny(make_tiny("qwen3_moe", num_hidden_layers=3, output_router_logits=True), tmp_path / "aux")
-    with pytest.raises(SecompressError, match="hessian: identity"):
-        plan_streamed(aux, job("heapr"), prof, calib=calib.input_ids)
-    plan_streamed(aux, job("heapr", hessian="identity"), prof, calib=calib.input_ids)  # forward-only: fine
-    with pytest.raises(SecompressError, match="merging .* and quantization"):
-        StreamedJob(prune=PruneConfig(0.5, "m-smoe"), quant=QuantConfig(bits=4, format="dequantized"))
-    with pytest.raises(SecompressError, match="naee"):
-        StreamedJob(prune=PruneConfig(0.5, "naee"))
+    with pytest.raises(ValueError, match="hessian: identity"):
+        streamed(aux, job("heapr"), prof, calib=calib.input_ids)
+    streamed(aux, job("heapr", hessian="identity"), prof, calib=calib.input_ids)  # forward-only: fine
+    with pytest.raises(ValueError, match="se_mode 'layer'"):  # a merge renumbers the SEs during the pass
+        streamed(src, Job(prune=PruneConfig(0.5, "m-smoe"), quant=QuantConfig(bits=4, format="dequantized")),
+                 _with_se(prof), calib=calib.input_ids)
 
     def no(*a, **k):
         raise AssertionError("profiled before the ratio was checked")
@@ -157,6 +180,38 @@ def test_streamed_merge_and_heapr_refuse_bad_input_up_front(tmp_path, capsys, mo
         assert main(["prune", str(src), "--ratio", ratio, "--method", method, "--streaming", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err and not out.exists(), err
+
+
+def _with_se(prof, se=(1, 3)):
+    """The profile with a Super Expert (the tiny random model has none)."""
+    return dataclasses.replace(prof, super_experts=[se])
+
+
+def test_merge_and_quantize_in_one_streamed_pass_keep_the_se_layer_16_bit(tmp_path):
+    """Merging renumbers the experts during the pass: the SE's whole layer stays 16-bit (se_mode layer), the
+    SE bit-identical under its new id, the plan names it by that id, and the export reloads."""
+    def plant(m):
+        plant_super_expert(m, 1, 3, scale=300.0)
+
+    src, tok, calib, model, prof = _setup(tmp_path, "qwen3_moe", plant)
+    assert prof.se_ids() == [(1, 3)]
+    job = Job(prune=PruneConfig(0.5, "m-smoe", batch_size=B), quant=QuantConfig(bits=4, group_size=8), batch_size=B)
+    plan, go = streamed(src, job, prof, calib=calib.input_ids)
+    res = go(None, tmp_path / "out", tok, progress=False)
+    new = res.prune_step.decisions[1].representatives.index(3)
+    assert plan.quant_plan.super_experts == [(1, new)]
+    assert all(plan.quant_plan.bits[n] is None for n, u in plan.quant_plan.units.items()
+               if u.layer == 1 and u.expert is not None)
+    import secompress
+
+    back = secompress.load(tmp_path / "out")
+    ad = get_adapter(back.config)
+    src_model = make_tiny("qwen3_moe", num_hidden_layers=3)
+    plant(src_model)
+    se = expert_weights(ad.experts_of(ad.block_of(ad.layers(src_model)[1])), 3)
+    after = expert_weights(ad.experts_of(ad.block_of(ad.layers(back)[1])), new)
+    for k, v in se.items():
+        assert torch.equal(after[k], v), k
 
 
 def test_cli_prune_streaming_merges_and_prunes_neurons_like_in_memory(tmp_path):

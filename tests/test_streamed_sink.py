@@ -12,8 +12,9 @@ from secompress.checkpoints import load_model
 from secompress.quant.api import QuantConfig, quantize_
 from secompress.sink import SinkHealthError, measure_sink
 from secompress.sink_meter import SinkMeter, _Regroup
-from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+from secompress.compress import Job
 from secompress.testing import make_tiny, plant_super_expert, save_tiny
+from test_streamed import streamed
 
 
 def _same(a, b) -> None:
@@ -51,15 +52,15 @@ def test_streamed_sink_equals_in_memory(tmp_path, model_type, chunk):
     quantize_(model, qc)
     comp = measure_sink(model, ids)
 
-    plan = plan_streamed(src, StreamedJob(quant=qc, dtype=torch.float32, device="cpu", batch_size=chunk))
-    res = compress_streamed(plan, ids, progress=False, sink=True)
+    _, go = streamed(src, Job(quant=qc, batch_size=chunk))
+    res = go(ids, progress=False, sink=True)
     _same(res.sink_before, base)
     _same(res.sink_after, comp)
     assert all(math.isfinite(x) for x in base.sink_mass) and base.peak_ratio > 1
-    only = compress_streamed(plan, ids, progress=False, sink=True, baseline=False)  # the SE-unaware pass's way
+    only = go(ids, progress=False, sink=True, baseline=False)  # the SE-unaware pass's way
     assert only.sink_before is None
     _same(only.sink_after, comp)
-    assert compress_streamed(plan, ids, progress=False).sink_after is None
+    assert go(ids, progress=False).sink_after is None
 
 
 RECIPE = """\
@@ -108,19 +109,19 @@ def test_streamed_recipe_sink_files_and_rows_equal_the_in_memory_run(tmp_path, b
 
 
 def test_streamed_recipe_sink_check_fails_before_anything_is_written(tmp_path, bos_se_checkpoint, monkeypatch):
-    import secompress.streamed as st
+    from secompress.prune.methods.score import KeepExperts
 
     se = _bos_super_expert_model()[1]
-    real = st.PruneLayers.on_layer
+    real = KeepExperts.on_layer
 
     def prune_and_lose_the_se(self, index, layer, inputs):  # the compressed stream sees layer 1 without its SE
         if index == 1:
-            ad = self.eng.adapter
+            ad = self.src.adapter
             with torch.no_grad():
                 ad.experts_of(ad.block_of(layer)).down_proj[se].zero_()
         real(self, index, layer, inputs)
 
-    monkeypatch.setattr(st.PruneLayers, "on_layer", prune_and_lose_the_se)
+    monkeypatch.setattr(KeepExperts, "on_layer", prune_and_lose_the_se)
     with pytest.raises(SinkHealthError, match="SE-aware model lost its attention sink"):
         _run(bos_se_checkpoint, tmp_path / "bad", streaming=True, compare=True)
     assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad*"))

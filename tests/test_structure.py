@@ -28,6 +28,20 @@ class StepOptions:
             raise ValueError(f"step must be positive, got {self.step}")
 
 
+class StepLayers:
+    """The per-layer step: round the layer's planned Linear weights to the grid."""
+
+    def __init__(self, src, plan, step):
+        self.src, self.plan, self.step = src, plan, step
+
+    def on_layer(self, index, layer, inputs):
+        from secompress.quant.modules import planned_linears
+
+        with torch.no_grad():
+            for _, _, _, lin, _ in planned_linears(self.src.model, self.plan.layer(index)):
+                lin.weight.copy_(torch.round(lin.weight / self.step) * self.step)
+
+
 class StepBackend(Backend):
     """Rounds the planned attention/dense Linear weights to a grid; exports a plain checkpoint."""
 
@@ -35,13 +49,8 @@ class StepBackend(Backend):
     options = StepOptions
     load_snippet = "import secompress\nmodel = secompress.load('PATH')  # step backend"
 
-    def apply(self, model, plan, config, ctx):
-        from secompress.quant.modules import planned_linears
-
-        with torch.no_grad():
-            for _, _, _, lin, _ in planned_linears(model, plan):
-                lin.weight.copy_(torch.round(lin.weight / config.options.step) * config.options.step)
-        return plan
+    def layer_step(self, src, plan, config):
+        return StepLayers(src, plan, config.options.step)
 
     def save(self, model, tokenizer, plan, out, overwrite=False):
         from secompress.outputs import atomic_dir
@@ -145,13 +154,13 @@ GOODV = dict(model_type="qwen3_moe", dtype="float32", ratio=0.25, prune_method="
 ])
 def test_invalid_recipe_values_fail_before_any_weight_is_read(change, where, tiny_dir, tmp_path, monkeypatch, capsys):
     import secompress.checkpoints
-    import secompress.recipe.run
+    import secompress.source
     import secompress.streaming
 
     def no(*a, **k):
         raise AssertionError("a weight was read")
 
-    for mod, name in ((secompress.checkpoints, "load_model"), (secompress.recipe.run, "load_model"),
+    for mod, name in ((secompress.checkpoints, "load_model"), (secompress.source.Source, "load"),
                       (secompress.streaming.Checkpoint, "get")):
         monkeypatch.setattr(mod, name, no)
     recipe = tmp_path / "r.yaml"
@@ -188,12 +197,80 @@ def test_bad_overrides_and_deep_yaml_are_one_clean_error(tiny_dir, tmp_path, cap
     assert "r.yaml: not valid YAML" in capsys.readouterr().err
 
 
-# ---- (c) no import circle ---------------------------------------------------------------------
+# ---- (c) no import circle, function-local imports included ---------------------------------------
+def _imports(path: Path, mod: str) -> set[str]:
+    """The secompress modules ``path`` imports anywhere (module level, inside functions, under
+    TYPE_CHECKING), resolved to module names."""
+    import ast
+
+    pkg = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("secompress")}
+        elif isinstance(node, ast.ImportFrom):
+            base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1] if node.level else []
+            name = ".".join(base + ([node.module] if node.module else [])) if node.level else (node.module or "")
+            if name.startswith("secompress"):
+                for a in node.names:  # `from .pkg import module` imports the module
+                    sub = f"{name}.{a.name}"
+                    is_mod = (ROOT / (sub.replace(".", "/") + ".py")).exists() or (ROOT / sub.replace(".", "/")).is_dir()
+                    out.add(sub if is_mod else name)
+    return out
+
+
+def _module_graph() -> dict[str, set[str]]:
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "secompress").rglob("*.py")}
+    return {m: {i for i in _imports(p, m) if i in files and i != m} for m, p in files.items()}
+
+
+def _circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index, low, stack, on, out, n = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = n[0]
+        n[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle_even_through_function_local_imports():
+    circles = _circles(_module_graph())
+    assert circles == [], "import circles:\n" + "\n".join(" <-> ".join(c) for c in circles)
+
+
+def test_the_circle_check_finds_a_circle():
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
 def test_every_module_imports_alone():
     """Each secompress module is imported first, with no other secompress module loaded (one process:
     torch and transformers stay imported, secompress's modules are dropped before each import)."""
     mods = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-                  for p in (ROOT / "secompress").rglob("*.py"))
+                  for p in (ROOT / "secompress").rglob("*.py") if p.name != "__main__.py")
     code = ("import importlib, sys, torch, transformers\n"
             f"for m in {mods!r}:\n"
             "    for k in [k for k in sys.modules if k == 'secompress' or k.startswith('secompress.')]:\n"

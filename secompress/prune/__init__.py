@@ -1,19 +1,23 @@
-"""SE-protected expert pruning that removes experts for real.
+"""SE-protected expert pruning, merging and neuron pruning that change the model for real.
 
     from secompress.prune import PruneConfig, prune, save_pruned
     result = prune(model, tokenizer, PruneConfig(ratio=0.25, method="reap"))
     save_pruned(model, tokenizer, result, "out/")
 
-Modules: ``scores`` (importance from profile statistics, registry ``SCORERS``),
-``reconstruction`` (NAEE), ``select`` (validated plan, SE-protected choice),
-``structural`` (slicing tensors and config), ``api`` (the stage), ``cli``.
+Modules: ``methods/`` (the registry ``PRUNE_METHODS``: one file per method family, each handing
+out its per-layer step), pure math (``scores`` (registry ``SCORERS``), ``select``, ``merge``,
+``heapr``, ``reconstruction``), per-layer statistics and actions (``layer_stats``, ``merging``,
+``neurons``, ``structural``), ``config`` (PruneConfig), ``result`` (the report), ``api`` (the
+in-memory stage), ``as_stored`` (FP8 checkpoints written as stored).
 """
 from __future__ import annotations
 
 from .api import PruneConfig, PruneResult, plan_for, prune, remap_profile, save_pruned, summary_table
+from .methods import PRUNE_METHODS
 from .scores import SCORERS
 from .select import PrunePlan, ProtectionChange, Selection, select_by_score
 from .structural import RemovalReport, remove_experts
 
-__all__ = ["PruneConfig", "PrunePlan", "PruneResult", "ProtectionChange", "RemovalReport", "SCORERS", "Selection",
-           "plan_for", "prune", "remap_profile", "remove_experts", "save_pruned", "select_by_score", "summary_table"]
+__all__ = ["PRUNE_METHODS", "PruneConfig", "PrunePlan", "PruneResult", "ProtectionChange", "RemovalReport", "SCORERS",
+           "Selection", "plan_for", "prune", "remap_profile", "remove_experts", "save_pruned", "select_by_score",
+           "summary_table"]

@@ -1,128 +1,48 @@
-"""The pruning stage: remove a share of every MoE layer's routed experts, sparing Super Experts.
+"""The pruning stage: remove, merge or narrow a share of every MoE layer's routed experts, sparing Super Experts.
 
     result = prune(model, tokenizer, PruneConfig(ratio=0.25, method="reap"))
     save_pruned(model, tokenizer, result, "out/")
 
-Steps: validate the ratio against the router (:class:`~secompress.prune.select.PrunePlan`);
-profile the model unless a profile is given (its statistics feed the scorers, and
-its Super Experts, Su et al. 2025 arXiv 2507.23279, are protected); choose the
-experts per layer by a registered score or by NAEE reconstruction, or merge them (M-SMoE,
-HC-SMoE: ``.merging``), or prune every expert's intermediate neurons (HEAPr: ``.neurons``);
-measure held-out perplexity; change the model for real; measure again.
+``prune`` runs the method's per-layer step (:mod:`secompress.prune.methods`, the registry
+``PRUNE_METHODS``) over the model in memory, a resident source of the one loop
+(:mod:`secompress.pipeline`); the streamed path runs the same step over the checkpoint's shards
+(:mod:`secompress.compress`). Steps: validate the ratio against the router (or the expert width)
+before anything else; profile the model unless a profile is given (its statistics feed the
+scores, and its Super Experts, Su et al. 2025 arXiv 2507.23279, are protected); plan on a meta
+skeleton (the final shapes, and everything decided without weights); one pass: held-out windows
+through each original layer (perplexity before), the method's step (statistics -> decision ->
+apply), the windows through the changed layer (perplexity after).
 
 ``ratio`` is the share of each MoE layer's routed experts removed (pruning) or merged away
 (merging), and for HEAPr the share of every expert's intermediate width removed.
-Legend: L decoder layers, E routed experts, N windows, S sequence length.
+Legend: N windows, S sequence length.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from ..checkpoints import check_model, write_legacy_config_keys
 from ..data import CalibrationData, load_calibration
 from ..errors import SecompressError
-from ..perplexity import perplexity
-from ..checkpoints import check_model, write_legacy_config_keys
 from ..outputs import atomic_dir
-from ..streaming import Checkpoint
+from ..pipeline import Resident, Stream, run_pass
+from ..profile import ProfileConfig, ProfileResult, check_profile_matches, profile_for
+from ..streaming import Checkpoint, build_skeleton
 from .as_stored import save_as_stored
-from ..profile import (DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, ProfileConfig, ProfileResult,
-                       check_profile_matches, profile_for)
-from .reconstruction import DEFAULT_LIMIT, capture_block_inputs, naee_select
-from .scores import SCORERS, score
-from .select import PrunePlan, ProtectionChange, Selection, make_plan, protected_by_layer, select_by_score
-from .structural import RemovalReport, SizeDelta, model_size, remove_experts, shared_multiplier_for
-from .merging import MERGE_METHODS, merge_targets
-from .merge import check_groups
-from .heapr import HESSIANS
+from .config import PruneConfig
+from .methods import PRUNE_METHODS
+from .result import REPORT_NAME, PruneResult, remap_profile, summary_table
 
 log = logging.getLogger(__name__)
-REPORT_NAME = "prune_report.json"
-RECONSTRUCTION_METHODS = ("naee",)
-NEURON_METHODS = ("heapr",)
-REPORT_VERSION = 1
+ALL_METHODS = tuple(PRUNE_METHODS)
 
-
-ALL_METHODS = (*sorted(SCORERS), *RECONSTRUCTION_METHODS, *MERGE_METHODS, *NEURON_METHODS)
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    ratio: float  # share of each MoE layer's routed experts to remove, in (0, 1)
-    method: str = "reap"  # a SCORERS name, "naee", a merge method (m-smoe, hc-smoe) or "heapr"
-    protect_super_experts: bool = True
-    seed: int = 0  # the random scorer's seed
-    calib_samples: int = DEFAULT_NUM_SAMPLES  # windows for profiling and NAEE
-    eval_samples: int = 8  # held-out windows for perplexity; 0 = no perplexity
-    seq_len: int = DEFAULT_SEQ_LEN
-    batch_size: int = DEFAULT_BATCH_SIZE
-    naee_samples: int = 4  # of the calibration windows, how many NAEE reconstructs (its inputs are kept in memory)
-    naee_limit: int = DEFAULT_LIMIT  # enumerate removal sets up to this many per layer, else greedy
-    hessian: str = "fisher"  # HEAPr: output-space Hessian from gradients ("fisher") or "identity" (no backward)
-
-    def __post_init__(self):
-        if not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio < 1.0):
-            raise ValueError(f"ratio must be in (0, 1) (the share of routed experts to remove), got {self.ratio}")
-        if self.method not in ALL_METHODS:
-            raise ValueError(f"unknown method '{self.method}'; known: {', '.join(ALL_METHODS)}")
-        if self.hessian not in HESSIANS:
-            raise ValueError(f"hessian must be one of {HESSIANS}, got '{self.hessian}'")
-        if self.calib_samples < 1 or self.eval_samples < 0 or self.batch_size < 1 or self.seq_len < 2:
-            raise ValueError("calib_samples and batch_size must be >= 1, eval_samples >= 0, seq_len >= 2")
-        if self.naee_samples < 1 or self.naee_limit < 1:
-            raise ValueError("naee_samples and naee_limit must be >= 1")
-
-
-@dataclass
-class PruneResult(SizeDelta):
-    config: PruneConfig
-    model: str
-    model_type: str
-    num_experts_before: int
-    num_experts_after: int
-    moe_layers: list[int]
-    kept: dict[int, list[int]]  # layer -> original ids of the kept experts (new id = position)
-    removed: dict[int, list[int]]
-    super_experts: list[tuple[int, int | str]]  # from the profile (absolute rule)
-    removed_super_experts: list[tuple[int, int]]  # only non-empty with protection off
-    protection_changes: list[ProtectionChange]
-    params_before: int
-    params_after: int
-    bytes_before: int
-    bytes_after: int
-    perplexity_before: float | None
-    perplexity_after: float | None
-    data_source: str
-    eval_source: str
-    eval_tokens: int
-    profile_source: str
-    seconds: float
-    extra: dict = field(default_factory=dict)  # method-specific details (NAEE losses)
-
-    def to_json(self) -> dict:
-        return {
-            "report_version": REPORT_VERSION, "model": self.model, "model_type": self.model_type,
-            "config": asdict(self.config),
-            "num_experts_before": self.num_experts_before, "num_experts_after": self.num_experts_after,
-            "layers": [{"layer": l, "kept": self.kept[l], "removed": self.removed[l]} for l in self.moe_layers],
-            "super_experts": [{"layer": l, "expert": e} for l, e in self.super_experts],
-            "removed_super_experts": [{"layer": l, "expert": e} for l, e in self.removed_super_experts],
-            "protection_changes": [c.to_json() for c in self.protection_changes],
-            "parameters": {"before": self.params_before, "after": self.params_after, "saved": self.params_saved},
-            "bytes": {"before": self.bytes_before, "after": self.bytes_after, "saved": self.bytes_saved},
-            "perplexity": {"before": self.perplexity_before, "after": self.perplexity_after,
-                           "eval_source": self.eval_source, "eval_tokens": self.eval_tokens},
-            "calibration": {"data": self.data_source, "profile": self.profile_source},
-            "seconds": round(self.seconds, 2),
-            **({"details": self.extra} if self.extra else {}),
-        }
+__all__ = ["ALL_METHODS", "REPORT_NAME", "PruneConfig", "PruneResult", "plan_for", "prune", "remap_profile",
+           "save_pruned", "summary_table"]
 
 
 def _split_data(data, eval_data, tokenizer, cfg: PruneConfig) -> tuple[CalibrationData, CalibrationData | None]:
@@ -153,201 +73,48 @@ def _split_data(data, eval_data, tokenizer, cfg: PruneConfig) -> tuple[Calibrati
             CalibrationData(ids[cut:], f"{calib_all.source} (held-out windows {cut}..{n - 1})", calib_all.sha256))
 
 
-def width_for(model, ratio: float) -> int:
-    """HEAPr: the intermediate width every expert keeps at ``ratio`` (a clear ValueError if none is left)."""
-    adapter = check_model(model)
-    I = adapter.intermediate_size(model.config)
-    width = I - int(math.floor(ratio * I + 0.5))
-    if not 0.0 < ratio < 1.0 or width < 1 or width >= I:
-        raise ValueError(f"ratio {ratio} of an expert width of {I} neurons keeps {width}: the kept width must be "
-                         f"in 1..{I - 1}")
-    shared_multiplier_for(adapter, model.config, width)  # a shared expert the config ties to the width
-    return width
-
-
-def plan_for(model, ratio: float, method: str = "reap") -> PrunePlan | int:
-    """The validated plan for pruning ``model`` by ``ratio`` (raises a clear ValueError otherwise);
-    for a neuron method, the kept width."""
-    if method in NEURON_METHODS:
-        return width_for(model, ratio)
-    adapter = check_model(model)
-    groups = tuple(getattr(model.config, k, None) for k in adapter.group_keys) if adapter.group_keys else None
-    return make_plan(ratio, adapter.num_experts(model.config), adapter.top_k(model.config), groups,
-                     adapter.min_experts_per_group)
+def plan_for(model, ratio: float, method: str = "reap"):
+    """The validated target of pruning ``model`` (or a skeleton) by ``ratio`` with ``method``: the
+    :class:`~secompress.prune.select.PrunePlan`, or the kept width for a width method; a clear
+    ValueError when the router or the width cannot take it."""
+    if method not in PRUNE_METHODS:
+        raise ValueError(f"unknown method '{method}'; known: {', '.join(PRUNE_METHODS)}")
+    return PRUNE_METHODS[method].target(model, PruneConfig(ratio=ratio, method=method))
 
 
 def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None = None,
           data: str | Path | CalibrationData = "builtin", eval_data: str | Path | CalibrationData | None = None,
           progress: bool = False) -> PruneResult:
-    """Remove ``config.ratio`` of the routed experts of every MoE layer of ``model`` in place.
-
-    Raises (before changing anything) when the ratio does not suit the router or when
-    protection cannot be honoured. Held-out perplexity comes from the windows after
-    the calibration windows of ``data``, or from ``eval_data``.
-    """
+    """Prune ``model`` in place by ``config`` (see the module docstring); raises before changing anything
+    when the ratio does not suit the router or protection cannot be honoured."""
     t0 = time.perf_counter()
-    adapter = check_model(model)
-    plan = plan_for(model, config.ratio, config.method)
+    method = config.prune_method
+    src = Resident(model)
+    skeleton = build_skeleton(copy.deepcopy(model.config), src.dtype)
+    method.target(skeleton, config)  # a ratio the router cannot take fails before the data and the profile
     if profile is not None:
         check_profile_matches(profile, model)
     calib, held_out = _split_data(data, eval_data, tokenizer, config)
     pc = ProfileConfig(num_samples=calib.input_ids.shape[0], seq_len=calib.input_ids.shape[1],
                        batch_size=config.batch_size)
     profile = profile_for(model, profile, tokenizer, calib, pc, progress)
-    moe_layers = adapter.moe_layer_indices(model)
-    ses = profile.se_ids()
-    protect = config.protect_super_experts
-    if not protect and ses:
-        log.info("Super-Expert protection is off, as asked (an SE-unaware variant): %d SEs may be removed", len(ses))
-
-    if config.method in MERGE_METHODS or config.method in NEURON_METHODS:
-        return _restructure(model, adapter, plan, calib, held_out, profile, config, t0, progress)
-    extra: dict = {}
-    if config.method in SCORERS:
-        selection = score_selection(plan, moe_layers, config, profile)
-    else:
-        for layer in moe_layers:  # fail before any compute
-            if protect:
-                plan.check_protection(layer, protected_by_layer(ses).get(layer, ()))
-        selection, choices = _naee(model, adapter, plan, calib, ses, protect, config)
-        extra = {"naee": {str(l): {"loss": c.loss, "exhaustive": c.exhaustive} for l, c in choices.items()}}
-
-    ppl_before = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
-    rep: RemovalReport = remove_experts(model, adapter, selection.removed)
-    ppl_after = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
-    return build_result(config, model, rep, selection, profile, moe_layers, calib.source, held_out,
-                        (ppl_before, ppl_after), time.perf_counter() - t0, extra)
-
-
-def score_selection(plan: PrunePlan, moe_layers: list[int], config: PruneConfig, profile: ProfileResult
-                    ) -> Selection:
-    """The experts a registered score removes, from the profile's statistics (SEs spared unless told)."""
-    E = plan.num_experts
-    stats = {k: v[:, :E] for k, v in profile.arrays.items() if np.ndim(v) == 2}  # [L, E]
-    return select_by_score(score(config.method, stats, config.seed), plan, moe_layers, profile.se_ids(),
-                           config.protect_super_experts)
-
-
-def build_result(config: PruneConfig, model, rep: RemovalReport, selection: Selection, profile: ProfileResult,
-                 moe_layers: list[int], data_source: str, held_out: CalibrationData | None,
-                 ppl: tuple[float | None, float | None], seconds: float, extra: dict | None = None) -> PruneResult:
-    """The :class:`PruneResult` of a removal (in memory or streamed)."""
-    ses = profile.se_ids()
-    routed_ses = protected_by_layer(ses)
-    removed_ses = sorted((l, e) for l, v in selection.removed.items() for e in v if e in routed_ses.get(l, ()))
-    return PruneResult(
-        config=config, model=str(getattr(model, "name_or_path", "") or type(model).__name__),
-        model_type=model.config.model_type, num_experts_before=rep.num_experts_before,
-        num_experts_after=rep.num_experts_after,
-        moe_layers=moe_layers, kept=rep.kept, removed=rep.removed, super_experts=ses,
-        removed_super_experts=removed_ses, protection_changes=selection.protection_changes,
-        params_before=rep.params_before, params_after=rep.params_after, bytes_before=rep.bytes_before,
-        bytes_after=rep.bytes_after, perplexity_before=ppl[0], perplexity_after=ppl[1],
-        data_source=data_source, eval_source=held_out.source if held_out is not None else "",
-        eval_tokens=held_out.num_tokens if held_out is not None else 0,
-        profile_source=f"{profile.data_source} ({profile.num_tokens} tokens)",
-        seconds=seconds, extra=extra or {})
-
-
-def _restructure(model, adapter, plan, calib: CalibrationData, held_out, profile: ProfileResult,
-                 config: PruneConfig, t0: float, progress: bool) -> PruneResult:
-    """Merging (M-SMoE, HC-SMoE) or HEAPr neuron pruning over every MoE layer, in memory."""
-    from .layer_stats import collect
-    from .merging import merge_model, merged_super_experts
-    from .neurons import heapr_model
-
-    E = adapter.num_experts(model.config)
-    moe_layers = adapter.moe_layer_indices(model)
-    ses = profile.se_ids()
-    protect = config.protect_super_experts
-    routed = protected_by_layer(ses)
-    if config.method in MERGE_METHODS and protect:
-        for layer in moe_layers:  # refuse before any compute
-            check_groups(merge_targets(plan), plan.groups(), routed.get(layer, set()), f"layer {layer}: ")
-    se_channels = {l: {e: int(profile.arrays["out_channel"][l, e]) for e in es} for l, es in routed.items()}
-    want = MERGE_METHODS[config.method][0] if config.method in MERGE_METHODS else ("heapr",)
-    stats = collect(model, adapter, calib.input_ids, config.batch_size, want,
-                    track=se_channels if config.method in NEURON_METHODS else None, hessian=config.hessian,
-                    progress=progress)
-    ppl_before = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
-    sizes = model_size(model)
-    I = adapter.intermediate_size(model.config)
-    if config.method in MERGE_METHODS:
-        decisions = merge_model(model, adapter, stats, plan, config.method, ses, protect)
-        touched = merged_super_experts(decisions, ses)
-    else:
-        decisions, touched = heapr_model(model, adapter, stats, plan, se_channels, protect)
-    ppl_after = perplexity(model, held_out.input_ids, config.batch_size) if held_out is not None else None
-    return restructure_result(config, model, E, moe_layers, decisions, touched, (*sizes, *model_size(model)),
-                              profile, calib.source, held_out, (ppl_before, ppl_after), time.perf_counter() - t0, I)
-
-
-def restructure_result(config: PruneConfig, model, E: int, moe_layers: list[int], decisions: dict, touched: list,
-                       sizes: tuple[int, int, int, int], profile: ProfileResult, data_source: str, held_out,
-                       ppl: tuple[float | None, float | None], seconds: float, width_before: int | None = None
-                       ) -> PruneResult:
-    """The :class:`PruneResult` of merging or HEAPr (in memory or streamed). ``model``: the result
-    (its config has the final expert count / width); ``decisions``: {layer: MergeDecision or
-    NeuronDecision}; ``touched``: SEs merged or missing massive neurons; ``sizes``: (parameters,
-    bytes) before, then after; ``width_before``: HEAPr's expert width before."""
-    adapter = check_model(model)
-    if config.method in MERGE_METHODS:
-        kept = {l: d.representatives for l, d in decisions.items()}
-        extra = {"merge": {"method": config.method, "groups": {str(l): d.to_json() for l, d in decisions.items()},
-                           "router": "each group keeps its representative's router row (first id of the group)"}}
-    else:
-        kept = {l: list(range(E)) for l in moe_layers}
-        extra = {"heapr": {"hessian": config.hessian, "intermediate_size_before": width_before,
-                           "intermediate_size_after": adapter.intermediate_size(model.config),
-                           "layers": {str(l): d.to_json() for l, d in decisions.items()},
-                           "super_experts_missing_massive_neurons": [list(t) for t in touched]}}
-    return PruneResult(
-        config=config, model=str(getattr(model, "name_or_path", "") or type(model).__name__),
-        model_type=model.config.model_type, num_experts_before=E, num_experts_after=adapter.num_experts(model.config),
-        moe_layers=moe_layers, kept=kept, removed={l: [e for e in range(E) if e not in kept[l]] for l in moe_layers},
-        super_experts=profile.se_ids(), removed_super_experts=touched, protection_changes=[],
-        params_before=sizes[0], params_after=sizes[2], bytes_before=sizes[1], bytes_after=sizes[3],
-        perplexity_before=ppl[0], perplexity_after=ppl[1], data_source=data_source,
-        eval_source=held_out.source if held_out is not None else "",
-        eval_tokens=held_out.num_tokens if held_out is not None else 0,
-        profile_source=f"{profile.data_source} ({profile.num_tokens} tokens)",
-        seconds=seconds, extra=extra)
-
-
-@torch.no_grad()
-def _naee(model, adapter, plan: PrunePlan, calib: CalibrationData, ses, protect: bool, cfg: PruneConfig
-          ) -> tuple[Selection, dict]:
-    ids = calib.input_ids[: cfg.naee_samples]  # [N, S]
-    base = model.get_submodule(adapter.layers_path.rpartition(".")[0])
-    layers = adapter.moe_layer_indices(model)
-    with capture_block_inputs(model, adapter, layers) as inputs:
-        for chunk in ids.split(cfg.batch_size):
-            base(input_ids=chunk.to(model.device), use_cache=False)
-    return naee_select(model, adapter, plan, inputs, ses, protect, cfg.naee_limit)
-
-
-def remap_profile(p: ProfileResult, r: PruneResult) -> ProfileResult:
-    """The profile as seen by the pruned model: kept experts' columns in their new order,
-    the shared-expert column last, Super Experts renumbered (removed ones dropped)."""
-    import dataclasses
-
-    E, E2 = p.num_experts, r.num_experts_after
-    cols = {l: list(r.kept[l]) + [E] for l in r.kept}  # old column of each new column
-    arrays = {}
-    for k, v in p.arrays.items():
-        if np.ndim(v) != 2:
-            arrays[k] = v
-            continue
-        new = v[:, : E2 + 1].copy()  # dense layers keep their fill values
-        for l, c in cols.items():
-            new[l] = v[l, c]
-        arrays[k] = new
-
-    def renumber(ses):
-        return [(l, E2 if c == E else cols[l].index(c)) for l, c in ses if l in cols and c in cols[l]]
-
-    return dataclasses.replace(p, num_experts=E2, arrays=arrays, super_experts=renumber(p.super_experts),
-                               super_experts_normalised=renumber(p.super_experts_normalised))
+    if not config.protect_super_experts and profile.se_ids():
+        log.info("Super-Expert protection is off, as asked (an SE-unaware variant): %d SEs may be affected",
+                 len(profile.se_ids()))
+    mplan = method.plan(skeleton, config, profile, calib.input_ids if method.needs_calibration else None)
+    step = method.step(src, mplan, progress)
+    streams = {}
+    if held_out is not None:
+        chunks = list(held_out.input_ids.split(config.batch_size))
+        streams = {"before": Stream(chunks, before=True), "after": Stream(chunks)}
+    final = run_pass(src, streams, [step], progress=progress, desc=f"prune ({config.method})")
+    ppl = (None, None)
+    if held_out is not None:
+        ppl = tuple(math.exp(src.mean_loss(final[k], streams[k].chunks)) for k in ("before", "after"))
+    return method.result(mplan, step, profile, calib.source, ppl, time.perf_counter() - t0,
+                         model_name=str(getattr(model, "name_or_path", "") or type(model).__name__),
+                         eval_source=held_out.source if held_out is not None else "",
+                         eval_tokens=held_out.num_tokens if held_out is not None else 0)
 
 
 def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrite: bool = False,
@@ -364,7 +131,7 @@ def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrit
         raise SecompressError(f"the model has {adapter.num_experts(model.config)} experts but the result says "
                               f"{result.num_experts_after}: save the model that prune() returned this result for")
     src = _fp8_source(source or getattr(model, "name_or_path", None))
-    if src is not None and result.config.method in (*MERGE_METHODS, *NEURON_METHODS):
+    if src is not None and PRUNE_METHODS[result.config.method].changes_weights:
         raise SecompressError(f"'{result.config.method}' writes new weights, which cannot be copied as stored from "
                               "the FP8 source; merging and neuron pruning of FP8 checkpoints are not supported yet")
     with atomic_dir(out, overwrite) as tmp:
@@ -385,33 +152,3 @@ def _fp8_source(path) -> "Checkpoint | None":
         return None
     ckpt = Checkpoint(path)
     return ckpt if ckpt.fp8 is not None else None
-
-
-def summary_table(r: PruneResult) -> str:
-    """A plain-text table for the console."""
-    prot = "on" if r.config.protect_super_experts else "OFF"
-    rows = [f"model {r.model} ({r.model_type}): method {r.config.method}, ratio {r.config.ratio}, "
-            f"SE protection {prot}",
-            f"experts per MoE layer {r.num_experts_before} -> {r.num_experts_after}; parameters "
-            f"{r.params_before:,} -> {r.params_after:,} (saved {r.params_saved:,}, {r.bytes_saved / 2**20:.1f} MiB)",
-            f"{'layer':>5}  {'removed':<28}{'SEs':<12}protection changes"]
-    if "heapr" in r.extra:
-        h = r.extra["heapr"]
-        rows.append(f"expert FFN width {h['intermediate_size_before']} -> {h['intermediate_size_after']} "
-                    f"(HEAPr, {h['hessian']} Hessian)")
-    if "merge" in r.extra:
-        rows.append("merge groups (representative first): " + "; ".join(
-            f"layer {l}: {g}" for l, g in r.extra["merge"]["groups"].items()))
-    ses = protected_by_layer(r.super_experts)
-    changes = {c.layer: c for c in r.protection_changes}
-    for l in r.moe_layers:
-        c = changes.get(l)
-        ch = f"spared {list(c.spared)}, removed {list(c.removed_instead)} instead" if c else ""
-        rows.append(f"{l:>5}  {str(r.removed[l]):<28}{str(sorted(ses.get(l, ()))):<12}{ch}")
-    if r.removed_super_experts:
-        what = "REMOVED" if not r.extra else "MERGED or DAMAGED"
-        rows.append(f"{what} Super Experts: {r.removed_super_experts}")
-    if r.perplexity_before is not None:
-        rows.append(f"held-out perplexity {r.perplexity_before:.3f} -> {r.perplexity_after:.3f} "
-                    f"({r.eval_tokens} tokens of {r.eval_source})")
-    return "\n".join(rows)

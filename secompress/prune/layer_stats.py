@@ -9,10 +9,9 @@ the loss with respect to the experts' output:
   heapr     [E, I]  HEAPr atomic-expert scores                     (:mod:`.heapr`)
   massive   {e: (|y_c|, act [I])} for tracked (expert, channel)s: the down_proj input on the
             token where the expert writes its largest |output| on that channel (SE neurons)
-Both drivers use :func:`capture` (hooks on the MoE layers' experts and routers, removed on exit)
-and :meth:`LayerStats.observe_captured`: :func:`collect` is the in-memory driver (hooks on every
-MoE layer, one forward per batch plus one backward for HEAPr's Fisher scores);
-:mod:`secompress.prune.streamed_merge` hooks the one layer the streamed engine holds.
+The methods' per-layer steps (:mod:`secompress.prune.methods`) use :func:`capture` (hooks on a MoE
+layer's experts and router, removed on exit) and :meth:`LayerStats.observe_captured`, through
+:func:`observe_entered` on the hidden states entering the layer (any layer source).
 Legend: T tokens, K top-k, E experts, H hidden size, I expert FFN size.
 """
 from __future__ import annotations
@@ -22,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..adapters import MoEAdapter
 from ..experts import expert_forward, expert_weights
@@ -124,17 +122,6 @@ def capture(model: nn.Module, adapter: MoEAdapter, layers: list[int], store: dic
 
 
 @contextmanager
-def _graph_from_embeddings(model: nn.Module):
-    """The input embeddings' output needs a gradient inside (a graph to backpropagate through
-    although every parameter is frozen)."""
-    h = model.get_input_embeddings().register_forward_hook(lambda m, a, o: o.detach().requires_grad_(True))
-    try:
-        yield
-    finally:
-        h.remove()
-
-
-@contextmanager
 def frozen(model: nn.Module):
     """No parameter needs a gradient inside (activation gradients only); restored on exit."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -147,33 +134,18 @@ def frozen(model: nn.Module):
             p.requires_grad_(f)
 
 
-def collect(model: nn.Module, adapter: MoEAdapter, ids: torch.Tensor, batch_size: int, want,
-            track: dict[int, dict[int, int]] | None = None, hessian: str = "fisher",
-            progress: bool = False) -> dict[int, LayerStats]:
-    """Statistics of every MoE layer over calibration windows ``ids [N, S]`` (in memory).
+@torch.no_grad()
+def observe_entered(model: nn.Module, adapter: MoEAdapter, index: int, layer: nn.Module, hidden, args,
+                    stats: LayerStats) -> LayerStats:
+    """Statistics of decoder layer ``index`` (as it is now: call it before changing the layer) on the
+    hidden states entering it (``hidden`` [B, S, H] per chunk, ``args`` the layer's other arguments per
+    chunk), chunk by chunk in the calibration batches' order."""
+    from ..streaming import run_layer
 
-    ``track``: {layer: {expert: channel}} whose massive-channel neurons to find. With "heapr"
-    in ``want`` and ``hessian="fisher"`` each batch also runs one backward pass of the
-    next-token loss to get dL/d(output) of every MoE layer (no parameter gradients)."""
-    want = frozenset(want)
-    layers = adapter.moe_layer_indices(model)
-    E = adapter.num_experts(model.config)
-    stats = {l: LayerStats(E, want, dict((track or {}).get(l, {}))) for l in layers}
-    grads = "heapr" in want and hessian == "fisher"
-    dev = next(model.parameters()).device
-    for chunk in tqdm(ids.split(batch_size), desc="calibration statistics", unit="batch", disable=not progress):
+    experts = adapter.experts_of(adapter.block_of(layer))
+    for h, (a, kw) in zip(hidden, args):
         store: dict = {}
-        chunk = chunk.to(dev)
-        with capture(model, adapter, layers, store, grads):
-            if grads:
-                with frozen(model), _graph_from_embeddings(model), torch.enable_grad():
-                    loss = model(input_ids=chunk, labels=chunk, use_cache=False).loss
-                    g = torch.autograd.grad(loss, [store[l]["y"] for l in layers])
-                for l, gl in zip(layers, g):
-                    store[l]["grad"] = gl.reshape(-1, gl.shape[-1])
-            else:
-                with torch.no_grad():
-                    model(input_ids=chunk, use_cache=False)
-        for l in layers:
-            stats[l].observe_captured(adapter.experts_of(adapter.block_of(adapter.layers(model)[l])), store[l])
+        with capture(model, adapter, [index], store, grads=False):
+            run_layer(layer, h, a, kw)
+        stats.observe_captured(experts, store[index])
     return stats

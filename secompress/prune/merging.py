@@ -1,11 +1,10 @@
 """Expert merging (M-SMoE, HC-SMoE) per MoE layer: statistics -> decision -> applied to the layer.
 
-    decision = decide_merge("m-smoe", stats, plan, protected={3})   # one layer (pure, see .merge)
+    decision = decide_merge(msmoe_groups, stats.router_logits(), stats.freq, plan, {3})   # one layer
     apply_merge(block, adapter, decision, stats.freq, align=True)   # that layer's modules, in place
-    merge_model(model, adapter, stats_by_layer, plan, ses, ...)     # the in-memory driver
 
-A layer-by-layer engine runs the first two per layer (statistics from
-:class:`~secompress.prune.layer_stats.LayerStats`) and calls :func:`finish_merge` once.
+The method's per-layer step (:mod:`secompress.prune.methods.merge`) runs both per layer (statistics
+from :class:`~secompress.prune.layer_stats.LayerStats`) and calls :func:`finish_merge` once.
 After :func:`apply_merge` the layer holds K experts, the representatives of the groups in
 their original order; each holds its group's frequency-weighted average (a group of one is
 left untouched, bit for bit), and the router keeps the representatives' rows
@@ -19,29 +18,21 @@ from torch import nn
 
 from ..adapters import MoEAdapter
 from ..experts import expert_weights, write_expert
-from .layer_stats import LayerStats
-from .merge import MergeDecision, hcsmoe_groups, merge_weights, msmoe_groups
+from .merge import MergeDecision, merge_weights
 from .select import PrunePlan, protected_by_layer
 from .structural import keep_layer_experts, set_expert_count
-
-# method -> (statistics it needs, permutation alignment before averaging)
-MERGE_METHODS: dict[str, tuple[tuple[str, ...], bool]] = {"m-smoe": (("logits",), True),
-                                                          "hc-smoe": (("outputs",), False)}
-
 
 def merge_targets(plan: PrunePlan) -> list[int]:
     """Experts each routing group keeps (merging stays inside a group, so groups stay equal)."""
     return [plan.num_keep // plan.n_group] * plan.n_group
 
 
-def decide_merge(method: str, stats: LayerStats, plan: PrunePlan, protected=frozenset()) -> MergeDecision:
-    """Which experts of one layer merge, by ``method``; each routing group keeps its share."""
-    targets = merge_targets(plan)
-    if method == "m-smoe":
-        return msmoe_groups(stats.freq, stats.router_logits(), targets, plan.groups(), set(protected))
-    if method == "hc-smoe":
-        return hcsmoe_groups(stats.freq, stats.mean_outputs(), targets, plan.groups(), set(protected))
-    raise ValueError(f"unknown merge method '{method}'; known: {', '.join(MERGE_METHODS)}")
+def decide_merge(groups_fn, features: torch.Tensor, freq: torch.Tensor, plan: PrunePlan,
+                 protected=frozenset()) -> MergeDecision:
+    """Which experts of one layer merge: ``groups_fn`` (:func:`~.merge.msmoe_groups` with the router
+    logits [T, E], or :func:`~.merge.hcsmoe_groups` with the mean outputs [E, H] as ``features``),
+    ``freq`` [E] routed-token counts; each routing group keeps its share."""
+    return groups_fn(freq, features, merge_targets(plan), plan.groups(), set(protected))
 
 
 @torch.no_grad()
@@ -69,16 +60,3 @@ def merged_super_experts(decisions: dict[int, MergeDecision], ses) -> list[tuple
     prot = protected_by_layer(ses)
     return sorted((l, e) for l, d in decisions.items() for g in d.groups if len(g) > 1
                   for e in g if e in prot.get(l, ()))
-
-
-def merge_model(model: nn.Module, adapter: MoEAdapter, stats: dict[int, LayerStats], plan: PrunePlan,
-                method: str, ses=(), protect: bool = True) -> dict[int, MergeDecision]:
-    """The in-memory driver: decide every layer first (so a refusal changes nothing), then apply."""
-    prot = protected_by_layer(ses) if protect else {}
-    layers = adapter.layers(model)
-    decisions = {l: decide_merge(method, s, plan, prot.get(l, ())) for l, s in stats.items()}
-    for l, d in decisions.items():
-        apply_merge(adapter.block_of(layers[l]), adapter, d, stats[l].freq, MERGE_METHODS[method][1],
-                    adapter.block_path(l))
-    finish_merge(model, adapter, plan.num_keep)
-    return decisions

@@ -3,7 +3,6 @@
     keep = decide_neurons(stats, width, protected_neurons)      # one layer, [E, width] ids
     apply_neurons(block, adapter, keep)                         # that layer's experts, in place
     finish_neurons(model, adapter, width)                       # config.<intermediate_key>
-    heapr_model(model, adapter, stats_by_layer, width, ...)     # the in-memory driver
 
 Every expert of every MoE layer keeps ``width`` neurons (stock checkpoints hold one
 ``moe_intermediate_size``). With protection, a Super Expert's neurons that write its massive
@@ -79,22 +78,3 @@ def apply_neurons(block: nn.Module, adapter: MoEAdapter, keep: torch.Tensor) -> 
 
 def finish_neurons(model: nn.Module, adapter: MoEAdapter, width: int) -> None:
     set_intermediate_size(model, adapter, width)
-
-
-def heapr_model(model: nn.Module, adapter: MoEAdapter, stats: dict[int, LayerStats], width: int,
-                se_channels: dict[int, dict[int, int]] | None = None, protect: bool = True
-                ) -> tuple[dict[int, NeuronDecision], list[tuple[int, int]]]:
-    """The in-memory driver. ``se_channels``: {layer: {SE expert: massive channel}} (tracked in
-    ``stats``). Decides every layer before changing any. Returns the decisions and the SEs that
-    lost one of their massive-channel neurons (only possible with ``protect=False``)."""
-    layers = adapter.layers(model)
-    decisions, damaged = {}, []
-    for l, s in stats.items():
-        experts = adapter.experts_of(adapter.block_of(layers[l]))
-        found = se_neurons(experts, s, (se_channels or {}).get(l, {}))
-        decisions[l] = d = decide_neurons(s, width, found if protect else None)
-        damaged += [(l, e) for e, js in found.items() if not set(js) <= set(d.keep[e].tolist())]
-    for l, d in decisions.items():
-        apply_neurons(adapter.block_of(layers[l]), adapter, d.keep)
-    finish_neurons(model, adapter, width)
-    return decisions, sorted(damaged)

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..ablate import mask_experts
 from ..adapters import MoEAdapter
-from .select import PrunePlan, Selection, change_of, num_subsets, protected_by_layer
+from .select import PrunePlan, num_subsets
 
 log = logging.getLogger(__name__)
 DEFAULT_LIMIT = 5000
@@ -129,30 +129,20 @@ def search(loss: Callable[[tuple[int, ...]], float], plan: PrunePlan, protected:
 
 
 @torch.no_grad()
-def naee_select(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, inputs: dict[int, list[torch.Tensor]],
-                protected: Iterable[tuple[int, int | str]] = (), protect: bool = True,
-                limit: int = DEFAULT_LIMIT) -> tuple[Selection, dict[int, LayerChoice]]:
-    """NAEE for every MoE layer in ``inputs`` (captured with :func:`capture_block_inputs`)."""
-    prot = protected_by_layer(protected)
-    removed, changes, choices = {}, [], {}
-    for layer, xs in sorted(inputs.items()):
-        if not xs:
-            raise ValueError(f"no input was captured for the MoE block of layer {layer}")
-        ses = prot.get(layer, set()) if protect else set()
-        if protect:
-            plan.check_protection(layer, ses)
-        block = adapter.block_of(adapter.layers(model)[layer])
-        ref = block_outputs(block, xs)
-        choice = search(lambda s: block_loss(model, adapter, layer, xs, ref, s), plan, ses, limit)
-        log.info("NAEE layer %d: remove %s (loss %.4g, %s)", layer, list(choice.removed), choice.loss,
-                 "exhaustive" if choice.exhaustive else "greedy")
-        removed[layer] = sorted(choice.removed)
-        ch = change_of(layer, choice.unprotected, choice.removed, ses)
-        if ch is not None:
-            changes.append(ch)
-        choices[layer] = choice
-    return Selection(removed, changes), choices
+def naee_layer(model: nn.Module, adapter: MoEAdapter, plan: PrunePlan, layer: int, xs: list[torch.Tensor],
+               protected: set[int], limit: int = DEFAULT_LIMIT) -> LayerChoice:
+    """NAEE for one MoE layer: ``xs`` the inputs of its block ([B, S, H] per chunk, captured with
+    :func:`capture_block_inputs`), ``protected`` the routed experts it must keep (its SEs, or none)."""
+    if not xs:
+        raise ValueError(f"no input was captured for the MoE block of layer {layer}")
+    plan.check_protection(layer, protected)
+    block = adapter.block_of(adapter.layers(model)[layer])
+    ref = block_outputs(block, xs)
+    choice = search(lambda s: block_loss(model, adapter, layer, xs, ref, s), plan, protected, limit)
+    log.info("NAEE layer %d: remove %s (loss %.4g, %s)", layer, list(choice.removed), choice.loss,
+             "exhaustive" if choice.exhaustive else "greedy")
+    return choice
 
 
-__all__ = ["DEFAULT_LIMIT", "LayerChoice", "block_loss", "block_outputs", "capture_block_inputs", "naee_select",
+__all__ = ["DEFAULT_LIMIT", "LayerChoice", "block_loss", "block_outputs", "capture_block_inputs", "naee_layer",
            "search"]

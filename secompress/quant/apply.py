@@ -15,7 +15,7 @@ from pathlib import Path
 from ..checkpoints import check_model
 from ..profile import profile_for
 from .allocate import allocate
-from .backends import QuantContext
+from .backends import QuantContext, exporter
 from .config import QuantConfig
 from .coverage import check_coverage
 from .plan import QuantPlan, resolve_plan
@@ -28,13 +28,18 @@ def needs_profile(config: QuantConfig) -> bool:
     return config.protect_super_experts or config.avg_bits is not None or config.backend.calibrated
 
 
-def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, data="builtin") -> QuantPlan:
-    """The plan ``quantize_`` would apply, validated against the model (nothing is changed)."""
+def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, data="builtin",
+                      ses=None) -> QuantPlan:
+    """The plan ``quantize_`` would apply, validated against the model (nothing is changed). ``ses``:
+    the Super Experts to protect when not the profile's (e.g. ``(layer, None)`` for an SE whose id a
+    merge decides later)."""
     backend = config.backend
     backend.require()  # a missing extra is named first
     check_model(model)
     prof = profile_for(model, profile, tokenizer, data) if needs_profile(config) else None
-    ses = prof.se_ids() if (prof is not None and config.protect_super_experts) else []
+    if ses is None:
+        ses = prof.se_ids() if prof is not None else []
+    ses = ses if config.protect_super_experts else []
     meta = {"method": config.method, "group_size": config.group_size, "symmetric": config.symmetric,
             "protect_super_experts": config.protect_super_experts}
     if config.calibration != "routed":
@@ -46,6 +51,7 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
     if config.avg_bits is not None:
         plan = _allocate(plan, prof, config)
     backend.check_plan(plan, config)
+    plan.artifacts["compatibility"] = exporter(plan.meta).compatibility(plan)  # the export format's report
     return plan
 
 

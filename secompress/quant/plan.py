@@ -166,10 +166,9 @@ class QuantPlan:
         return out
 
     def compatibility(self) -> dict[str, tuple[bool, str]]:
-        """Which runtimes can load the export of this plan (its export format, else its method): runtime -> (ok, why)."""
-        from .backends import exporter  # each format / backend knows its runtimes; imported late: they import plans
-
-        return exporter(self.meta).compatibility(self)
+        """Which runtimes can load the export of this plan: runtime -> (ok, why), as its export format (else
+        its method) reported it when the plan was made or its export written ({} when nobody said)."""
+        return {k: (bool(v[0]), str(v[1])) for k, v in self.artifacts.get("compatibility", {}).items()}
 
     def table(self, with_compatibility: bool = True) -> str:
         """One row per decoder layer: bits of the non-expert weights, histogram of expert bits, SEs,
@@ -209,8 +208,11 @@ class QuantPlan:
         for m in d["modules"]:
             u = Unit(m["name"], m["layer"], m["params"], tuple(m["in_features"]), m["expert"], m["shared"])
             units[u.name], bits[u.name], source[u.name] = u, m["bits"], m["source"]
-        return cls(bits, units, source, [(s["layer"], s["expert"]) for s in d["super_experts"]],
+        plan = cls(bits, units, source, [(s["layer"], s["expert"]) for s in d["super_experts"]],
                    d["se_mode"], d["se_bits"], d.get("meta", {}))
+        report = d.get("compatibility") or d.get("export", {}).get("compatibility", {})
+        plan.artifacts["compatibility"] = {k: (v["ok"], v["why"]) for k, v in report.items()}
+        return plan
 
 
 def _match(name: str, exact: dict[str, Rule], regexes: list[Rule]) -> Rule | None:
@@ -229,7 +231,12 @@ def se_targets(units: dict[str, Unit], ses, se_mode: str) -> set[str]:
             by_layer.setdefault(u.layer, {})[u.expert] = u.name
     out = set()
     for l, e in ses:
-        if e == "shared":
+        if e is None:  # "an SE of layer l" whose id is decided later (merging): only its layer can be raised
+            if se_mode != "layer":
+                raise ValueError(f"a Super Expert of layer {l} is renumbered during the pass (merging): only "
+                                 "se_mode 'layer' can protect it in the same pass; prune first, then quantize")
+            out |= set(by_layer.get(l, {}).values())
+        elif e == "shared":
             found = {u.name for u in units.values() if u.layer == l and u.shared}
             if not found:
                 raise ValueError(f"Super Expert ({l}, 'shared'): layer {l} has no shared expert")
@@ -262,7 +269,7 @@ def resolve_plan(model, rules=(), ses=(), se_mode: str = "expert", se_bits: int 
     for name in units:
         r = _match(name, exact, regexes)
         bits[name], source[name] = (default, "default") if r is None else (r.bits, "regex" if r.regex else "exact")
-    ses = [(int(l), e if e == "shared" else int(e)) for l, e in ses]
+    ses = [(int(l), e if e in ("shared", None) else int(e)) for l, e in ses]
     for name in se_targets(units, ses, se_mode):
         bits[name], source[name] = more_precise(bits[name], se_bits), "se"
     return QuantPlan(bits, units, source, ses, se_mode, se_bits, dict(meta or {}))

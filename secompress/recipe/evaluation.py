@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
 
-from ..errors import SecompressError, require
-from ..perplexity import perplexity
+from ..errors import require, RecoveryError
 
 if TYPE_CHECKING:
     from ..sink import SinkHealth
@@ -26,27 +24,11 @@ SINK_PREFIX = "sink/"  # sink-health rows: checked by evaluate.sink_check, not b
 LOWER_IS_BETTER = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte"}
 
 
-class RecoveryError(SecompressError):
-    """The compressed model recovered less than the recipe's threshold of some metric."""
-
-
-def measure(model, tokenizer, eval_ids: torch.Tensor, stage, label: str = "model") -> dict[str, float]:
-    """{metric: value} for one model: held-out perplexity and each lm-eval task's main metrics.
-    ``label`` names the variant (baseline, SE-aware, SE-unaware) on lm-eval's progress bars."""
-    out: dict[str, float] = {}
-    if stage.perplexity:
-        out["perplexity"] = perplexity(model, eval_ids)
-    if stage.tasks and stage.backend == "hf":  # vllm: the tasks run on the export (recipe.export_eval)
-        out.update(_lm_eval(model, tokenizer, stage, label))
-    return out
-
-
-def measure_sink_rows(model, eval_ids: torch.Tensor) -> tuple[dict[str, float], SinkHealth]:
-    """The sink-health summary as comparison rows, and the per-layer measurement."""
-    from ..sink import measure_sink
-
-    h = measure_sink(model, eval_ids)
-    return sink_rows(h), h
+def measure_tasks(model, tokenizer, stage, label: str = "model") -> dict[str, float]:
+    """{task/metric: value}: each lm-eval task's main metrics on a model in memory (``evaluate.backend:
+    hf``; perplexity and sink health come from the passes). ``label`` names the variant (baseline,
+    SE-aware, SE-unaware) on lm-eval's progress bars."""
+    return _lm_eval(model, tokenizer, stage, label) if stage.tasks else {}
 
 
 def sink_rows(h: SinkHealth) -> dict[str, float]:

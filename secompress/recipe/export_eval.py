@@ -151,18 +151,6 @@ def check_vllm_loads(recipe, report: dict) -> None:
                           f"compatibility report: {said[1]}; change the quantize stage, or set evaluate.backend: hf")
 
 
-def plan_report(quant_plan, model=None) -> dict:
-    """The compatibility report of a quantization plan before its export is written (compressed-tensors:
-    derived from the config that ``model``, or its meta skeleton, gives)."""
-    if quant_plan is None:
-        return {}
-    if quant_plan.meta.get("format") == "compressed-tensors" and model is not None:
-        from ..quant.ct_stream import ct_config
-
-        return ct_config(model, quant_plan)[1]
-    return quant_plan.compatibility()
-
-
 # ---- running ---------------------------------------------------------------------------------
 def run_tasks(lm: LmEvalModel, stage, label: str) -> dict[str, float]:
     """The recipe's lm-eval tasks with lm-eval building the model from ``lm``; ``{task/metric: value}``."""

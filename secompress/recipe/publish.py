@@ -8,14 +8,10 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import SecompressError, require
+from ..errors import SecompressError, require, PushError
 
 log = logging.getLogger(__name__)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class PushError(SecompressError):
-    """The upload failed; the export stays on disk."""
 
 
 def is_hub_id(model_id: str) -> bool:

@@ -31,16 +31,22 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_calibration
-from ..errors import SecompressError
-from ..checkpoints import check_finite_weights, load_model, load_tokenizer
 from ..cache import CACHE_ENV, ProfileCache, cache_root, model_fingerprint, profile_key  # noqa: F401 (re-exported)
-from ..errors import option_style
-from ..outputs import atomic_dir, check_output_dir, checkpoint_bytes, temp_dir
-from ..profile import ProfileResult, profile
+from ..checkpoints import check_finite_weights
+from ..compress import Job, JobPlan, checkpoint_sizes, plan_job, run_job
+from ..data import load_calibration
+from ..errors import SecompressError, option_style
+from ..outputs import atomic_dir, check_output_dir, checkpoint_bytes
+from ..pipeline import Resident, Streamed
+from ..profile import ProfileConfig, ProfileResult, profile
 from ..profile_io import dead_experts, save_profile
-from .evaluation import Comparison, measure, measure_sink_rows
-from .export_eval import check_backend, check_vllm_loads, in_memory_vllm_tasks, plan_report
+from ..prune.result import REPORT_NAME
+from ..quant.apply import needs_profile
+from ..quant.backends import exporter
+from ..sink import check_sink, save_sink
+from ..source import Source
+from .evaluation import Comparison, measure_tasks, sink_rows
+from .export_eval import check_backend, check_vllm_loads, in_memory_vllm_tasks, streamed_tasks
 from .publish import check_push, model_card, push
 from .schema import Recipe, check_against_checkpoint
 
@@ -55,18 +61,53 @@ class RunResult:
     pushed: list[str] = field(default_factory=list)
 
 
-def _cached_profile(recipe: Recipe, model, tok, calib, progress: bool, streaming: bool = False,
-                    device: str = "cpu") -> tuple[ProfileResult, bool]:
-    cfg = recipe.stage("profile")  # a ProfileConfig (calibration sizes and dtype from data / model)
-    if streaming and not cfg.streaming:
-        cfg = dataclasses.replace(cfg, streaming=True)
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (bytes); the physical memory size where that is missing."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def choose_mode(recipe: Recipe, source) -> tuple[bool, str]:
+    """(streamed?, the reason, for the console and the manifest): ``model.streaming`` forces it; otherwise
+    streamed when the checkpoint, in the compute dtype, exceeds ``model.memory_share`` of the available memory."""
+    m = recipe.model
+    if m.streaming is not None:
+        return m.streaming, f"model.streaming: {str(m.streaming).lower()}"
+    total = checkpoint_sizes(source.checkpoint, source.adapter.layers_path, source.dtype)[3]
+    avail = available_memory()
+    streamed = total > m.memory_share * avail
+    return streamed, (f"the checkpoint takes {total / 2**30:.2f} GiB in {m.dtype}, "
+                      f"{'more' if streamed else 'not more'} than model.memory_share {m.memory_share} x "
+                      f"{avail / 2**30:.1f} GiB available")
+
+
+def _profile_config(recipe: Recipe, streamed: bool) -> ProfileConfig:
+    """The profile stage's config (from data and model when the recipe has no profile stage: pruning and
+    SE protection need one); a streamed run profiles streamed."""
+    d = recipe.data
+    cfg = recipe.stage("profile") or ProfileConfig(num_samples=d.num_samples, seq_len=d.seq_len,
+                                                   batch_size=d.batch_size, dtype=recipe.model.dtype)
+    return dataclasses.replace(cfg, streaming=True) if streamed and not cfg.streaming else cfg
+
+
+def _cached_profile(recipe: Recipe, source, model, tok, calib, progress: bool, streamed: bool
+                    ) -> tuple[ProfileResult, bool]:
+    cfg = _profile_config(recipe, streamed)
     cache = ProfileCache()
     key = profile_key(recipe.model.id, recipe.model.revision, recipe.model.dtype, calib.sha256, cfg)
     if (hit := cache.get(key)) is not None:
         return hit, True
-    src = recipe.model.id if cfg.streaming else model
-    result = profile(src, tok, data=calib, config=cfg, revision=recipe.model.revision,
-                     trust_remote_code=recipe.model.trust_remote_code, progress=progress, device=device)
+    result = profile(source if cfg.streaming or model is None else model, tok, data=calib, config=cfg,
+                     progress=progress)
+    result.model = recipe.model.id
     cache.put(key, result)
     return result, False
 
@@ -83,25 +124,11 @@ def _data(recipe: Recipe, tok):
             load_calibration(d.eval, tok, d.eval_samples, d.seq_len).input_ids)
 
 
-def _compress(recipe: Recipe, model, tok, prof: ProfileResult | None, calib, protect: bool, work: Path) -> dict:
-    """Apply the prune and quantize stages in place; returns their results. The recipe's stages
-    are the API's configs (``PruneConfig``, ``QuantConfig``); ``protect`` False turns SE
-    protection off for the SE-unaware comparison. Checkpoint-based backends (gptq) write
-    under ``work``."""
-    info: dict = {}
-    if (st := recipe.stage("prune")) is not None:
-        from ..prune import prune, remap_profile
-
-        r = prune(model, tok, dataclasses.replace(st, protect_super_experts=protect and st.protect_super_experts),
-                  profile=prof, data=calib)
-        info["prune"] = r
-        prof = remap_profile(prof, r) if prof is not None else None  # expert ids moved
-    if (st := recipe.stage("quantize")) is not None:
-        from ..quant.apply import quantize_
-
-        cfg = dataclasses.replace(st, protect_super_experts=protect and st.protect_super_experts)
-        info["quantize"] = quantize_(model, cfg, profile=prof, tokenizer=tok, data=calib, work=work / f"quant-{protect}")
-    return info
+def _job(recipe: Recipe) -> Job:
+    pc = recipe.stage("prune")
+    if pc is not None:
+        pc = dataclasses.replace(pc, eval_samples=0)  # the evaluate stage measures perplexity in the pass
+    return Job(prune=pc, quant=recipe.stage("quantize"), batch_size=recipe.data.batch_size)
 
 
 def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: bool = False,
@@ -125,8 +152,8 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: boo
     if (st := recipe.stage("push")) is not None:
         check_push(st, dry_run)
     report = report or log.info
-    with temp_dir(out.parent, out.name, "work") as work, option_style("recipe"):  # advice names recipe keys
-        return _run(recipe, recipe_text, out, overwrite, dry_run, progress, work, Stages(report), announce or report)
+    with option_style("recipe"):  # advice names recipe keys
+        return _run(recipe, recipe_text, out, overwrite, dry_run, progress, Stages(report), announce or report)
 
 
 class Stages:
@@ -145,84 +172,104 @@ class Stages:
 
 
 def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: bool, progress: bool,
-         work: Path, stage: Stages, announce) -> RunResult:
-    from ..devices import resolve_device
-    from .streamed_run import choose_mode, run_streamed
-
-    streamed, reason = choose_mode(recipe)
-    device = resolve_device(recipe.model.device)
-    if streamed:
-        return run_streamed(recipe, recipe_text, out, overwrite, dry_run, progress, reason, announce)
-    announce(f"plan: in memory on {device} ({reason})")
+         stage: Stages, announce) -> RunResult:
+    m = recipe.model
     t0 = time.time()
-    with stage("load", f"{recipe.model.id} ({recipe.model.dtype}) and the data"):
-        model = load_model(recipe.model.id, recipe.model.dtype, recipe.model.revision, recipe.model.trust_remote_code,
-                           device=None if device.type == "cpu" else str(device))
-        check_finite_weights(model, recipe.model.id)  # NaN weights: named here, not by a failed evaluation
-        tok = load_tokenizer(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
-        calib, eval_ids = _data(recipe, tok)
+    source = Source.open(m.id, m.revision, m.trust_remote_code, m.dtype, m.device)
+    streamed, reason = choose_mode(recipe, source)
     ev = recipe.stage("evaluate")
-    baseline = None
-    sinks = {}  # column -> SinkHealth, for sink.{json,md,png} and evaluate.sink_check
-    if ev:
-        with stage("evaluate_baseline", "the uncompressed model"):
-            baseline = measure(model, tok, eval_ids, ev, label="baseline")
-            rows, sinks["baseline"] = measure_sink_rows(model, eval_ids)
-            baseline.update(rows)
-    prof, cache_hit = (None, False)
-    if recipe.stage("profile") is not None:
+    job = _job(recipe)
+    resident_tasks = bool(ev and ev.tasks and ev.backend == "hf" and not streamed)
+    model = None
+    with stage("load", f"{m.id} ({m.dtype}) {'and the data' if streamed else 'in memory, and the data'}"):
+        tok = source.tokenizer()
+        calib, eval_ids = _data(recipe, tok)
+        if not streamed:
+            model = source.load()
+            check_finite_weights(model, m.id)  # NaN weights: named here, not by a failed evaluation
+    baseline_tasks: dict = {}
+    if resident_tasks:
+        with stage("evaluate_baseline", "lm-eval tasks on the uncompressed model"):
+            baseline_tasks = measure_tasks(model, tok, ev, "baseline")
+    prof, cache_hit = None, False
+    if recipe.stage("profile") is not None or job.prune is not None or \
+            (job.quant is not None and needs_profile(job.quant)):
         with stage("profile", "Super Experts"):
-            prof, cache_hit = _cached_profile(recipe, model, tok, calib, progress)
+            prof, cache_hit = _cached_profile(recipe, source, model, tok, calib, progress, streamed)
         dead = dead_experts(prof)
         stage.report(f"    Super Experts: {prof.se_ids() or 'none'} (profile cache {'hit' if cache_hit else 'miss'}); "
                      f"{len(dead)} dead experts (no calibration token)" + (", listed in profile/super_experts.json"
                                                                            if dead else ""))
-    unaware_model = copy.deepcopy(model) if ev and ev.compare_se_unaware and prof is not None else None
-    with stage("compress", " + ".join(n for n in ("prune", "quantize") if recipe.stage(n)) or "nothing to do"):
-        info = _compress(recipe, model, tok, prof, calib, protect=True, work=work)
-    vllm_tasks = bool(ev and ev.tasks and ev.backend == "vllm")  # run on the export once written
-    if vllm_tasks:  # an export vLLM cannot load is refused before evaluation and export
-        check_vllm_loads(recipe, plan_report(info.get("quantize"), model))
-    comparison = None
-    if ev:
-        with stage("evaluate", "SE-aware" + (" and the SE-unaware comparison variant (the same recipe with "
-                                              "Super-Expert protection off)" if unaware_model is not None else "")):
-            aware = measure(model, tok, eval_ids, ev, label="SE-aware")
-            rows, sinks["SE-aware"] = measure_sink_rows(model, eval_ids)
-            aware.update(rows)
-            unaware = None
-            if unaware_model is not None:
-                _compress(recipe, unaware_model, tok, prof, calib, protect=False, work=work)
-                unaware = measure(unaware_model, tok, eval_ids, ev, label="SE-unaware")
-                rows, sinks["SE-unaware"] = measure_sink_rows(unaware_model, eval_ids)
-                unaware.update(rows)
-                del unaware_model
-            comparison = Comparison.build(baseline, aware, unaware)
-        comparison.check(ev.recovery_threshold)  # raises before anything is written
-        if ev.sink_check is not None:
-            from ..sink import check_sink
-
+    plan = plan_job(source, job, prof, calib=calib.input_ids)
+    check_vllm_loads(recipe, plan.report())  # export_eval: an export vLLM cannot load fails now
+    compare = bool(ev and ev.compare_se_unaware and prof is not None and (job.prune or job.quant))
+    plan_u = plan_job(source, job, prof, protect=False, calib=calib.input_ids) if compare else None
+    windows = eval_ids if ev is not None else None  # the evaluation windows, through every pass
+    announce(f"{plan.describe(*(windows.shape if windows is not None else (0, 0)), streamed=streamed)} ({reason})")
+    unaware_model = copy.deepcopy(model) if compare and not streamed else None
+    export = recipe.stage("export") is not None
+    notes: list[str] = []
+    with atomic_dir(out, overwrite) as tmp:  # a failed gate below removes it, the export inside included
+        dest = tmp / "model"
+        what = " + ".join(n for n in ("prune", "quantize", "export") if recipe.stage(n)) or "evaluation only"
+        with stage("compress", what):
+            res = run_job(plan, Streamed(source) if streamed else Resident(model), windows, dest if export else None,
+                          tok, progress=progress, sink=ev is not None)
+        sinks = {"baseline": res.sink_before, "SE-aware": res.sink_after} if ev is not None else {}
+        if ev is not None and ev.sink_check is not None:  # before the SE-unaware pass: a lost sink fails now
             check_sink(sinks["baseline"], sinks["SE-aware"], ev.sink_check, "SE-aware")
-    manifest = _manifest(recipe, prof, cache_hit, stage.timings, info)
-    manifest.update(mode="in memory", mode_reason=reason, device=str(device))
-    t_export = time.time()
-    with stage("export", f"writing {out}"), atomic_dir(out, overwrite) as tmp:
+        comparison = None
+        if ev is not None:
+            with stage("evaluate", "SE-aware" + (" and the SE-unaware comparison variant (the same recipe with "
+                                                  "Super-Expert protection off)" if compare else "")):
+                comparison = _evaluate(recipe, ev, res, plan_u, source, streamed, model, unaware_model, tok, windows,
+                                       baseline_tasks, sinks, progress, dest if export else None, notes)
+        pr = res.prune_result(prof, calib.source, model_name=m.id) if job.prune is not None else None
+        write_run_files(tmp, recipe_text, prof, comparison)
         if sinks:
-            from ..sink import save_sink
-
             save_sink(sinks, tmp)
-        if recipe.stage("export") is not None:
-            def on_export(dest: Path) -> None:  # evaluate.backend vllm: the tasks on the export, before its card
-                manifest.setdefault("notes", []).extend(in_memory_vllm_tasks(recipe, model, tok, dest, comparison))
-
-            _export(recipe, recipe_text, model, tok, prof, info, comparison, tmp / "model",
-                    on_export if vllm_tasks else None)
-        write_run_files(tmp, recipe_text, prof, comparison)  # after the export: the comparison is complete
-        manifest["timings_s"] = {**stage.timings, "export": round(time.time() - t_export, 2)}
+        if export:
+            _card(recipe, recipe_text, plan, pr, prof, comparison, dest)
+        manifest = _manifest(recipe, prof, cache_hit, stage.timings, {"prune": pr} if pr else {})
+        manifest.update(mode="streamed" if streamed else "in memory", mode_reason=reason, device=str(source.device),
+                        notes=notes, plan={"checkpoint_bytes": plan.checkpoint_bytes,
+                                           "largest_layer_bytes": plan.layer_bytes,
+                                           "embeddings_head_bytes": plan.rest_bytes, "output_bytes": plan.output_bytes,
+                                           "estimated_peak_bytes": plan.peak_bytes(*(windows.shape if windows
+                                                                                     is not None else (0, 0)))})
         manifest["wall_seconds"] = round(time.time() - t0, 2)
         manifest["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=str))
     return RunResult(Path(out), manifest, comparison, finish_push(recipe, out, manifest, dry_run, stage))
+
+
+def _evaluate(recipe, ev, res, plan_u, source, streamed: bool, model, unaware_model, tok, windows, baseline_tasks,
+              sinks, progress, dest, notes) -> Comparison:
+    """The comparison table: perplexity and sink health from the passes, lm-eval tasks on the models in
+    memory or on the export (streamed), the SE-unaware variant as one more pass."""
+    rows = {"perplexity": res.perplexity_before} if ev.perplexity else {}
+    aware = {"perplexity": res.perplexity_after} if ev.perplexity else {}
+    rows.update(baseline_tasks)
+    if baseline_tasks:
+        aware.update(measure_tasks(model, tok, ev, "SE-aware"))
+    unaware = None
+    if plan_u is not None:
+        src_u = Streamed(source) if streamed else Resident(unaware_model)
+        r_u = run_job(plan_u, src_u, windows, None, tok, baseline=False, progress=progress, sink=True)
+        unaware = {"perplexity": r_u.perplexity_after} if ev.perplexity else {}
+        if baseline_tasks:
+            unaware.update(measure_tasks(unaware_model, tok, ev, "SE-unaware"))
+        unaware.update(sink_rows(r_u.sink_after))
+        sinks["SE-unaware"] = r_u.sink_after
+    rows.update(sink_rows(sinks["baseline"]))
+    aware.update(sink_rows(sinks["SE-aware"]))
+    comparison = Comparison.build(rows, aware, unaware)
+    if ev.tasks and ev.backend == "vllm" and not streamed and dest is not None:
+        notes.extend(in_memory_vllm_tasks(recipe, model, tok, dest, comparison))
+    elif ev.tasks and streamed:
+        streamed_tasks(recipe, dest, tok, source.dtype, comparison, notes)
+    comparison.check(ev.recovery_threshold)
+    return comparison
 
 
 def write_run_files(folder: Path, recipe_text: str, prof, comparison) -> None:
@@ -249,39 +296,18 @@ def finish_push(recipe: Recipe, out: Path, manifest: dict, dry_run: bool, stage:
 PLAIN_SNIPPET = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')"
 
 
-def _export(recipe, recipe_text, model, tok, prof, info, comparison, dest: Path,
-            on_export: Callable[[Path], None] | None = None) -> None:
-    """Write the export to ``dest``; ``on_export(dest)`` runs once the checkpoint is written, before the
-    model card (which holds the comparison)."""
-    plan_text = None
-    if "quantize" in info:  # in the plan's export format (export.format), else its backend's own
-        from ..quant.backends import exporter
-        from ..quant.export import save_quantized
-
-        plan = info["quantize"]
-        save_quantized(model, tok, plan, dest)
-        plan_text = plan.table()  # with the runtimes that load the export
-        snippet = exporter(plan.meta).load_snippet
-    elif "prune" in info:
-        from ..prune import save_pruned
-
-        save_pruned(model, tok, info["prune"], dest)
-        snippet = PLAIN_SNIPPET
-    else:
-        dest.mkdir(parents=True)
-        model.save_pretrained(dest)
-        tok.save_pretrained(dest)
-        snippet = PLAIN_SNIPPET
-    if on_export is not None:
-        on_export(dest)
-    pr = info.get("prune")
-    if pr is not None and not (dest / "prune_report.json").exists():
-        (dest / "prune_report.json").write_text(json.dumps(pr.to_json(), indent=1))
+def _card(recipe, recipe_text, plan: JobPlan, pr, prof, comparison, dest: Path) -> None:
+    """The export's prune report and model card (written once the comparison is complete)."""
+    if pr is not None:
+        (dest / REPORT_NAME).write_text(json.dumps(pr.to_json(), indent=1))
     prune_info = None if pr is None else {"method": pr.config.method, "num_experts_after": pr.num_experts_after,
                                           "removed_per_layer": pr.num_experts_before - pr.num_experts_after,
                                           "kept": pr.kept}
+    qp = plan.quant_plan
+    snippet = exporter(qp.meta).load_snippet if qp is not None else PLAIN_SNIPPET
     ses = prof.se_ids() if prof is not None else []
-    (dest / "README.md").write_text(model_card(recipe, recipe_text, ses, comparison, plan_text, prune_info, snippet))
+    (dest / "README.md").write_text(model_card(recipe, recipe_text, ses, comparison,
+                                               qp.table() if qp is not None else None, prune_info, snippet))
 
 
 def _manifest(recipe: Recipe, prof, cache_hit: bool, timings: dict, info: dict) -> dict:

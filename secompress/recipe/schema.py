@@ -30,7 +30,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from ..devices import check_device
 from ..dtypes import DEFAULT_DTYPE, check_dtype
-from ..errors import SecompressError
+from ..errors import SecompressError, RecipeError
 from ..profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, ProfileConfig
 from ..prune.api import PruneConfig
 from ..quant.backends import get_backend
@@ -42,10 +42,6 @@ SCHEMA_VERSION = 1
 # a recipe's name becomes a folder name under the output root: one plain path component only
 EVAL_BACKENDS = ("hf", "vllm")  # evaluate.backend: what runs the lm-eval tasks
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-
-
-class RecipeError(SecompressError):
-    """A recipe that does not match the schema; the message points at the line and key."""
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,11 @@ optional package it needs, and the steps every entry point (``quantize_``,
 
     validate(config)            config-level checks, before any model is loaded
     check_plan(plan, config)    plan-level checks, before any weight changes
-    apply(model, plan, config, ctx) -> plan     quantize ``model`` in place
+    layer_step(src, plan, config) -> step       the per-layer step of the one loop (:mod:`secompress.pipeline`):
+                                                quantizes each decoder layer's part of the plan in place, on
+                                                any layer source (in memory or streamed)
+    apply(model, plan, config, ctx) -> plan     quantize ``model`` in place: ``layer_step`` over the model as a
+                                                resident source (with the calibration stream if it needs one)
     save(model, tokenizer, plan, out, overwrite) -> out
     detect(path) / load(path, device) -> (model, plan | None)     for ``secompress.load``
     compatibility(plan) -> {runtime: (ok, why)}                   for the plan table and card
@@ -35,6 +39,19 @@ from ..plan import PLAN_NAME, QuantPlan
 @dataclass(frozen=True)
 class NoOptions:
     """A backend without options of its own."""
+
+
+CALIB_Q = "calibration (quantized)"  # calibration windows through the already-quantized layers
+
+
+def calibration_ids(ctx: "QuantContext"):
+    """[N, S] calibration windows from ``ctx.data`` (CalibrationData as given, text tokenized now)."""
+    from ...data import CalibrationData, load_calibration
+    from ...profile import DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
+
+    if isinstance(ctx.data, CalibrationData):
+        return ctx.data.input_ids
+    return load_calibration(ctx.data, ctx.tokenizer, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN).input_ids
 
 
 @dataclass
@@ -102,6 +119,9 @@ class Backend(Exporter):
     extra: ClassVar[str | None] = None  # its pip extra: pip install 'secompress[EXTRA]'
     import_package: ClassVar[bool] = True  # False: only check it is installed (gptqmodel patches on import)
     calibrated: ClassVar[bool] = False  # uses calibration statistics: needs a profile for coverage
+    # its step reads the calibration windows entering each layer through the layers quantized before it
+    # (``inputs.hidden[CALIB_Q]``; GPTQ, static activation scales): the driver opens that stream
+    propagated_calibration: ClassVar[bool] = False
     holds_codes: ClassVar[bool] = False  # apply leaves integer-coded modules: any ExportFormat can write them
     own_format: ClassVar[str | None] = None  # name of what its own save() writes, when formats are a choice
     default_format: ClassVar[str | None] = None  # export format when the config names none (None: own save)
@@ -122,8 +142,21 @@ class Backend(Exporter):
     def check_plan(self, plan: QuantPlan, config) -> None:
         """Plan-level checks (ValueError) before any weight changes."""
 
+    def layer_step(self, src, plan: QuantPlan, config):
+        """The per-layer step quantizing ``src``'s layers by ``plan`` (see the module docstring)."""
+        raise NotImplementedError(f"quantization backend '{self.name}' defines no layer_step")
+
     def apply(self, model, plan: QuantPlan, config, ctx: QuantContext) -> QuantPlan:
-        raise NotImplementedError
+        """``layer_step`` over ``model`` in memory; the calibration stream from ``ctx.data`` when needed."""
+        from ...pipeline import Resident, Stream, run_pass
+
+        src = Resident(model)
+        streams = {}
+        if self.propagated_calibration:
+            ids = calibration_ids(ctx)
+            streams[CALIB_Q] = Stream(list(ids.split(getattr(config.options, "batch_size", 8))))
+        run_pass(src, streams, [self.layer_step(src, plan, config)], progress=False, desc=f"quantize ({self.name})")
+        return plan
 
 
 class ExportFormat(Exporter):

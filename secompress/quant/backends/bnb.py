@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..plan import QuantPlan
-from .base import Backend, QuantContext, plan_export_format
+from .base import Backend, plan_export_format
 
 BNB_BITS = (4, 8)
 
@@ -38,11 +37,10 @@ class BnbBackend(Backend):
 
         check_plan(plan)  # bitsandbytes has its own fixed blocks: no group size to check
 
-    def apply(self, model, plan, config, ctx: QuantContext) -> QuantPlan:
-        from ..bnb import apply_bnb
+    def layer_step(self, src, plan, config):
+        from ..bnb_stream import QuantizeLayersBnb
 
-        apply_bnb(model, plan, config.options.quant_type)
-        return plan
+        return QuantizeLayersBnb(src, plan, config.options.quant_type)
 
     def save(self, model, tokenizer, plan, out, overwrite=False) -> Path:
         from ..bnb_export import save_bnb

@@ -9,7 +9,7 @@ from __future__ import annotations
 from .. import rtn
 from ..modules import apply_plan
 from ..plan import QuantPlan
-from .base import Backend, QuantContext, check_group_sizes
+from .base import Backend, check_group_sizes
 
 
 class RtnBackend(Backend):
@@ -20,10 +20,21 @@ class RtnBackend(Backend):
     def check_plan(self, plan, config) -> None:
         check_group_sizes(plan, config.group_size)
 
-    def apply(self, model, plan, config, ctx: QuantContext) -> QuantPlan:
-        gs, sym = config.group_size, config.symmetric
-        apply_plan(model, plan, lambda key, w, bits: rtn.quantize(w, bits, gs, sym))
-        return plan
+    def layer_step(self, src, plan, config) -> "RtnLayers":
+        return RtnLayers(src, plan, config.group_size, config.symmetric)
+
+
+class RtnLayers:
+    """Each layer's part of the plan RTN-quantized in place, on the device the layer lives on."""
+
+    def __init__(self, src, plan: QuantPlan, group_size: int | None, symmetric: bool):
+        self.src, self.plan = src, plan
+        self.make = lambda key, w, bits: rtn.quantize(w, bits, group_size, symmetric)
+
+    def on_layer(self, index: int, layer, inputs) -> None:
+        sub = self.plan.layer(index)
+        if any(b is not None for b in sub.bits.values()):
+            apply_plan(self.src.model, sub, self.make)
 
 
 BACKEND = RtnBackend()

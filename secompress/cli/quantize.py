@@ -7,14 +7,14 @@
 """
 from __future__ import annotations
 
-from ..cli_args import add_command, add_profile_arg, add_protection, model_parent, output_parent
-from .backends import BACKENDS, FORMATS
-from .config import CALIBRATIONS
-from .coverage import FALLBACKS
-from .plan import SE_MODES
+from ..quant.backends import BACKENDS, FORMATS
+from ..quant.config import CALIBRATIONS
+from ..quant.coverage import FALLBACKS
+from ..quant.plan import SE_MODES
+from .args import add_command, add_profile_arg, add_protection, model_parent, output_parent
 
 
-def _add_quantize(sub) -> None:
+def _add(sub) -> None:
     p = add_command(sub, "quantize", "quantize weights, keeping Super Experts at higher precision",
                     parents=(model_parent(), output_parent()))
     p.add_argument("--method", default="rtn", choices=list(BACKENDS), help="quantization backend")
@@ -42,8 +42,7 @@ def _add_quantize(sub) -> None:
                    help="an option of the method's backend, e.g. quant_type=fp4 for bnb (repeatable)")
     add_profile_arg(p)
     p.add_argument("--streaming", action="store_true",
-                   help="one decoder layer at a time (models larger than memory; gptq: gptqmodel's child holds "
-                        "its own copy of the model)")
+                   help="one decoder layer at a time from the checkpoint's shards (models larger than memory)")
 
 
 def backend_options(method: str, pairs: list[str]):
@@ -52,7 +51,7 @@ def backend_options(method: str, pairs: list[str]):
 
     import yaml
 
-    from .backends import get_backend
+    from ..quant.backends import get_backend
 
     cls = get_backend(method).options
     names = [f.name for f in dataclasses.fields(cls)]
@@ -66,48 +65,18 @@ def backend_options(method: str, pairs: list[str]):
     return cls(**kw)
 
 
-def _quantize(args) -> int:
-    from pathlib import Path
+def _run(args) -> int:
+    from ..quant.config import QuantConfig
+    from ..quant.plan import Rule
+    from .job import compress_command
 
-    from ..checkpoints import load_model, load_tokenizer
-    from ..cli_args import check_calibration_args, device_map_arg, load_profile_arg
-    from ..data import load_calibration
-    from ..errors import option_style
-    from ..outputs import check_output_dir, checkpoint_bytes, temp_dir
-    from ..profile import ProfileConfig, profile_for
-    from .apply import needs_profile, quantize_
-    from .config import QuantConfig
-    from .export import save_quantized
-    from .plan import Rule
-
-    out = check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data),  # fail before any compute
-                           need_bytes=checkpoint_bytes(args.model))
-    check_calibration_args(args)
     cfg = QuantConfig(bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
                       symmetric=args.symmetric, se_mode=args.se_mode, se_bits=args.se_bits,
                       protect_super_experts=args.protect_super_experts, rules=tuple(Rule.parse(r) for r in args.rule),
                       avg_bits=args.avg_bits, method=args.method, options=backend_options(args.method, args.option),
                       fallback=args.fallback, calibration=args.calibration, format=args.format)
     cfg.require()
-    if args.streaming:
-        from ..streamed import run_cli
-
-        return run_cli(args, quant_cfg=cfg)
-    prof = load_profile_arg(args.profile)
-    model = load_model(args.model, args.dtype, args.revision, args.trust_remote_code, device=device_map_arg(args))
-    tok = load_tokenizer(args.model, args.revision, args.trust_remote_code)
-    calib = load_calibration(args.data, tok, args.num_samples, args.seq_len)
-    if needs_profile(cfg):
-        pc = ProfileConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size)
-        prof = profile_for(model, prof, tok, calib, pc, progress=True)
-    source = args.model if Path(args.model).is_dir() else None  # checkpoint backends read it as is
-    with option_style("cli"), temp_dir(out.parent, out.name, "work") as work:
-        plan = quantize_(model, cfg, profile=prof, tokenizer=tok, data=calib, work=work, source=source)
-        save_quantized(model, tok, plan, out, overwrite=args.overwrite)
-    print(plan.table())
-    print(f"wrote {out} (method {cfg.method}, format {cfg.format or 'its own'}; load it with secompress.load"
-          + (", or as the runtimes above say)" if plan.compatibility() else ")"))
-    return 0
+    return compress_command(args, quant_cfg=cfg)
 
 
-COMMAND = (_add_quantize, _quantize)  # the entry of secompress.cli.COMMANDS
+COMMAND = (_add, _run)

@@ -4,10 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cli_args import add_command, output_parent
+from .args import add_command, output_parent
 
 
-def _add_run(sub) -> None:
+def _add(sub) -> None:
     p = add_command(sub, "run", "run a recipe: profile, prune, quantize, evaluate, export, push",
                     parents=(output_parent(required=False, default_help="; default: out/<recipe name>"),))
     p.add_argument("recipe", help="recipe YAML file (see recipes/)")
@@ -21,8 +21,8 @@ def _add_run(sub) -> None:
 
 
 def _run(args) -> int:
-    from .run import run_recipe
-    from .schema import load_recipe
+    from ..recipe.run import run_recipe
+    from ..recipe.schema import load_recipe
 
     overrides = list(args.override)
     if args.device:
@@ -58,4 +58,4 @@ def _run(args) -> int:
     return 0
 
 
-COMMAND = (_add_run, _run)
+COMMAND = (_add, _run)

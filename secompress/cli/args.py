@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .checkpoints import DTYPE_CHOICES
-from .dtypes import DEFAULT_DTYPE
-from .errors import SecompressError
-from .profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
+from ..checkpoints import DTYPE_CHOICES
+from ..dtypes import DEFAULT_DTYPE
+from ..errors import SecompressError
+from ..profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 
 class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows every default that says something (not None, off or empty)."""
@@ -68,7 +68,7 @@ def load_profile_arg(path: str | None):
     """The profile named by ``--profile`` (None if not given); a clear error naming the path otherwise."""
     if path is None:
         return None
-    from .profile_io import load_profile
+    from ..profile_io import load_profile
 
     p = Path(path)
     d = p if p.is_dir() else p.parent
@@ -79,12 +79,12 @@ def load_profile_arg(path: str | None):
     return load_profile(path)
 
 
-def device_map_arg(args) -> str | None:
-    """``--device`` as load_model's device_map for the in-memory path (None: the CPU)."""
-    from .devices import resolve_device
+def open_source(args):
+    """The :class:`~secompress.source.Source` the flags name (resolved once: local folder or hub id, config,
+    dtype, device)."""
+    from ..source import Source
 
-    d = resolve_device(args.device)
-    return None if d.type == "cpu" else str(d)
+    return Source.open(args.model, args.revision, args.trust_remote_code, args.dtype, args.device)
 
 
 def add_command(sub, name: str, help: str, parents=()) -> argparse.ArgumentParser:

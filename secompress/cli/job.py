@@ -1,0 +1,66 @@
+"""What ``prune`` and ``quantize`` share: one compress job (:mod:`secompress.compress`) over the model in
+memory, or with ``--streaming`` over its shards one decoder layer at a time, then the export."""
+from __future__ import annotations
+
+import json
+
+from ..errors import option_style
+
+
+def compress_command(args, prune_cfg=None, quant_cfg=None) -> int:
+    """Profile (unless --profile), plan, one pass, export; prints the plan, the tables and what was written."""
+    from ..checkpoints import check_finite_weights
+    from ..compress import Job, plan_job, run_job
+    from ..data import CalibrationData, load_calibration
+    from ..outputs import check_output_dir, checkpoint_bytes
+    from ..pipeline import Resident, Streamed
+    from ..profile import ProfileConfig, profile
+    from ..prune.result import REPORT_NAME, summary_table
+    from .args import check_calibration_args, load_profile_arg, open_source
+
+    check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data),  # fail before any compute
+                     need_bytes=checkpoint_bytes(args.model))
+    check_calibration_args(args)
+    source = open_source(args)
+    job = Job(prune=prune_cfg, quant=quant_cfg, batch_size=args.batch_size)
+    if prune_cfg is not None:  # a ratio the router (or the expert width) cannot take fails before any pass
+        prune_cfg.prune_method.target(source.skeleton(), prune_cfg)
+    prof = load_profile_arg(args.profile)
+    tok = source.tokenizer()
+    n_eval = getattr(args, "eval_samples", 0) if prune_cfg is not None else 0
+    eval_data = getattr(args, "eval_data", None)
+    both = load_calibration(args.data, tok, args.num_samples + (n_eval if eval_data is None else 0), args.seq_len)
+    calib = CalibrationData(both.input_ids[:args.num_samples], both.source, both.sha256)
+    eval_ids = None
+    if n_eval:
+        eval_ids = both.input_ids[args.num_samples:] if eval_data is None else \
+            load_calibration(eval_data, tok, n_eval, args.seq_len).input_ids
+    model = None
+    if not args.streaming:
+        model = source.load()
+        check_finite_weights(model, args.model)
+    if prof is None:
+        cfg = ProfileConfig(num_samples=args.num_samples, seq_len=args.seq_len, batch_size=args.batch_size,
+                            streaming=args.streaming, dtype=args.dtype)
+        prof = profile(source if args.streaming else model, tok, data=calib, config=cfg)
+    with option_style("cli"):
+        plan = plan_job(source, job, prof, calib=calib.input_ids)
+    print(plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0)), streamed=args.streaming))
+
+    def side(res) -> dict[str, str]:
+        pr = res.prune_result(prof, calib.source, model_name=str(args.model))
+        return {} if pr is None else {REPORT_NAME: json.dumps(pr.to_json(), indent=2) + "\n"}
+
+    src = Streamed(source) if args.streaming else Resident(model)
+    with option_style("cli"):
+        res = run_job(plan, src, eval_ids, args.out, tok, overwrite=args.overwrite, extra_files=side)
+    pr = res.prune_result(prof, calib.source, model_name=str(args.model))
+    if pr is not None:
+        print(summary_table(pr))
+    if plan.quant_plan is not None:
+        print(plan.quant_plan.table())
+    if res.loss_before is not None and pr is None:
+        print(f"held-out perplexity {res.perplexity_before:.3f} -> {res.perplexity_after:.3f}")
+    where = f"streamed layer by layer on {source.device}" if args.streaming else f"in memory on {source.device}"
+    print(f"wrote {args.out} ({where}; load it with secompress.load)")
+    return 0
