@@ -1,14 +1,17 @@
-"""A resident driver for activation-quantization schemes: layer by layer, on a model in memory.
+"""The per-layer step of an activation-quantization scheme, and the resident driver built on it.
 
-    report = apply_scheme(model, "FP8", calib_ids, plan=plan)          # in place, returns the statistics
+    step = ActQuantStep(plan, adapter, get_scheme("FP8"), calib_chunks)      # any layer source
+    run_pass(Streamed(src) or Resident(model), steps=[step, writer])
+    report = apply_scheme(model, "FP8", calib_ids, plan=plan)                  # resident, in place
 
-The calibration windows' inputs of decoder layer 0 are captured once; then for each layer ``i`` in order:
-its statistics are collected on the inputs it receives from the already-quantized layers before it
-(:func:`~secompress.quant.actstats.collect_layer`), optionally smoothing is folded in
-(:func:`~secompress.quant.smoothing.smooth_layer`, statistics collected again), static scales are set by
-the chosen rule, the layer's modules are swapped for fake-quantized ones
-(:func:`~secompress.quant.actquant.swap_layer`) and the quantized layer's outputs become layer
-``i + 1``'s inputs. A layer-by-layer engine runs the same per-layer steps on its own stream.
+For each decoder layer ``i`` the step receives the calibration stream's hidden states as they leave the
+layers quantized before it (the pipeline's propagated stream) and: collects the layer's input statistics
+(:func:`~secompress.quant.actstats.collect_layer`), optionally folds smoothing in
+(:func:`~secompress.quant.smoothing.smooth_layer`, statistics collected again), sets static scales by
+the chosen rule (:func:`~secompress.quant.actstats.static_input_scales`) and swaps the layer's modules
+for fake-quantized ones (:func:`~secompress.quant.actquant.swap_layer`); the driver then sends the
+stream through the quantized layer. A writer step after it stores
+:func:`~secompress.quant.ct_schemes.layer_tensors` of the same layer.
 Legend: N windows, S sequence length, L decoder layers.
 """
 from __future__ import annotations
@@ -19,12 +22,16 @@ from dataclasses import dataclass, field
 import torch
 
 from ..checkpoints import check_model
+from ..pipeline.driver import Stream, run_pass
+from ..pipeline.sources import Resident
+from ..streaming import run_layer
 from .actquant import layer_assignment, swap_layer
 from .actstats import MASSIVE_THRESHOLD, LayerStats, collect_layer, static_input_scales
 from .schemes import Scheme, get_scheme
 from .smoothing import SmoothConfig, smooth_layer
 
 log = logging.getLogger(__name__)
+STREAM = "actquant-calibration"
 
 
 @dataclass
@@ -35,47 +42,45 @@ class ApplyReport:
     assignments: dict[int, dict] = field(default_factory=dict)
 
 
-class _Stop(Exception):
-    pass
+class ActQuantStep:
+    """Quantize each decoder layer with ``scheme`` per ``plan`` (see the module docstring). ``calib``:
+    the calibration windows in chunks ([B, S] each), declared as this step's stream."""
 
+    def __init__(self, plan, adapter, scheme: Scheme, calib: list[torch.Tensor], se_scheme: Scheme | None = None,
+                 rule: str = "max", all_experts: bool = False, serving: str = "layer",
+                 smooth: SmoothConfig | None = None, massive_threshold: float = MASSIVE_THRESHOLD):
+        self.plan, self.adapter, self.scheme, self.se_scheme = plan, adapter, scheme, se_scheme
+        self.rule, self.all_experts, self.serving, self.smooth = rule, all_experts, serving, smooth
+        self.massive_threshold = massive_threshold
+        self.streams = {STREAM: Stream(list(calib))}
+        self.report = ApplyReport()
 
-@torch.no_grad()
-def layer_inputs(model, adapter, ids: torch.Tensor, batch_size: int) -> list[tuple[tuple, dict]]:
-    """(args, kwargs) decoder layer 0 receives for each chunk of ``ids [N, S]``."""
-    got = []
+    @torch.no_grad()
+    def on_layer(self, index: int, layer, inputs) -> None:
+        ad = self.adapter
+        hidden, args = inputs.hidden[STREAM], inputs.args[STREAM]
 
-    def catch(mod, args, kwargs):
-        got.append((args, kwargs))
-        raise _Stop
+        def run(n: int | None = None):
+            return [run_layer(layer, h, *args[c]) for c, h in enumerate(hidden[:n])]
 
-    h = adapter.layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    dev = next(model.parameters()).device
-    try:
-        for chunk in ids.split(batch_size):
-            try:
-                model(input_ids=chunk.to(dev), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        h.remove()
-    return got
-
-
-def _hidden(args, kwargs):
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def _with_hidden(args, kwargs, h):
-    return ((h,) + tuple(args[1:]), kwargs) if args else ((), {**kwargs, "hidden_states": h})
-
-
-@torch.no_grad()
-def _run(layer, inputs) -> list:
-    out = []
-    for a, k in inputs:
-        o = layer(*a, **k)
-        out.append(o[0] if isinstance(o, tuple) else o)
-    return out
+        assignment = layer_assignment(self.plan, index, ad, self.scheme, self.se_scheme)
+        with collect_layer(layer, ad, self.massive_threshold, self.all_experts) as stats:
+            run()
+        if self.smooth is not None:
+            quantized = {n for n, s in assignment.items() if s is not None and s.inputs is not None}
+            self.report.smoothing[index] = smooth_layer(layer, ad, stats, lambda: run(1), self.smooth, quantized)
+            with collect_layer(layer, ad, self.massive_threshold, self.all_experts) as stats:
+                run()
+        scales, dtype = {}, next(layer.parameters()).dtype
+        for name, sch in assignment.items():
+            if sch is not None:
+                mine = static_input_scales(stats, sch, self.rule, dtype)
+                scales.update({k: v for k, v in mine.items()
+                               if k == name or (name == ad.experts and k.startswith("experts."))})
+        swap_layer(layer, ad, assignment, scales, stats.shared, self.serving)
+        rep = self.report
+        rep.stats[index], rep.scales[index], rep.assignments[index] = stats, scales, assignment
+        log.info("layer %d: %s", index, ", ".join(f"{k}={v.name if v else '16-bit'}" for k, v in assignment.items()))
 
 
 @torch.no_grad()
@@ -83,36 +88,17 @@ def apply_scheme(model, scheme: str | Scheme, calib: torch.Tensor, plan=None, se
                  rule: str = "max", all_experts: bool = False, serving: str = "layer",
                  smooth: SmoothConfig | None = None, massive_threshold: float = MASSIVE_THRESHOLD,
                  batch_size: int = 8) -> ApplyReport:
-    """Quantize ``model`` in place with ``scheme`` on calibration windows ``calib [N, S]``. ``plan``
-    (a :class:`~secompress.quant.plan.QuantPlan`) says which units stay 16-bit (default: every unit
-    quantized); ``smooth``: fold SmoothQuant / EAQuant factors into each layer between its statistics
-    and its scales (the statistics are then collected again on the smoothed layer)."""
+    """Quantize ``model`` in place with ``scheme`` on calibration windows ``calib [N, S]`` (one resident
+    pass of :class:`ActQuantStep`). ``plan`` (a :class:`~secompress.quant.plan.QuantPlan`) says which units
+    stay 16-bit (default: every unit quantized); ``smooth``: fold SmoothQuant / EAQuant factors into each
+    layer between its statistics and its scales."""
     from .plan import resolve_plan
 
     adapter = check_model(model)
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     se_scheme = get_scheme(se_scheme) if isinstance(se_scheme, str) else se_scheme
     plan = plan or resolve_plan(model, default=scheme.weight_bits)
-    rep = ApplyReport()
-    inputs = layer_inputs(model, adapter, calib, batch_size)
-    for i, layer in enumerate(adapter.layers(model)):
-        assignment = layer_assignment(plan, i, adapter, scheme, se_scheme)
-        with collect_layer(layer, adapter, massive_threshold, all_experts) as stats:
-            _run(layer, inputs)
-        if smooth is not None:
-            quantized = {n for n, s in assignment.items() if s is not None and s.inputs is not None}
-            rep.smoothing[i] = smooth_layer(layer, adapter, stats, lambda: _run(layer, inputs[:1]), smooth, quantized)
-            with collect_layer(layer, adapter, massive_threshold, all_experts) as stats:
-                _run(layer, inputs)
-        scales, dtype = {}, next(layer.parameters()).dtype
-        for name, sch in assignment.items():
-            if sch is not None:
-                mine = static_input_scales(stats, sch, rule, dtype)
-                scales.update({k: v for k, v in mine.items()
-                               if k == name or (name == adapter.experts and k.startswith("experts."))})
-        swap_layer(layer, adapter, assignment, scales, stats.shared, serving)
-        rep.stats[i], rep.scales[i], rep.assignments[i] = stats, scales, assignment
-        outs = _run(layer, inputs)
-        inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, outs)]
-        log.info("layer %d: %s", i, ", ".join(f"{k}={v.name if v else '16-bit'}" for k, v in assignment.items()))
-    return rep
+    step = ActQuantStep(plan, adapter, scheme, list(calib.split(batch_size)), se_scheme, rule, all_experts, serving,
+                        smooth, massive_threshold)
+    run_pass(Resident(model), steps=[step], progress=False, desc="activation quantization")
+    return step.report
