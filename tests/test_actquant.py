@@ -309,3 +309,22 @@ def test_step_streamed_equals_resident(tiny_dir):
     assert set(out["streamed"]) == set(out["resident"]) and any(k.endswith("input_scale") for k in out["resident"])
     for k, v in out["resident"].items():
         assert torch.equal(out["streamed"][k], v), k
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "mixtral"])
+def test_fp8_with_smoothing_on_other_architectures(arch):
+    """Dense first layers, shared experts, MLA's inner norms, checkpoint names that differ (Mixtral)."""
+    from secompress.perplexity import mean_loss
+
+    m = make_tiny(arch, num_hidden_layers=2)
+    ids = _ids(2, 16)
+    base = mean_loss(m, ids)
+    rep = apply_scheme(m, "FP8", ids, smooth=SmoothConfig(), all_experts=True)
+    assert abs(mean_loss(m, ids) - base) < 0.02
+    assert all(r["output_change"] < 1e-4 and r["routing_change"] == 0.0 for r in rep.smoothing.values())
+    ad = get_adapter(m.config)
+    tensors = layer_tensors(ad.layers(m)[1], 1, ad)
+    expert_key = f"model.layers.1.{ad.ckpt_block}.experts.0.{ad.ckpt_expert_names[0]}.weight"
+    assert tensors[expert_key].dtype == torch.float8_e4m3fn and f"{expert_key[:-len('weight')]}input_scale" in tensors
+    if arch == "deepseek_v3":
+        assert "self_attn.kv_a_layernorm" in rep.smoothing[1]  # found by data flow, not by name
