@@ -373,10 +373,11 @@ class _BindLateSEs:
 
 def run_job(plan: JobPlan, src: LayerSource, eval_ids: torch.Tensor | None = None, out: str | Path | None = None,
             tokenizer=None, baseline: bool = True, overwrite: bool = False, progress: bool = True,
-            extra_files=None, sink: bool = False, extra_steps=()) -> JobResult:
+            finish=None, sink: bool = False, extra_steps=()) -> JobResult:
     """One pass of ``plan`` over ``src``: baseline and compressed perplexity over ``eval_ids`` [N, S] (when
     given) and the export into ``out`` (when given; atomic, with the tokenizer, config, plan, codes and the
-    files ``extra_files(result) -> {name: text}`` gives once the perplexities are known). ``sink``: also the
+    files ``finish(result, folder)`` writes into the export's folder once the perplexities are known, before it
+    is renamed into place). ``sink``: also the
     baseline and compressed :class:`~secompress.sink.SinkHealth` over ``eval_ids``. ``extra_steps``: more
     per-layer steps, run after the job's own (a diagnostic, a test's fault injection)."""
     t0 = time.perf_counter()
@@ -433,7 +434,9 @@ def run_job(plan: JobPlan, src: LayerSource, eval_ids: torch.Tensor | None = Non
             writer.close()
             if codes is not None:
                 codes.close()
-            _write_side_files(plan, folder, tokenizer, extra_files(res) if extra_files else {})
+            _write_side_files(plan, folder, tokenizer)
+            if finish is not None:
+                finish(res, folder)
 
     if out is None:
         one_pass(None)
@@ -474,7 +477,7 @@ def _exporter(plan: JobPlan, src: LayerSource, folder: Path):
     return writer, codes, ExportLayers(src, writer, codes, plan.quant_plan)
 
 
-def _write_side_files(plan: JobPlan, folder: Path, tokenizer, extra_files: dict[str, str]) -> None:
+def _write_side_files(plan: JobPlan, folder: Path, tokenizer) -> None:
     from .quant.api import PLAN_NAME
 
     model = plan.model
@@ -496,5 +499,3 @@ def _write_side_files(plan: JobPlan, folder: Path, tokenizer, extra_files: dict[
             tokenizer.save_pretrained(folder)
         if plan.quant_plan is not None:
             (folder / PLAN_NAME).write_text(json.dumps(plan.quant_plan.to_json(), indent=2) + "\n")
-    for name, text in extra_files.items():
-        (folder / name).write_text(text)

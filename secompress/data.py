@@ -45,7 +45,7 @@ def read_texts(spec: str | Path) -> tuple[list[str], str]:
         raise CalibrationError(f"calibration data '{spec}' is not a file, 'builtin', or 'hf:NAME[:CONFIG]:SPLIT'")
     if path.suffix == ".jsonl":
         texts = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(_utf8(path).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -59,6 +59,17 @@ def read_texts(spec: str | Path) -> tuple[list[str], str]:
     if path.suffix in (".txt", ".md", ".py", ""):
         return [path.read_text(encoding="utf-8", errors="replace")], str(path)
     raise CalibrationError(f"calibration file '{path}' must be .txt or .jsonl")
+
+
+def _utf8(path: Path) -> str:
+    """The file's text, or a CalibrationError naming the file and the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise CalibrationError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                               "a .jsonl calibration file holds one JSON object per line, UTF-8 encoded") from None
 
 
 def _read_hub(spec: str) -> list[str]:

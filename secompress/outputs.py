@@ -195,3 +195,11 @@ def atomic_dir(out: str | Path, overwrite: bool = False):
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     log.info("wrote %s", out)
+
+
+def export_size(folder: Path, source_bytes: int) -> dict:
+    """Bytes of the export's weight files and their ratio to the source checkpoint's."""
+    files = sorted(Path(folder).rglob("*.safetensors"))
+    n = sum(f.stat().st_size for f in files)
+    return {"bytes": n, "files": len(files), "source_bytes": source_bytes,
+            "ratio": round(n / source_bytes, 4) if source_bytes else None}

@@ -23,7 +23,7 @@ from .errors import CalibrationError, SecompressError
 from .instrument import Recorder, instrument
 from .checkpoints import check_model
 from .dtypes import DEFAULT_DTYPE, check_dtype
-from .se_rule import SERule, find_super_experts, massive_ratio
+from .se_rule import SERule, find_super_experts, massive_ratio, se_evidence
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
@@ -75,6 +75,11 @@ class ProfileResult:
         """[(layer, expert id or 'shared')] of the Super Experts."""
         ses = self.super_experts_normalised if normalised else self.super_experts
         return [(l, self.expert_label(c)) for l, c in ses]
+
+    def evidence(self, normalised: bool = False):
+        """How strongly the statistics support the SE verdict (:func:`~secompress.se_rule.se_evidence`)."""
+        return se_evidence(self.arrays["out_max"], self.super_experts_normalised if normalised else
+                           self.super_experts, self.massive_ratios())
 
     def massive_ratios(self) -> np.ndarray:  # [L]
         return np.array([massive_ratio(f, m) for f, m in
@@ -171,9 +176,13 @@ def check_profile_matches(profile: ProfileResult, model) -> None:
     adapter = check_model(model)
     E, L = adapter.num_experts(model.config), len(adapter.layers(model))
     if profile.model_type != model.config.model_type or profile.num_experts != E or profile.num_layers != L:
+        hint = ""
+        if profile.model_type == model.config.model_type and profile.num_layers == L and profile.num_experts > E:
+            hint = ("; it was made before pruning: use the renumbered profile `secompress prune` wrote next to the "
+                    "pruned checkpoint (its profile/ folder), or none to profile again")
         raise SecompressError(f"the profile is of a {profile.model_type} model with {profile.num_layers} layers "
                               f"x {profile.num_experts} experts, this model is {model.config.model_type} "
-                              f"with {L} x {E}")
+                              f"with {L} x {E}{hint}")
 
 
 def profile_for(model, profile: ProfileResult | None = None, tokenizer=None,

@@ -52,6 +52,7 @@ def to_json(r: ProfileResult) -> dict:
                  "considered_layers": r.rule.considered_layers(r.num_layers)},
         "super_experts": [_se_entry(r, l, c) for l, c in r.super_experts],
         "super_experts_layer_normalised": [_se_entry(r, l, c) for l, c in r.super_experts_normalised],
+        "evidence": r.evidence().to_json(),
         "rule_disagreements": disagreements(r),
         "dead_experts": dead_experts(r),
         "layers": [{"layer": l, **{k: _num(r.arrays[k][l]) for k in LAYER_FIELDS},
@@ -138,6 +139,8 @@ def summary_table(r: ProfileResult) -> str:
                         f"{e['position']:>6}{e['tokens']:>8}")
         if not ses:
             rows.append(f"{label:<12}{'(none)':>6}")
+    ev = r.evidence()
+    rows.append(f"evidence: {ev.why}")
     dead = dead_experts(r)
     if dead:
         shown = ", ".join(f"{d['layer']}/{d['expert']}" for d in dead[:12]) + (" ..." if len(dead) > 12 else "")
@@ -156,8 +159,12 @@ def save_profile(r: ProfileResult, out: str | Path, overwrite: bool = False, plo
     return Path(out)
 
 
+PROFILE_DIR = "profile"  # where `secompress prune` stores the pruned checkpoint's renumbered profile
+
+
 def write_profile(r: ProfileResult, folder: Path, plots: bool = True) -> None:
-    """The profile's files into an existing (temporary) ``folder``."""
+    """The profile's files into ``folder`` (created; a temporary folder's subfolder, say)."""
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "super_experts.json").write_text(json.dumps(to_json(r), indent=2))
     write_csv(r, folder / "expert_stats.csv")
     np.savez_compressed(folder / "arrays.npz", **r.arrays)

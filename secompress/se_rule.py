@@ -69,3 +69,52 @@ def find_super_experts(values: np.ndarray, rule: SERule = SERule(), normalise: b
 def massive_ratio(first_max: float, median: float) -> float:
     """Massive-activation ratio: max |h| at the first token over the median |h|."""
     return float(first_max / median) if median > 0 else float("inf")
+
+
+WEAK_LAYER_RATIO = 10.0  # an SE's max |down_proj output| over its layer's median expert max, below: weak
+WEAK_MASSIVE_RATIO = 20.0  # the model's peak first-token max|h| / median|h|, below: no massive activation
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """How strongly the statistics support the SE verdict. Super Experts are rare outliers whose output
+    is tens to thousands of times their layer's typical expert (the reference model's: 39x, with a
+    first-token massive ratio of ~200); in a random-weight model the rule still flags the largest
+    value of a flat distribution (~1.3x, massive ratio ~8)."""
+
+    layer_ratios: tuple[float, ...]  # per SE (in verdict order): its output max / its layer's median
+    massive_ratio: float  # peak over layers of first-token max|h| / median|h|
+    weak: bool
+    why: str
+
+    def to_json(self) -> dict:
+        return {"se_over_layer_median": [round(x, 3) for x in self.layer_ratios],
+                "peak_massive_ratio": round(self.massive_ratio, 3), "weak": self.weak, "why": self.why}
+
+
+def se_evidence(values: np.ndarray, ses, massive_ratios: np.ndarray) -> Evidence:
+    """The :class:`Evidence` for ``ses`` ([(layer, column)]) found in ``values`` [L, C] (max |down_proj
+    output|), given each layer's massive ratio [L]."""
+    v = np.asarray(values, dtype=np.float64)
+    ratios = []
+    for l, c in ses:
+        row = v[l][np.isfinite(v[l]) & (v[l] > 0)]
+        ratios.append(float(v[l, c] / np.median(row)) if row.size else float("nan"))
+    m = np.asarray(massive_ratios, dtype=np.float64)
+    peak = float(np.nanmax(m)) if np.isfinite(m).any() else float("nan")
+    low = [f"{r:.1f}x" for r in ratios if not r >= WEAK_LAYER_RATIO]
+    reasons = []
+    if ses and low:
+        reasons.append(f"the flagged experts' outputs are only {', '.join(low)} their layer's median expert "
+                       f"(Super Experts stand {WEAK_LAYER_RATIO:g}x and more above it)")
+    if not peak >= WEAK_MASSIVE_RATIO:
+        reasons.append(f"the first-token massive ratio peaks at {peak:.1f} (models with Super Experts show "
+                       f"{WEAK_MASSIVE_RATIO:g} and far more)")
+    if not ses:
+        return Evidence((), peak, False, "no Super Expert found")
+    if reasons:
+        return Evidence(tuple(ratios), peak, True, "weak evidence: " + "; ".join(reasons) +
+                        ": this model may have no Super Expert (random or untrained weights?); protecting the "
+                        "flagged experts costs little, but do not read the list as a finding")
+    return Evidence(tuple(ratios), peak, False, f"strong: {min(ratios):.0f}x the layer median or more, massive "
+                                                f"ratio {peak:.0f}")

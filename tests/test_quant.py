@@ -7,6 +7,8 @@ import types
 
 import numpy as np
 import pytest
+
+from secompress.quant.backends import exporter
 import torch
 
 from conftest import ARCHS
@@ -103,10 +105,11 @@ def test_se_modes(base, mode):
     assert others == ({4} if mode == "expert" else {8})
     assert {p.bits[EXP.format(2, e)] for e in range(8)} == {4}
     assert p.bits["model.layers.1.self_attn.q_proj"] == 4
-    compat = p.compatibility()  # method rtn, format dequantized: a 16-bit export
+    compat = exporter(p.meta).compatibility(p)  # method rtn, format dequantized: a 16-bit export
     assert compat["transformers"][0] and not compat["gptqmodel"][0] and compat["vllm-fused-moe"][0]
     gp = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8, meta={"method": "gptq"})
-    gptq = gp.compatibility()
+    gptq = exporter(gp.meta).compatibility(gp)
+    gp.artifacts["compatibility"] = gptq  # what plan_quantization stores
     assert gptq["gptqmodel"][0] and not gptq["transformers"][0]
     assert gptq["vllm-fused-moe"][0] == (mode == "layer")  # fused-MoE kernels take one format per layer
     assert "1: 4/8" in gp.table() or mode == "layer"

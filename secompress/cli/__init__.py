@@ -12,10 +12,11 @@ import sys
 import threading
 
 from ..errors import Interrupted, SecompressError
-from . import profile, prune, quantize, run
+from . import evaluate, profile, prune, push, quantize, run
 
 
-COMMANDS = {"profile": profile.COMMAND, "prune": prune.COMMAND, "quantize": quantize.COMMAND, "run": run.COMMAND}
+COMMANDS = {"profile": profile.COMMAND, "prune": prune.COMMAND, "quantize": quantize.COMMAND, "run": run.COMMAND,
+            "evaluate": evaluate.COMMAND, "push": push.COMMAND}
 
 
 def _terminate(signum, frame):

@@ -12,10 +12,11 @@ def compress_command(args, prune_cfg=None, quant_cfg=None) -> int:
     from ..checkpoints import check_finite_weights
     from ..compress import Job, plan_job, run_job
     from ..data import CalibrationData, load_calibration
-    from ..outputs import check_output_dir, checkpoint_bytes
+    from ..outputs import check_output_dir, checkpoint_bytes, export_size
     from ..pipeline import Resident, Streamed
     from ..profile import ProfileConfig, profile
-    from ..prune.result import REPORT_NAME, summary_table
+    from ..profile_io import PROFILE_DIR, write_profile
+    from ..prune.result import REPORT_NAME, remap_profile, summary_table
     from .args import check_calibration_args, load_profile_arg, open_source
 
     check_output_dir(args.out, args.overwrite, inputs=(args.model, args.data),  # fail before any compute
@@ -26,6 +27,11 @@ def compress_command(args, prune_cfg=None, quant_cfg=None) -> int:
     if prune_cfg is not None:  # a ratio the router (or the expert width) cannot take fails before any pass
         prune_cfg.prune_method.target(source.skeleton(), prune_cfg)
     prof = load_profile_arg(args.profile)
+    if prof is None and (source.path / PROFILE_DIR / "super_experts.json").is_file():
+        from ..profile_io import load_profile
+
+        prof = load_profile(source.path / PROFILE_DIR)  # written by `secompress prune` for this very checkpoint
+        print(f"using the Super-Expert profile stored with the checkpoint ({source.path / PROFILE_DIR})")
     tok = source.tokenizer()
     n_eval = getattr(args, "eval_samples", 0) if prune_cfg is not None else 0
     eval_data = getattr(args, "eval_data", None)
@@ -47,13 +53,16 @@ def compress_command(args, prune_cfg=None, quant_cfg=None) -> int:
         plan = plan_job(source, job, prof, calib=calib.input_ids)
     print(plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0)), streamed=args.streaming))
 
-    def side(res) -> dict[str, str]:
+    def side(res, folder) -> None:
+        """The prune report, and the profile renumbered for the pruned model (``quantize`` finds it there)."""
         pr = res.prune_result(prof, calib.source, model_name=str(args.model))
-        return {} if pr is None else {REPORT_NAME: json.dumps(pr.to_json(), indent=2) + "\n"}
+        if pr is not None:
+            (folder / REPORT_NAME).write_text(json.dumps(pr.to_json(), indent=2) + "\n")
+            write_profile(remap_profile(prof, pr), folder / PROFILE_DIR, plots=False)
 
     src = Streamed(source) if args.streaming else Resident(model)
     with option_style("cli"):
-        res = run_job(plan, src, eval_ids, args.out, tok, overwrite=args.overwrite, extra_files=side)
+        res = run_job(plan, src, eval_ids, args.out, tok, overwrite=args.overwrite, finish=side)
     pr = res.prune_result(prof, calib.source, model_name=str(args.model))
     if pr is not None:
         print(summary_table(pr))
@@ -62,5 +71,7 @@ def compress_command(args, prune_cfg=None, quant_cfg=None) -> int:
     if res.loss_before is not None and pr is None:
         print(f"held-out perplexity {res.perplexity_before:.3f} -> {res.perplexity_after:.3f}")
     where = f"streamed layer by layer on {source.device}" if args.streaming else f"in memory on {source.device}"
-    print(f"wrote {args.out} ({where}; load it with secompress.load)")
+    size = export_size(args.out, source.nbytes)
+    print(f"wrote {args.out} ({where}): {size['bytes'] / 2**20:.1f} MiB in {size['files']} files, {size['ratio']:.2f}x "
+          f"the checkpoint's {size['source_bytes'] / 2**20:.1f} MiB; load it with secompress.load")
     return 0

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import argparse
+
 from ..quant.backends import BACKENDS, FORMATS
 from ..quant.config import CALIBRATIONS
 from ..quant.coverage import FALLBACKS
@@ -20,7 +22,9 @@ def _add(sub) -> None:
     p.add_argument("--method", default="rtn", choices=list(BACKENDS), help="quantization backend")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="default bits per weight")
     p.add_argument("--group-size", type=int, default=128, help="input features per scale (-1: per row)")
-    p.add_argument("--symmetric", action="store_true", help="symmetric quantization (zero point fixed mid-range)")
+    p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
+                   help="symmetric quantization (zero point fixed mid-range, as the serving engines expect); "
+                        "--no-symmetric stores a zero point per group")
     p.add_argument("--se-bits", "--se-precision", dest="se_bits", type=int, default=16, choices=[16, 8],
                    help="bits of the Super Experts (16 keeps them unquantized)")
     p.add_argument("--se-mode", default=None, choices=list(SE_MODES),

@@ -30,7 +30,7 @@ def _run(args) -> int:
     if args.streaming:
         overrides.append("model.streaming=" + {"auto": "null", "on": "true", "off": "false"}[args.streaming])
     recipe = load_recipe(args.recipe, overrides)
-    text = Path(args.recipe).read_text()
+    text = Path(args.recipe).read_text(encoding="utf-8")
     if args.override:
         text += "\n# overrides: " + ", ".join(args.override) + "\n"
     out, root = (args.out, None) if args.out else (Path("out") / recipe.name, Path("out"))
@@ -45,6 +45,12 @@ def _run(args) -> int:
     print(f"Super Experts: {m['super_experts'] or 'none'} (profile cache {'hit' if m['profile_cache_hit'] else 'miss'})")
     if res.comparison is not None:
         print(res.comparison.markdown())
+        if m.get("se_effect"):
+            print(f"SE effect: {m['se_effect']}")
+    if m.get("export"):
+        e = m["export"]
+        print(f"export: {e['bytes'] / 2**20:.1f} MiB in {e['files']} files, {e['ratio']:.2f}x the checkpoint's "
+              f"{e['source_bytes'] / 2**20:.1f} MiB")
     plan_file = Path(res.out) / "model" / "quantization_plan.json"
     if plan_file.is_file() and "compatibility" in (plan := json.loads(plan_file.read_text())):
         fmt = plan.get("export", {}).get("format", plan.get("meta", {}).get("method", "rtn"))

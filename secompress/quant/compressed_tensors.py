@@ -107,7 +107,7 @@ def build_config(model, plan: QuantPlan, adapter):
 
     gs = plan.meta.get("group_size")
     gs = None if gs in (None, -1) else gs
-    sym = bool(plan.meta.get("symmetric", False))
+    sym = bool(plan.meta.get("symmetric", True))
     lbits = layer_bits(plan)
     weight: dict[int, int] = {}
     for n, b in plan.bits.items():
@@ -305,7 +305,7 @@ def save_ct(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool 
         raise SecompressError("the compressed-tensors config breaks vLLM's rule: " + "; ".join(problems))
     compat = compatibility(qd, plan, adapter)
     qts = _qtensors(model, plan, adapter)
-    packed = _compress(qts, qc, bool(plan.meta.get("symmetric", False)))
+    packed = _compress(qts, qc, bool(plan.meta.get("symmetric", True)))
     dtype = model.get_input_embeddings().weight.dtype
     with dequantized(model):
         tensors = _tensors(model, adapter)

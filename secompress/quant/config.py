@@ -16,7 +16,7 @@ KEEP_16 = 16  # se_bits 16 (or None) keeps the Super Experts in 16 bit; the one 
 class QuantConfig:
     bits: int = 4  # default bits of every quantizable weight
     group_size: int | None = 128  # input features per scale; None = one group per row
-    symmetric: bool = False  # the default of the API, the CLI and recipes alike
+    symmetric: bool = True  # zero point fixed mid-range (what vLLM/SGLang kernels expect); API, CLI, recipes alike
     se_mode: str | None = None  # "expert": only SEs raised; "layer": every expert of an SE's layer;
     # None: the export format's choice (layer for compressed-tensors, else expert), resolved when built
     se_bits: int | None = None  # Super Experts' bits: 8, or 16 / None = keep 16-bit (stored as None)

@@ -6,6 +6,7 @@ higher-is-better metrics and baseline / compressed for lower-is-better ones (per
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from contextlib import contextmanager
@@ -84,15 +85,50 @@ def _labelled_lm_eval(label: str):
             lg.removeFilter(_NOISE)
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(paths: tuple[str, ...]):
+    """lm-eval's task index (it reads every task YAML it ships: seconds), built once per run and folder set."""
+    require("lm_eval", "eval", "The evaluate stage's lm-eval tasks")
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(paths) or None)
+
+
+def task_manager(stage):
+    return _task_manager(tuple(str(Path(p)) for p in stage.task_paths))
+
+
+def check_tasks(recipe) -> None:
+    """Before any weight is read: every lm-eval task the recipe names exists (in lm-eval or its task_paths),
+    else a RecipeError at ``stages.evaluate.tasks`` with the closest names."""
+    import difflib
+
+    from ..errors import RecipeError
+
+    ev = recipe.stage("evaluate")
+    if ev is None or not ev.tasks:
+        return
+    missing = [p for p in ev.task_paths if not Path(p).is_dir()]
+    if missing:
+        raise RecipeError(f"{recipe.at('stages.evaluate.task_paths')}: '{missing[0]}' is not a folder")
+    known = set(task_manager(ev).all_tasks)
+    for name in ev.tasks:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            raise RecipeError(f"{recipe.at('stages.evaluate.tasks')}: lm-eval has no task '{name}'"
+                              + (f"; did you mean {', '.join(close)}?" if close else "")
+                              + (f" (searched lm-eval's tasks and {', '.join(ev.task_paths)})" if ev.task_paths
+                                 else " (add the folder of your own tasks to task_paths)"))
+
+
 def _lm_eval(model, tokenizer, stage, label: str) -> dict[str, float]:
     lm_eval = require("lm_eval", "eval", "The evaluate stage's lm-eval tasks")
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     with _labelled_lm_eval(label):
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8,
                   add_bos_token=getattr(tokenizer, "bos_token_id", None) is not None)
-        tm = TaskManager(include_path=[str(Path(p)) for p in stage.task_paths] or None)
+        tm = task_manager(stage)
         res = lm_eval.simple_evaluate(model=lm, tasks=list(stage.tasks), task_manager=tm, limit=stage.limit,
                                       log_samples=False, bootstrap_iters=0)
     return task_rows(res)
@@ -144,6 +180,25 @@ class Comparison:
         if bad:
             raise RecoveryError("quality below the recipe's recovery threshold "
                                 f"{threshold}: " + ", ".join(f"{m} recovers {v:.3f}" for m, v in bad.items()))
+
+    def se_effect(self, touched: list[str]) -> str:
+        """One sentence on what Super-Expert protection changed, from the SE-aware and SE-unaware columns;
+        ``touched``: what the SE-unaware variant did to the Super Experts (empty: nothing)."""
+        if not any(r["se_unaware"] is not None for r in self.rows.values()):
+            return "No SE-unaware variant was measured (evaluate.compare_se_unaware: false or no profile)."
+        if not touched:
+            return ("Super-Expert protection changed nothing in this recipe: without it the same experts are "
+                    "pruned and the Super Experts quantized the same way, so the SE-aware and SE-unaware columns "
+                    "differ only by chance. Protection matters where a method would touch a Super Expert "
+                    "(e.g. merging at 50%, or quantizing its layer).")
+        parts = []
+        for metric, label in (("perplexity", "perplexity"), (f"{SINK_PREFIX}peak_massive_ratio", "peak massive ratio"),
+                              (f"{SINK_PREFIX}mean_sink_mass", "attention-sink mass")):
+            r = self.rows.get(metric)
+            if r and r["se_aware"] is not None and r["se_unaware"] is not None and r["baseline"]:
+                parts.append(f"{label} {r['se_aware']:.4g} with protection vs {r['se_unaware']:.4g} without "
+                             f"(baseline {r['baseline']:.4g})")
+        return (f"Without protection the same recipe {'; '.join(touched)}; " + "; ".join(parts) + ".")
 
     def markdown(self) -> str:
         lines = ["| metric | baseline | SE-aware | SE-unaware | recovery (SE-aware) | recovery (SE-unaware) |",

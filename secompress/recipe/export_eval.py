@@ -155,12 +155,10 @@ def check_vllm_loads(recipe, report: dict) -> None:
 def run_tasks(lm: LmEvalModel, stage, label: str) -> dict[str, float]:
     """The recipe's lm-eval tasks with lm-eval building the model from ``lm``; ``{task/metric: value}``."""
     lm_eval = require("lm_eval", "eval", "The evaluate stage's lm-eval tasks")
-    from lm_eval.tasks import TaskManager
-
-    from .evaluation import _labelled_lm_eval, task_rows
+    from .evaluation import _labelled_lm_eval, task_manager, task_rows
 
     with _labelled_lm_eval(label):
-        tm = TaskManager(include_path=[str(Path(p)) for p in stage.task_paths] or None)
+        tm = task_manager(stage)
         res = lm_eval.simple_evaluate(model=lm.name, model_args=dict(lm.args), tasks=list(stage.tasks),
                                       task_manager=tm, limit=stage.limit, batch_size=lm.batch_size,
                                       log_samples=False, bootstrap_iters=0)

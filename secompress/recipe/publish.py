@@ -57,7 +57,8 @@ def _se_rows(ses: list, prune_info: dict | None) -> list[list]:
 
 
 def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str | None, prune_info: dict | None,
-               load_snippet: str) -> str:
+               load_snippet: str, size: dict | None = None, se_effect: str | None = None,
+               evidence: str | None = None) -> str:
     """A Hub model card: YAML metadata (base_model, license, pipeline_tag, tags, library_name,
     model-index) + sections. ``ses``: (layer, expert) in the base model's numbering;
     ``prune_info['kept']`` (layer -> kept expert ids) gives their numbers in the pruned model."""
@@ -89,6 +90,9 @@ def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str |
         f"Compressed from {origin} by secompress {__version__} (`secompress run` with the recipe below), "
         "which keeps the model's Super Experts (Su et al. 2025, arXiv 2507.23279) intact.",
     ]
+    if size:
+        sections.append(f"Size on disk: {size['bytes'] / 2**20:.1f} MiB, {size['ratio']:.2f}x the base checkpoint's "
+                        f"{size['source_bytes'] / 2**20:.1f} MiB ({size['files']} safetensors files).")
     if prune_info and prune_info.get("kept") is not None:
         sections += ["## Super Experts (never pruned, kept at high precision)",
                      "Pruning renumbers the experts that remain in each layer: the table gives each Super "
@@ -98,6 +102,8 @@ def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str |
     else:
         sections += ["## Super Experts (never pruned, kept at high precision)",
                      _table(["layer", "expert"], _se_rows(ses, None)) if ses else "None found."]
+    if evidence:
+        sections.append(f"Evidence for the Super-Expert verdict: {evidence}.")
     if prune_info:
         sections += ["## Pruning", f"Removed {prune_info.get('removed_per_layer')} routed experts per MoE layer "
                      f"(method `{prune_info.get('method')}`), {prune_info.get('num_experts_after')} left."]
@@ -107,7 +113,7 @@ def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str |
         sections += ["## Evaluation", (f"Evaluated in {recipe.model.dtype} (the recipe's `model.dtype`); " if recipe.model.dtype != "auto" else
                       "Evaluated in the checkpoint's own dtype (`model.dtype: auto`); ") +
                      "SE-unaware is the same recipe with Super-Expert protection off, for comparison.",
-                     comparison.markdown()]
+                     comparison.markdown()] + ([se_effect] if se_effect else [])
     sections += ["## How to load", _code("python", load_snippet),
                  "## Recipe", _code("yaml", recipe_text),
                  "## Limitations",

@@ -36,7 +36,7 @@ from ..checkpoints import check_finite_weights
 from ..compress import Job, JobPlan, checkpoint_sizes, plan_job, run_job
 from ..data import load_calibration
 from ..errors import SecompressError, option_style
-from ..outputs import atomic_dir, check_output_dir, checkpoint_bytes
+from ..outputs import atomic_dir, check_output_dir, checkpoint_bytes, export_size
 from ..pipeline import Resident, Streamed
 from ..profile import ProfileConfig, ProfileResult, profile
 from ..profile_io import dead_experts, save_profile
@@ -45,7 +45,7 @@ from ..quant.apply import needs_profile
 from ..quant.backends import exporter
 from ..sink import check_sink, save_sink
 from ..source import Source
-from .evaluation import Comparison, measure_tasks, sink_rows
+from .evaluation import Comparison, check_tasks, measure_tasks, sink_rows
 from .export_eval import check_backend, check_vllm_loads, in_memory_vllm_tasks, streamed_tasks
 from .publish import check_push, model_card, push
 from .schema import Recipe, check_against_checkpoint
@@ -149,6 +149,7 @@ def run_recipe(recipe: Recipe, recipe_text: str, out: str | Path, overwrite: boo
     out = check_output_dir(out, overwrite, inputs=inputs, root=root, need_bytes=need)
     check_against_checkpoint(recipe)
     check_backend(recipe)  # evaluate.backend vllm: installed, a GPU, an export to evaluate
+    check_tasks(recipe)  # every lm-eval task name exists
     if (st := recipe.stage("push")) is not None:
         check_push(st, dry_run)
     report = report or log.info
@@ -196,10 +197,13 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
             (job.quant is not None and needs_profile(job.quant)):
         with stage("profile", "Super Experts"):
             prof, cache_hit = _cached_profile(recipe, source, model, tok, calib, progress, streamed)
-        dead = dead_experts(prof)
+        dead, ev = dead_experts(prof), prof.evidence()
         stage.report(f"    Super Experts: {prof.se_ids() or 'none'} (profile cache {'hit' if cache_hit else 'miss'}); "
                      f"{len(dead)} dead experts (no calibration token)" + (", listed in profile/super_experts.json"
                                                                            if dead else ""))
+        stage.report(f"    evidence: {ev.why}")
+        if ev.weak:
+            log.warning("Super Experts: %s", ev.why)
     plan = plan_job(source, job, prof, calib=calib.input_ids)
     check_vllm_loads(recipe, plan.report())  # export_eval: an export vLLM cannot load fails now
     compare = bool(ev and ev.compare_se_unaware and prof is not None and (job.prune or job.quant))
@@ -218,21 +222,28 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
         sinks = {"baseline": res.sink_before, "SE-aware": res.sink_after} if ev is not None else {}
         if ev is not None and ev.sink_check is not None:  # before the SE-unaware pass: a lost sink fails now
             check_sink(sinks["baseline"], sinks["SE-aware"], ev.sink_check, "SE-aware")
-        comparison = None
+        comparison = res_u = None
         if ev is not None:
             with stage("evaluate", "SE-aware" + (" and the SE-unaware comparison variant (the same recipe with "
                                                   "Super-Expert protection off)" if compare else "")):
-                comparison = _evaluate(recipe, ev, res, plan_u, source, streamed, model, unaware_model, tok, windows,
-                                       baseline_tasks, sinks, progress, dest if export else None, notes)
+                comparison, res_u = _evaluate(recipe, ev, res, plan_u, source, streamed, model, unaware_model, tok,
+                                              windows, baseline_tasks, sinks, progress, dest if export else None, notes)
         pr = res.prune_result(prof, calib.source, model_name=m.id) if job.prune is not None else None
         write_run_files(tmp, recipe_text, prof, comparison)
         if sinks:
             save_sink(sinks, tmp)
+        size = export_size(dest, source.nbytes) if export else None
+        effect = comparison.se_effect(_touched(plan, plan_u, res_u)) if comparison is not None else None
+        if effect:
+            stage.report(f"    SE effect: {effect}")
+        if size:
+            stage.report(f"    export: {size['bytes'] / 2**20:.1f} MiB, {size['ratio']:.2f}x the checkpoint's "
+                         f"{size['source_bytes'] / 2**20:.1f} MiB")
         if export:
-            _card(recipe, recipe_text, plan, pr, prof, comparison, dest)
+            _card(recipe, recipe_text, plan, pr, prof, comparison, dest, size, effect)
         manifest = _manifest(recipe, prof, cache_hit, stage.timings, {"prune": pr} if pr else {})
         manifest.update(mode="streamed" if streamed else "in memory", mode_reason=reason, device=str(source.device),
-                        notes=notes, plan={"checkpoint_bytes": plan.checkpoint_bytes,
+                        notes=notes, export=size, se_effect=effect, plan={"checkpoint_bytes": plan.checkpoint_bytes,
                                            "largest_layer_bytes": plan.layer_bytes,
                                            "embeddings_head_bytes": plan.rest_bytes, "output_bytes": plan.output_bytes,
                                            "estimated_peak_bytes": plan.peak_bytes(*(windows.shape if windows
@@ -244,15 +255,16 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
 
 
 def _evaluate(recipe, ev, res, plan_u, source, streamed: bool, model, unaware_model, tok, windows, baseline_tasks,
-              sinks, progress, dest, notes) -> Comparison:
+              sinks, progress, dest, notes):
     """The comparison table: perplexity and sink health from the passes, lm-eval tasks on the models in
-    memory or on the export (streamed), the SE-unaware variant as one more pass."""
+    memory or on the export (streamed), the SE-unaware variant as one more pass; returns (the comparison,
+    the SE-unaware pass's result or None)."""
     rows = {"perplexity": res.perplexity_before} if ev.perplexity else {}
     aware = {"perplexity": res.perplexity_after} if ev.perplexity else {}
     rows.update(baseline_tasks)
     if baseline_tasks:
         aware.update(measure_tasks(model, tok, ev, "SE-aware"))
-    unaware = None
+    unaware = r_u = None
     if plan_u is not None:
         src_u = Streamed(source) if streamed else Resident(unaware_model)
         r_u = run_job(plan_u, src_u, windows, None, tok, baseline=False, progress=progress, sink=True)
@@ -269,7 +281,7 @@ def _evaluate(recipe, ev, res, plan_u, source, streamed: bool, model, unaware_mo
     elif ev.tasks and streamed:
         streamed_tasks(recipe, dest, tok, source.dtype, comparison, notes)
     comparison.check(ev.recovery_threshold)
-    return comparison
+    return comparison, r_u
 
 
 def write_run_files(folder: Path, recipe_text: str, prof, comparison) -> None:
@@ -296,7 +308,25 @@ def finish_push(recipe: Recipe, out: Path, manifest: dict, dry_run: bool, stage:
 PLAIN_SNIPPET = "from transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained('PATH')"
 
 
-def _card(recipe, recipe_text, plan: JobPlan, pr, prof, comparison, dest: Path) -> None:
+def _touched(plan: JobPlan, plan_u: JobPlan | None, res_u) -> list[str]:
+    """What the SE-unaware variant did to the Super Experts that the SE-aware one did not."""
+    if plan_u is None or res_u is None:
+        return []
+    out = []
+    pr = res_u.prune_result(plan_u.profile, "")
+    if pr is not None and pr.removed_super_experts:
+        out.append(f"{pr.touched_what.lower()} Super Experts {pr.removed_super_experts}")
+    qa, qu = plan.quant_plan, plan_u.quant_plan
+    if qa is not None and qu is not None:
+        lower = sorted({qu.units[n].layer for n in qu.bits if n in qa.bits and (qu.bits[n] or 16) < (qa.bits[n] or 16)})
+        if lower:
+            widths = sorted({qu.bits[n] for n in qu.bits if qu.units[n].layer in lower and qu.bits[n]})
+            out.append(f"quantized the Super-Expert layer{'s' if len(lower) > 1 else ''} {lower} to "
+                       f"{'/'.join(map(str, widths))} bits")
+    return out
+
+
+def _card(recipe, recipe_text, plan: JobPlan, pr, prof, comparison, dest: Path, size=None, effect=None) -> None:
     """The export's prune report and model card (written once the comparison is complete)."""
     if pr is not None:
         (dest / REPORT_NAME).write_text(json.dumps(pr.to_json(), indent=1))
@@ -307,7 +337,8 @@ def _card(recipe, recipe_text, plan: JobPlan, pr, prof, comparison, dest: Path) 
     snippet = exporter(qp.meta).load_snippet if qp is not None else PLAIN_SNIPPET
     ses = prof.se_ids() if prof is not None else []
     (dest / "README.md").write_text(model_card(recipe, recipe_text, ses, comparison,
-                                               qp.table() if qp is not None else None, prune_info, snippet))
+                                               qp.table() if qp is not None else None, prune_info, snippet, size,
+                                               effect, prof.evidence().why if prof is not None else None))
 
 
 def _manifest(recipe: Recipe, prof, cache_hit: bool, timings: dict, info: dict) -> dict:
@@ -322,5 +353,6 @@ def _manifest(recipe: Recipe, prof, cache_hit: bool, timings: dict, info: dict) 
                      "python": platform.python_version()},
         "profile_cache_hit": cache_hit,
         "super_experts": [list(s) for s in prof.se_ids()] if prof is not None else [],
+        "super_expert_evidence": prof.evidence().to_json() if prof is not None else None,
         "timings_s": timings,
     }

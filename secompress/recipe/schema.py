@@ -425,7 +425,11 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe '{path}' does not exist")
-    return parse_recipe(p.read_text(encoding="utf-8"), str(p), list(overrides))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe '{path}' is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})")
+    return parse_recipe(text, str(p), list(overrides))
 
 
 def check_against_checkpoint(recipe: Recipe) -> None:

@@ -1,0 +1,86 @@
+"""What a new user chains: prune -> quantize (the renumbered profile travels with the pruned checkpoint),
+evaluate, push; every export states its size; misspelled task names, non-UTF-8 files and weak SE
+evidence are named before (or instead of) anything going wrong."""
+import json
+
+import pytest
+
+from secompress.cli import main
+from secompress.testing import make_tiny, plant_super_expert, save_tiny
+
+COMMON = ["--samples", "4", "--seq-len", "32", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    m = make_tiny("qwen3_moe")
+    plant_super_expert(m, layer=1, expert=3, scale=300.0)
+    return save_tiny(m, tmp_path_factory.mktemp("planted") / "model")
+
+
+def test_prune_then_quantize_then_evaluate_then_push(planted, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SECOMPRESS_CACHE", str(tmp_path / "cache"))
+    assert main(["profile", str(planted), *COMMON, "--out", str(tmp_path / "prof"), "--no-plots"]) == 0
+    pruned = tmp_path / "pruned"
+    assert main(["prune", str(planted), "--ratio", "0.25", *COMMON, "--eval-samples", "2", "--out", str(pruned)]) == 0
+    out = capsys.readouterr().out
+    assert "x the checkpoint's" in out and "MiB" in out  # the export states its size and ratio
+    ses = json.loads((pruned / "profile" / "super_experts.json").read_text())
+    kept = next(l["kept"] for l in json.loads((pruned / "prune_report.json").read_text())["layers"] if l["layer"] == 1)
+    assert [(s["layer"], s["expert"]) for s in ses["super_experts"]] == [(1, kept.index(3))]  # renumbered
+    # the unpruned model's profile is refused with the way out named
+    assert main(["quantize", str(pruned), "--profile", str(tmp_path / "prof"), *COMMON, "--group-size", "16",
+                 "--out", str(tmp_path / "q_bad")]) == 2
+    assert "made before pruning" in capsys.readouterr().err
+    q = tmp_path / "q"
+    assert main(["quantize", str(pruned), *COMMON, "--group-size", "16", "--out", str(q)]) == 0
+    out = capsys.readouterr().out
+    assert "using the Super-Expert profile stored with the checkpoint" in out
+    plan = json.loads((q / "quantization_plan.json").read_text())
+    assert plan["super_experts"] == [{"layer": 1, "expert": kept.index(3)}] and plan["meta"]["symmetric"] is True
+    assert plan["compatibility"]["vllm"]["ok"]  # symmetric by default: what the servers load
+    assert main(["evaluate", str(q), "--baseline", str(planted), *COMMON, "--out", str(tmp_path / "ev")]) == 0
+    rows = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["rows"]
+    assert rows["model"]["perplexity"] > 0 and rows["baseline"]["sink/peak_massive_ratio"] > 1
+    assert "| perplexity |" in capsys.readouterr().out
+    (q / "README.md").write_text("card")
+    assert main(["push", str(q), "--repo-id", "me/q", "--dry-run"]) == 0
+    assert "would upload" in capsys.readouterr().out
+    assert main(["push", str(tmp_path / "prof"), "--repo-id", "me/q", "--dry-run"]) == 2
+    assert "not an export folder" in capsys.readouterr().err
+
+
+def test_a_misspelled_task_is_named_before_any_weight_is_read(planted, tmp_path, capsys, monkeypatch):
+    from secompress.source import Source
+
+    monkeypatch.setattr(Source, "load", lambda *a, **k: pytest.fail("loaded the model"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"version: 1\nname: t\nmodel: {{id: {planted}}}\ndata: {{num_samples: 2, seq_len: 16}}\n"
+                      "stages:\n  - evaluate: {tasks: [secompress_stdlib_nextlin], task_paths: [evals/tasks]}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "r.yaml:6: stages.evaluate.tasks: lm-eval has no task 'secompress_stdlib_nextlin'" in err
+    assert "did you mean secompress_stdlib_nextline" in err and not (tmp_path / "o").exists()
+
+
+def test_non_utf8_files_are_named(planted, tmp_path, capsys):
+    bad = tmp_path / "calib.jsonl"
+    bad.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    assert main(["profile", str(planted), "--data", str(bad), *COMMON, "--out", str(tmp_path / "p")]) == 2
+    assert f"{bad}:2: not UTF-8 text (byte 0xe9" in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_bytes(b"version: 1\nname: caf\xe9\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert f"recipe '{recipe}' is not UTF-8 text" in capsys.readouterr().err
+
+
+def test_the_se_verdict_says_how_strong_its_evidence_is(planted, tmp_path):
+    from secompress.bytetok import build_byte_tokenizer
+    from secompress.profile import ProfileConfig, profile
+
+    tok, cfg = build_byte_tokenizer(), ProfileConfig(num_samples=4, seq_len=32)
+    weak = profile(make_tiny("qwen3_moe"), tok, config=cfg, progress=False).evidence()  # random weights
+    assert weak.weak and "may have no Super Expert" in weak.why
+    strong = profile(str(planted), config=cfg, progress=False)
+    ev = strong.evidence()
+    assert strong.se_ids() == [(1, 3)] and not ev.weak and ev.layer_ratios[0] > 10, ev
