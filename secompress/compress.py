@@ -235,7 +235,8 @@ def plan_job(source, job: Job, profile=None, protect: bool | None = None, calib:
     out_specs = specs_of(as_saved(model, sd))
     cspecs, cshapes, export_bytes, ct = [], {}, None, None
     if qplan is not None:
-        export_bytes, cspecs, cshapes, ct = _export_plan(model, qplan, job.quant, source.dtype)
+        export_bytes, cspecs, cshapes, ct = _export_plan(model, qplan, job.quant, source.dtype,
+                                                         sum(s.nbytes for s in out_specs))
         if ct is not None:
             qplan.artifacts["compatibility"] = ct[1]  # derived from the export's config
     needs_calib = job.quant is not None and job.quant.backend.propagated_calibration
@@ -246,8 +247,9 @@ def plan_job(source, job: Job, profile=None, protect: bool | None = None, calib:
                    calib=calib if needs_calib else None, export_bytes=export_bytes, late_ses=late)
 
 
-def _export_plan(model, qplan, qcfg, dtype):
-    """(own size estimate or None, codes specs, codes shapes, compressed-tensors (config, report) or None)."""
+def _export_plan(model, qplan, qcfg, dtype, plain_bytes: int):
+    """(own size estimate or None, codes specs, codes shapes, compressed-tensors (config, report) or None);
+    ``plain_bytes``: every tensor of the compressed model in ``dtype``."""
     fmt = qcfg.format
     if _bnb(Job(quant=qcfg)):  # bitsandbytes: its own format, its own estimate
         from .quant.bnb_stream import bnb_bytes
@@ -263,6 +265,10 @@ def _export_plan(model, qplan, qcfg, dtype):
 
         require("compressed_tensors", "ct", "the compressed-tensors export")
         ct = ct_config(model, qplan)  # refuses (se_mode expert, a config vLLM rejects) before any compute
+        from .quant.scheme_export import estimate_bytes, plan_scheme
+
+        if plan_scheme(qplan) is not None:  # FP8, NVFP4, ...: codes and scales of the scheme, not RTN's
+            return estimate_bytes(qplan, check_model(model), dtype, plain_bytes), [], {}, ct
     return None, cspecs, cshapes, ct
 
 

@@ -27,6 +27,7 @@ from ..pipeline.sources import Resident
 from ..streaming import run_layer
 from .actquant import layer_assignment, swap_layer
 from .actstats import MASSIVE_THRESHOLD, LayerStats, collect_layer, static_input_scales
+from .scheme_export import record_fused
 from .schemes import Scheme, get_scheme
 from .smoothing import SmoothConfig, smooth_layer
 
@@ -44,28 +45,33 @@ class ApplyReport:
 
 class ActQuantStep:
     """Quantize each decoder layer with ``scheme`` per ``plan`` (see the module docstring). ``calib``:
-    the calibration windows in chunks ([B, S] each), declared as this step's stream."""
+    the calibration windows in chunks ([B, S] each), declared as this step's stream ``stream``; None: the
+    pass already carries stream ``stream`` through the quantized layers (a backend's calibration stream)."""
 
-    def __init__(self, plan, adapter, scheme: Scheme, calib: list[torch.Tensor], se_scheme: Scheme | None = None,
+    def __init__(self, plan, adapter, scheme: Scheme, calib: list[torch.Tensor] | None, se_scheme: Scheme | None = None,
                  rule: str = "max", all_experts: bool = False, serving: str = "layer",
-                 smooth: SmoothConfig | None = None, massive_threshold: float = MASSIVE_THRESHOLD):
+                 smooth: SmoothConfig | None = None, massive_threshold: float = MASSIVE_THRESHOLD,
+                 stream: str = STREAM, keep_stats: bool = True):
         self.plan, self.adapter, self.scheme, self.se_scheme = plan, adapter, scheme, se_scheme
         self.rule, self.all_experts, self.serving, self.smooth = rule, all_experts, serving, smooth
-        self.massive_threshold = massive_threshold
-        self.streams = {STREAM: Stream(list(calib))}
+        self.massive_threshold, self.stream, self.keep_stats = massive_threshold, stream, keep_stats
+        self.streams = {} if calib is None else {stream: Stream(list(calib))}
         self.report = ApplyReport()
 
     @torch.no_grad()
     def on_layer(self, index: int, layer, inputs) -> None:
         ad = self.adapter
-        hidden, args = inputs.hidden[STREAM], inputs.args[STREAM]
+        hidden, args = inputs.hidden[self.stream], inputs.args[self.stream]
 
         def run(n: int | None = None):
             return [run_layer(layer, h, *args[c]) for c, h in enumerate(hidden[:n])]
 
         assignment = layer_assignment(self.plan, index, ad, self.scheme, self.se_scheme)
-        with collect_layer(layer, ad, self.massive_threshold, self.all_experts) as stats:
-            run()
+        if self.smooth is None and not any(_needs_statistics(s) for s in assignment.values() if s is not None):
+            stats = LayerStats()  # dynamic activations, per-channel / group / block weights: nothing to calibrate
+        else:
+            with collect_layer(layer, ad, self.massive_threshold, self.all_experts) as stats:
+                run()
         if self.smooth is not None:
             quantized = {n for n, s in assignment.items() if s is not None and s.inputs is not None}
             self.report.smoothing[index] = smooth_layer(layer, ad, stats, lambda: run(1), self.smooth, quantized)
@@ -78,9 +84,19 @@ class ActQuantStep:
                 scales.update({k: v for k, v in mine.items()
                                if k == name or (name == ad.experts and k.startswith("experts."))})
         swap_layer(layer, ad, assignment, scales, stats.shared, self.serving)
+        record_fused(self.plan, index, stats.shared)  # what a loader needs to serve fused FP8 weights the same way
         rep = self.report
-        rep.stats[index], rep.scales[index], rep.assignments[index] = stats, scales, assignment
+        rep.scales[index], rep.assignments[index] = scales, assignment
+        if self.keep_stats:  # per-channel statistics of every expert: a benchmark's, not a product run's
+            rep.stats[index] = stats
         log.info("layer %d: %s", index, ", ".join(f"{k}={v.name if v else '16-bit'}" for k, v in assignment.items()))
+
+
+def _needs_statistics(scheme: Scheme) -> bool:
+    """Static input scales, or weight scales shared by the Linears a server fuses (FP8 per-tensor, NVFP4's
+    global scale): both come from the calibration pass (the fused groups are seen reading one tensor)."""
+    w = scheme.weights
+    return scheme.static_inputs or w.has_global_scale or w.strategy == "tensor"
 
 
 @torch.no_grad()

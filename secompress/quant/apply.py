@@ -9,6 +9,7 @@ are kept bit-identical. Every check runs before any weight changes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -36,6 +37,8 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
     backend = config.backend
     backend.require()  # a missing extra is named first
     check_model(model)
+    for note in config.check_model(model):  # a scheme the shapes cannot serve: refused before any statistics
+        log.warning("scheme %s: %s", config.scheme, note)
     prof = profile_for(model, profile, tokenizer, data) if needs_profile(config) else None
     if ses is None:
         ses = prof.se_ids() if prof is not None else []
@@ -46,6 +49,10 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
         meta["calibration"] = config.calibration
     if config.format is not None:
         meta["format"] = config.format  # the export format save_quantized writes
+    if config.scheme is not None:
+        meta["scheme"] = config.scheme  # the compressed-tensors preset (its backend: plan.meta["backend"])
+        meta["backend"] = backend.name
+        meta["options"] = dataclasses.asdict(config.options)  # serving: how secompress.load forwards the export
     assert config.se_mode is not None  # resolved when the config was built
     plan = resolve_plan(model, config.rules, ses, config.se_mode, config.se_bits, config.bits, meta)
     if config.avg_bits is not None:

@@ -55,7 +55,7 @@ def compress_module(t: dict[str, torch.Tensor], scheme: Scheme, shape: tuple[int
         raise SecompressError(f"compressed-tensors did not reproduce the {scheme.name} codes")
     for k in ("input_scale", "input_global_scale"):
         if k in t:
-            out[k] = t[k].reshape(1).cpu()
+            out[k] = t[k].reshape(1).cpu().clone()  # gate and up share one w13 scale: two tensors on disk
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -175,9 +175,10 @@ def _expert_shape(experts, proj: str) -> tuple[int, int]:
 
 
 # ---- the config -------------------------------------------------------------------------------------
-def scheme_config(model, assignments: dict[int, dict[str, Scheme | None]], adapter):
+def scheme_config(model, assignments: dict[int, dict[str, Scheme | None]], adapter, sizes=None):
     """compressed-tensors ``QuantizationConfig`` of a model quantized per ``assignments`` (layer index ->
-    :func:`~secompress.quant.actquant.layer_assignment`)."""
+    :func:`~secompress.quant.actquant.layer_assignment`). ``sizes`` (layer -> assignment key -> parameters,
+    from the plan) picks the ``Linear`` group; without it the 16-bit or meta modules are counted."""
     require("compressed_tensors", "ct", "the compressed-tensors export")
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -202,6 +203,8 @@ def scheme_config(model, assignments: dict[int, dict[str, Scheme | None]], adapt
                 linears.setdefault(sch.name, []).append(_linear_name(adapter, i, name))
             else:
                 continue
+            if sizes is not None:
+                n = sizes[i][name]
             schemes[sch.name] = sch
             params[sch.name] = params.get(sch.name, 0) + n
     if not schemes:

@@ -38,9 +38,12 @@ def ct_config(skeleton, plan: QuantPlan):
     """(QuantizationConfig, compatibility report) of ``plan`` on the compressed model's skeleton;
     raises (se_mode expert, mixed layers, a config vLLM would reject) before anything is written."""
     from ..errors import SecompressError
+    from .scheme_export import plan_scheme, scheme_ct_config
 
     if plan.se_mode == "expert" and plan.super_experts and plan.meta.get("protect_super_experts", True):
         raise SecompressError(SE_MODE_ERROR)
+    if plan_scheme(plan) is not None:  # FP8, NVFP4, ...: the scheme backend's layout
+        return scheme_ct_config(skeleton, plan)
     adapter = check_model(skeleton)
     qc = build_config(skeleton, plan, adapter)
     qd = qc.model_dump()
@@ -80,6 +83,10 @@ def _quantized_expert_biases(qe: FusedQuantizedExperts, module: str, adapter) ->
 def layer_tensors(model, adapter, index: int, plan: QuantPlan, qc, symmetric: bool) -> dict[str, torch.Tensor]:
     """Every checkpoint tensor of decoder layer ``index`` (its part of ``plan``), keyed as on disk."""
     from .modules import dequantized
+    from .scheme_export import plan_scheme, scheme_layer_tensors
+
+    if plan_scheme(plan) is not None:  # the layer holds the scheme backend's fake-quantized modules
+        return scheme_layer_tensors(model, adapter, index)
 
     layer = adapter.layers(model)[index]
     prefix = f"{adapter.layers_path}.{index}."

@@ -62,6 +62,17 @@ class Scheme:
     def weight_bits(self) -> int:
         return self.weights.num_bits
 
+    @property
+    def weight_only_int(self) -> bool:
+        """Integer weights, 16-bit activations (W4A16, W8A16): the integer-code backends (rtn, gptq) make
+        these codes themselves, with :attr:`group_size` and symmetric zero points."""
+        return self.inputs is None and self.weights.type == "int"
+
+    @property
+    def group_size(self) -> int | None:
+        """Input features per weight scale (None: per tensor, per row or per block)."""
+        return self.weights.group_size
+
     def ct_scheme(self, targets: list[str]):
         """compressed-tensors ``QuantizationScheme`` with these targets."""
         from compressed_tensors.quantization import QuantizationScheme
@@ -202,14 +213,15 @@ def check_config(scheme: Scheme, config) -> None:
                               "(NVFP4, MXFP4, W4A16) or start from the 16-bit checkpoint")
 
 
-def check_method(scheme: Scheme, method: str) -> None:
-    """A scheme goes with RTN (secompress's own quantizers); GPTQ makes integer weight-only codes; bnb none."""
-    if method == "bnb":
-        raise SecompressError(f"scheme {scheme.name} cannot be made with --method bnb (bitsandbytes has its own "
-                              "NF4/FP4/int8 formats); use --method rtn, or drop --scheme")
-    if method == "gptq" and (scheme.weights.type != "int" or scheme.inputs is not None):
-        raise SecompressError(f"scheme {scheme.name} with --method gptq: gptqmodel makes integer weight-only codes "
-                              "(W4A16, W8A16); use --method rtn for this scheme")
+def se_scheme_for(scheme: Scheme, se_bits: int | None) -> Scheme | None:
+    """The scheme of a Super-Expert layer protected at ``se_bits`` (None: it stays 16-bit): 8-bit weights
+    with activations quantized per token at run time, so no static scale is set by the massive values
+    (FP8_DYNAMIC for float schemes, W8A8 for integer ones with quantized inputs, W8A16 weight-only)."""
+    if se_bits is None:
+        return None
+    if scheme.weights.type == "float":
+        return get_scheme("FP8_DYNAMIC")
+    return get_scheme("W8A8" if scheme.inputs is not None else "W8A16")
 
 
 def model_shapes(model) -> tuple[dict[str, tuple[int, int]], tuple[int, int] | None]:

@@ -197,13 +197,13 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
             (job.quant is not None and needs_profile(job.quant)):
         with stage("profile", "Super Experts"):
             prof, cache_hit = _cached_profile(recipe, source, model, tok, calib, progress, streamed)
-        dead, ev = dead_experts(prof), prof.evidence()
+        dead, evidence = dead_experts(prof), prof.evidence()  # not `ev`: that is the evaluate stage
         stage.report(f"    Super Experts: {prof.se_ids() or 'none'} (profile cache {'hit' if cache_hit else 'miss'}); "
                      f"{len(dead)} dead experts (no calibration token)" + (", listed in profile/super_experts.json"
                                                                            if dead else ""))
-        stage.report(f"    evidence: {ev.why}")
-        if ev.weak:
-            log.warning("Super Experts: %s", ev.why)
+        stage.report(f"    evidence: {evidence.why}")
+        if evidence.weak:
+            log.warning("Super Experts: %s", evidence.why)
     plan = plan_job(source, job, prof, calib=calib.input_ids)
     check_vllm_loads(recipe, plan.report())  # export_eval: an export vLLM cannot load fails now
     compare = bool(ev and ev.compare_se_unaware and prof is not None and (job.prune or job.quant))

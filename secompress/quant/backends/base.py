@@ -139,6 +139,12 @@ class Backend(Exporter):
     def validate(self, config) -> None:
         """Config-level checks (ValueError); nothing is loaded yet."""
 
+    def for_scheme(self, scheme) -> "Backend":
+        """The backend that makes compressed-tensors scheme ``scheme`` (a
+        :class:`~secompress.quant.schemes.Scheme`) with this method: itself, another one (rtn hands FP8 /
+        NVFP4 / ... to the scheme backend), or ValueError naming why this method cannot."""
+        raise ValueError(f"scheme {scheme.name} cannot be made with method '{self.name}'")
+
     def check_plan(self, plan: QuantPlan, config) -> None:
         """Plan-level checks (ValueError) before any weight changes."""
 

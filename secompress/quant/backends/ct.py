@@ -28,6 +28,12 @@ class CompressedTensorsFormat(ExportFormat):
             raise ValueError(SE_MODE_ERROR)
 
     def save(self, model, tokenizer, plan, out, overwrite=False) -> Path:
+        """Integer codes (rtn, gptq, W4A16) with :func:`save_ct`; a scheme plan (FP8, NVFP4, ...: the
+        scheme backend's fake-quantized modules) with :func:`~secompress.quant.scheme_export.save_schemes`."""
+        from ..scheme_export import plan_scheme, save_schemes
+
+        if plan_scheme(plan) is not None:
+            return save_schemes(model, tokenizer, plan, out, overwrite)
         return save_ct(model, tokenizer, plan, out, overwrite)
 
     def detect(self, path: Path) -> bool:
@@ -39,6 +45,11 @@ class CompressedTensorsFormat(ExportFormat):
         return cfg.get("quantization_config", {}).get("quant_method") == FORMAT
 
     def load(self, path, device=None):
+        from ..plan import PLAN_NAME, QuantPlan
+        from ..scheme_export import load_schemes, plan_scheme
+
+        if plan_scheme(QuantPlan.from_json(json.loads((Path(path) / PLAN_NAME).read_text()))) is not None:
+            return load_schemes(path, device=device)
         return load_ct(path, device=device)
 
     def compatibility(self, plan):

@@ -63,6 +63,14 @@ class DequantizedFormat(ExportFormat):
                     "from transformers import AutoModelForCausalLM\n"
                     "model = AutoModelForCausalLM.from_pretrained('PATH')")
 
+    def check(self, config) -> None:
+        if config.scheme is not None:
+            from ..schemes import get_scheme
+
+            if not get_scheme(config.scheme).weight_only_int:
+                raise ValueError(f"export format {self.name} holds integer RTN / GPTQ codes; scheme {config.scheme} is "
+                                 "written in compressed-tensors (drop format)")
+
     def save(self, model, tokenizer, plan, out, overwrite=False) -> Path:
         if any(isinstance(m, PerExpertExperts) for m in model.modules()):
             raise SecompressError("the model has per-expert modules that are not RTN-quantized: save the model that "

@@ -49,6 +49,12 @@ class GptqBackend(Backend):
         if config.bits not in GPTQ_BITS:
             raise ValueError(f"GPTQ quantizes to {GPTQ_BITS} bits, got bits {config.bits}")
 
+    def for_scheme(self, scheme):
+        if not scheme.weight_only_int:
+            raise ValueError(f"scheme {scheme.name} with method gptq: gptqmodel makes integer weight-only codes "
+                             "(W4A16, W8A16); use method rtn for this scheme")
+        return self
+
     def check_plan(self, plan, config) -> None:
         check_group_sizes(plan, config.group_size)
 
