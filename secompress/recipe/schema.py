@@ -33,7 +33,6 @@ from ..dtypes import DEFAULT_DTYPE, check_dtype
 from ..errors import SecompressError, RecipeError
 from ..profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, ProfileConfig
 from ..prune.api import PruneConfig
-from ..quant.backends import get_backend
 from ..quant.config import QuantConfig, backend_for
 from ..quant.plan import Rule
 from ..se_rule import SERule
