@@ -119,12 +119,38 @@ def test_se_layer_protected_exported_and_read_back(planted, tmp_path, scheme, se
         assert tensors["model.layers.0.mlp.experts.0.down_proj.input_global_scale"].dtype == torch.float32
     plan_json = json.loads((out / "quantization_plan.json").read_text())
     assert plan_json["export"]["compatibility"]["vllm"]["ok"]
-    assert plan_json["export"]["compatibility"]["transformers"]["ok"] is (se_bits == 8)
+    assert plan_json["export"]["compatibility"]["transformers"]["ok"] is (scheme == "FP8")  # measured below
     with torch.no_grad():
         want = m(ids).logits
         m2, p2 = load_quantized(out)
         assert torch.equal(m2(ids).logits, want)
     assert isinstance(m2.model.layers[0].mlp.experts, FakeQuantExperts) and p2.meta["scheme"] == scheme
+
+
+@pytest.mark.parametrize("scheme,se_bits", [("FP8", 16), ("FP8", 8), ("NVFP4", 16), ("MXFP4", 8)])
+def test_transformers_loads_what_the_report_says(planted, tmp_path, scheme, se_bits):
+    """The compatibility report's transformers verdict is what transformers does with the export; where it
+    loads, its dense expert weights are the export's codes dequantized."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    m = copy.deepcopy(planted)
+    plan = quantize_(m, QuantConfig(scheme=scheme, se_bits=se_bits), data=CalibrationData(_ids(), "t", "x"))
+    out = save_quantized(m, None, plan, tmp_path / "out")
+    ok = json.loads((out / "quantization_plan.json").read_text())["export"]["compatibility"]["transformers"]["ok"]
+    transformers.logging.set_verbosity_error()
+    try:
+        t = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    except (RuntimeError, ValueError, AttributeError):
+        assert not ok, "the report says transformers loads it"
+        return
+    assert ok, "transformers loads it; the report says it does not"
+    mine = m.model.layers[0].mlp.experts  # [E, 2I, H] in transformers: gate rows then up rows
+    got = t.model.layers[0].mlp.experts.gate_up_proj[2]
+    want = torch.cat([mine.expert_weight(2, "gate_proj", torch.float32), mine.expert_weight(2, "up_proj", torch.float32)])
+    assert torch.allclose(got, want, rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert torch.isfinite(t(_ids()).logits).all()
 
 
 def test_se_aware_scales_are_not_set_by_the_super_expert(planted):

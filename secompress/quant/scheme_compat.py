@@ -21,10 +21,13 @@ Read for this module (paths in the runtimes' repositories; the kernels' hardware
   scales: max over experts); INT8 dynamic -> "implemented only for NPU"; no W4A4 MXFP4 MoE scheme.
   Older releases (``compressed_tensors_moe.py`` adapted from vLLM 0.8.2) take every MoE layer's scheme from
   the ``Linear`` group: an ignored or FP8_DYNAMIC Super-Expert layer is not honoured there.
-- transformers 5.24, tried here on llm-compressor 0.14 exports of a tiny Qwen3-MoE: float schemes (FP8,
-  FP8_DYNAMIC, NVFP4, MXFP4) are decompressed to dense 16-bit weights (activations unquantized);
-  ``int-quantized`` (W8A8) fails on the fused experts ("Concatenate on tensors destined for
-  ...gate_up_proj. Ckpt contains: 0"), as does an expert layer in ``ignore`` (every format).
+- transformers 5.24 with compressed-tensors 0.20.1, tried here on llm-compressor 0.14 exports and on
+  secompress's of a tiny Qwen3-MoE (tests/test_actquant_product.py loads them): float schemes are
+  decompressed to dense 16-bit weights (activations unquantized). FP8 exports load with 16-bit
+  (ignored) Super-Expert layers and with an FP8_DYNAMIC group next to the FP8 one; the packed FP4
+  formats (NVFP4, MXFP4) load only as one scheme over every expert layer: an ignored expert layer or a
+  second group fails on the fused experts ("Concatenate on tensors destined for ...gate_up_proj. Ckpt
+  contains: 0"); ``int-quantized`` (W8A8) fails the same way everywhere.
 """
 from __future__ import annotations
 
@@ -73,6 +76,7 @@ SGLANG = {
     "wna16": ((True, "CompressedTensorsWNA16MoE (Marlin)"), (True, "CompressedTensorsWNA16")),
 }
 TRANSFORMERS_DENSE = ("fp8", "fp8-block", "nvfp4", "mxfp4")  # decompressed into 16-bit weights on load
+TRANSFORMERS_MIXED = ("fp8", "fp8-block")  # ... also next to ignored expert layers or another group
 
 
 def _runtime(table: dict, used: dict[str, tuple[Scheme, bool, bool]]) -> tuple[bool, str]:
@@ -136,12 +140,13 @@ def compatibility(qcfg: dict, assignments: dict[int, dict[str, Scheme | None]], 
         why = (f"{adapter.model_type} checkpoints keep experts fused: the runtimes' loaders were not checked with "
                "per-expert compressed experts; use secompress.load")
         vllm, sglang, tf = (False, why), (False, why), (False, why)
-    elif ignored:
-        tf = (False, f"transformers 5.24 fails on the ignored expert layers {ignored} ('Concatenate on tensors destined "
-                     "for ...gate_up_proj. Ckpt contains: 0'): use secompress.load")
     elif not kinds <= set(TRANSFORMERS_DENSE):
         tf = (False, f"transformers 5.24 keeps {sorted(kinds - set(TRANSFORMERS_DENSE))} compressed and fails on fused "
                      "experts: use secompress.load")
+    elif (ignored or len(used) > 1) and not kinds <= set(TRANSFORMERS_MIXED):
+        tf = (False, f"transformers 5.24 fails on packed {sorted(kinds - set(TRANSFORMERS_MIXED))} experts next to "
+                     + (f"the 16-bit expert layers {ignored}" if ignored else "another scheme's layers")
+                     + " ('Concatenate on tensors destined for ...gate_up_proj. Ckpt contains: 0'): use secompress.load")
     else:
         tf = (True, "AutoModelForCausalLM.from_pretrained decompresses to dense 16-bit weights (activations "
                     "unquantized: not what a server computes)")
