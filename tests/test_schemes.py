@@ -9,7 +9,7 @@ from compressed_tensors.quantization import QuantizationArgs  # noqa: E402
 from compressed_tensors.quantization.quant_scheme import PRESET_SCHEMES  # noqa: E402
 
 from secompress.errors import SecompressError  # noqa: E402
-from secompress.quant.schemes import (SUPPORTED, check_config, check_method, check_shapes, custom_scheme,  # noqa: E402
+from secompress.quant.schemes import (SUPPORTED, check_config, check_shapes, custom_scheme,  # noqa: E402
                                       get_scheme, schemes)
 
 
@@ -76,12 +76,24 @@ def test_fp8_checkpoint_and_method_are_refused_up_front():
         check_config(get_scheme("FP8_DYNAMIC"), fp8_cfg)
     check_config(get_scheme("NVFP4"), fp8_cfg)  # a lower precision from an FP8 checkpoint is fine
     check_config(get_scheme("FP8"), types.SimpleNamespace())
-    with pytest.raises(SecompressError, match="--method bnb"):
-        check_method(get_scheme("FP8"), "bnb")
-    with pytest.raises(SecompressError, match="gptqmodel makes integer weight-only"):
-        check_method(get_scheme("NVFP4"), "gptq")
-    check_method(get_scheme("W4A16"), "gptq")
-    check_method(get_scheme("NVFP4"), "rtn")
+    from secompress.quant.backends import get_backend
+
+    with pytest.raises(ValueError, match="method bnb"):
+        get_backend("bnb").for_scheme(get_scheme("FP8"))
+    with pytest.raises(ValueError, match="gptqmodel makes integer weight-only"):
+        get_backend("gptq").for_scheme(get_scheme("NVFP4"))
+    assert get_backend("gptq").for_scheme(get_scheme("W4A16")).name == "gptq"
+    assert get_backend("rtn").for_scheme(get_scheme("W4A16")).name == "rtn"  # rtn's own integer codes
+    assert get_backend("rtn").for_scheme(get_scheme("NVFP4")).name == "scheme"
+
+
+def test_se_layer_scheme_is_eight_bit_dynamic():
+    from secompress.quant.schemes import se_scheme_for
+
+    assert se_scheme_for(get_scheme("NVFP4"), None) is None  # se_bits 16: the layer stays 16-bit
+    assert se_scheme_for(get_scheme("NVFP4"), 8).name == "FP8_DYNAMIC"
+    assert se_scheme_for(get_scheme("FP8"), 8).inputs.dynamic is True
+    assert se_scheme_for(get_scheme("W4A16"), 8).name == "W8A16"
 
 
 def test_describe():
