@@ -8,7 +8,7 @@ On the reference model (bf16, builtin calibration text, held-out stream of the r
   size/perplexity rows, each exported with ``save_ct`` and reloaded with ``secompress.load``:
     bf16          the checkpoint
     rtn4          4-bit symmetric RTN, every weight quantized
-    gptq4         4-bit symmetric GPTQ (gptqmodel on CPU, RTN fallback for uncalibrated experts)
+    gptq4         4-bit symmetric GPTQ (in process, RTN fallback for uncalibrated experts)
     gptq4-se16    the same with the Super Expert's layer kept 16-bit (se_mode layer, in `ignore`)
   speed rows, in this process on the same windows, interleaved, best of ``--repeat``:
     bf16          the checkpoint
@@ -122,7 +122,7 @@ def main() -> None:
     from secompress.perplexity import perplexity
     from secompress.profile import ProfileConfig, profile
     from secompress.quant.api import QuantConfig, quantize_
-    from secompress.quant.compressed_tensors import save_ct
+    from secompress.quant.formats.ct import save_ct
 
     torch.set_num_threads(2)
     gs = args.group_size

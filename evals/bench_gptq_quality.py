@@ -2,24 +2,24 @@
 
     python evals/bench_gptq_quality.py [MODEL] [--group-size 32]
 
-gptqmodel quantizes the bf16 checkpoint (in a child process, see secompress/quant/gptq.py)
-with the builtin calibration text. The reference model has experts that calibration never
-reaches (8 of 128 get no token even from 32k tokens), so every row runs with the explicit RTN
-fallback: those experts, and any under gptqmodel's 0.5% token threshold, are RTN-quantized; each export is reloaded with ``GPTQModel.load`` in a
-fresh process and scored on held-out text (the reference model's held-out stream).
+secompress's in-process GPTQ (secompress/quant/gptq_layers.py) quantizes the bf16 checkpoint with the
+builtin calibration text, every expert calibrated on every token (all-expert calibration: the
+reference model has experts that routed calibration never reaches); each export
+(compressed-tensors, the SE's layer 16-bit where protected) is reloaded with ``secompress.load``
+and scored on held-out text (the reference model's held-out stream).
 Rows:
 
-  bf16          the unquantized checkpoint (in this process)
-  gptq4-se      4-bit GPTQ, Super Experts kept 16-bit (a `dynamic` override)
-  gptq4-nose    4-bit GPTQ, plain gptqmodel (Super Experts quantized too)
-  alloc3-se     3.0-bit average over routed experts (MC-MoE-style ILP), SEs pinned at 16
+  bf16          the unquantized checkpoint
+  gptq4-se      4-bit GPTQ, the Super Expert's layer kept 16-bit
+  gptq4-nose    4-bit GPTQ, Super Experts quantized too
+  alloc3-se     3.0-bit average over routed experts (MC-MoE-style ILP, per layer), SE layer pinned at 16
   alloc3-nose   the same allocation without SE pinning
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import math
 import sys
 import tempfile
 from pathlib import Path
@@ -31,22 +31,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "evals" / "reference"))
 
 
-def _ppl(logits: torch.Tensor, ids: torch.Tensor) -> float:  # [N, S, V], [N, S]
-    from secompress.perplexity import nll_sum
-
-    loss, n = nll_sum(logits, ids)
-    return math.exp(loss / n)
-
-
 def main() -> None:
     from accept import heldout_windows
 
+    import secompress
+    from secompress.checkpoints import load_model, load_tokenizer
     from secompress.data import load_calibration
     from secompress.perplexity import perplexity
-    from secompress.checkpoints import load_model, load_tokenizer
     from secompress.profile import ProfileConfig, profile
-    from secompress.quant.api import QuantConfig, plan_quantization
-    from secompress.quant.gptq import gptq_quantize, reload_logits
+    from secompress.quant.api import QuantConfig, quantize_, save_quantized
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", default=str(ROOT / "evals" / "reference" / "model"))
@@ -65,27 +58,25 @@ def main() -> None:
     gs = args.group_size
     rows = [{"variant": "bf16", "perplexity": perplexity(model, held, 4),
              "disk_bytes": sum(f.stat().st_size for f in Path(args.model).glob("*.safetensors")), "avg_bits": 16.0}]
-    variants = {  # label: (plan config, SE-aware overrides)
-        "gptq4-se": (QuantConfig(format="dequantized", bits=4, group_size=gs, se_bits=None, fallback="rtn"), True),
-        "gptq4-nose": (QuantConfig(format="dequantized", bits=4, group_size=gs, se_bits=None, fallback="rtn"), False),
-        "alloc3-se": (QuantConfig(format="dequantized", bits=4, group_size=gs, se_bits=None, avg_bits=3.0, candidate_bits=(2, 3, 4, 8),
-                                  fallback="rtn"), True),
-        "alloc3-nose": (QuantConfig(format="dequantized", bits=4, group_size=gs, protect_super_experts=False, avg_bits=3.0,
-                                    candidate_bits=(2, 3, 4, 8), fallback="rtn"), True),
+    common = dict(method="gptq", bits=4, group_size=gs, se_bits=None, calibration="all-experts")
+    variants = {
+        "gptq4-se": QuantConfig(**common),
+        "gptq4-nose": QuantConfig(**common, protect_super_experts=False),
+        "alloc3-se": QuantConfig(**common, avg_bits=3.0, candidate_bits=(2, 3, 4, 8)),
+        "alloc3-nose": QuantConfig(**common, protect_super_experts=False, avg_bits=3.0, candidate_bits=(2, 3, 4, 8)),
     }
     with tempfile.TemporaryDirectory() as d:
-        for label, (cfg, aware) in variants.items():
-            plan = plan_quantization(model, cfg, profile=prof)
-            out = Path(d) / label
-            gptq_quantize(args.model, tok, plan, calib.input_ids, out, bits=4, group_size=gs, se_aware=aware,
-                          fallback="rtn")
-            logits = reload_logits(out, held)
-            rows.append({"variant": label, "perplexity": _ppl(logits, held),
+        for label, cfg in variants.items():
+            m = copy.deepcopy(model)
+            plan = quantize_(m, cfg, profile=prof, tokenizer=tok, data=calib)
+            out = save_quantized(m, tok, plan, Path(d) / label)
+            rows.append({"variant": label, "perplexity": perplexity(secompress.load(out), held, 4),
                          "disk_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
-                         "avg_bits": plan.avg_bits() if aware else 4.0})
+                         "avg_bits": plan.avg_bits()})
+            del m
     tokens = prof.arrays["tokens"][:, :-1]  # [L, E] routed tokens per expert
-    print(f"experts without calibration tokens: {int((tokens == 0).sum())}; under 0.5% of them: "
-          f"{int((tokens < 0.005 * calib.num_tokens).sum())} (gptqmodel's RTN fallback)")
+    print(f"experts routed calibration leaves without tokens: {int((tokens == 0).sum())} (all-expert calibration "
+          "reaches them)")
     print(f"model {args.model}; SEs {prof.se_ids()}; calibration builtin ({calib.num_tokens} tokens); "
           f"perplexity on the reference held-out stream ({held.numel()} tokens); group size {gs}")
     print(f"{'variant':<13}{'ppl':>9}{'avg bits':>10}{'disk MiB':>10}")

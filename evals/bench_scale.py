@@ -19,8 +19,8 @@ Steps, each timed with its peak resident memory (the kernel's high-water mark Vm
             spot checks: the embeddings equal, one packed expert dequantized by
             compressed-tensors' own unpacker within RTN's bound of the original
   disk      raw read throughput of one shard (O_DIRECT where allowed) vs the engine's read throughput
-``--mode memory`` runs the same recipe in memory (load_model, prune, quantize_, save_quantized) for the
-side-by-side figure (only for cuts that fit). Prints one JSON line per step and a summary.
+``--mode memory`` runs the same job over the model loaded in memory (a resident layer source instead of
+the streamed one) for the side-by-side figure (only for cuts that fit). Prints one JSON line per step and a summary.
 """
 from __future__ import annotations
 
@@ -190,8 +190,10 @@ def main() -> None:
     from secompress.data import CalibrationData, load_calibration
     from secompress.profile import ProfileConfig, profile
     from secompress.prune import PruneConfig
+    from secompress.compress import Job, plan_job, run_job
+    from secompress.pipeline import Resident, Streamed
     from secompress.quant.api import QuantConfig
-    from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+    from secompress.source import Source
 
     base = Path(a.dir) / f"{a.shape}-{a.layers or 'full'}"
     src, out = base / "input", base / f"export-{a.mode}"
@@ -223,45 +225,31 @@ def main() -> None:
                        batch_size=4, streaming=True, dtype="bfloat16"), progress=True)
     results.append(report("profile", time.perf_counter() - t0, p.peak, super_experts=prof.se_ids()))
 
-    if a.mode == "streamed":
-        job = StreamedJob(prune=pc, quant=qc, dtype=torch.bfloat16, device="cpu", batch_size=4)
+    source = Source.open(src, dtype="bfloat16", device="cpu")
+    job = Job(prune=pc, quant=qc, batch_size=4)
+    streamed = a.mode == "streamed"
+    step = "compress+export+ppl" + ("" if streamed else " (in memory)")
+    with PeakRSS(step) as p:
+        t0 = time.perf_counter()
+        plan = plan_job(source, job, prof)
+        print(plan.describe(*eval_ids.shape, streamed=streamed), flush=True)
+        layers = Streamed(source) if streamed else Resident(source.load())  # the same job over either source
+        res = run_job(plan, layers, eval_ids, out, tok, overwrite=True, progress=True)
+        del layers
+        dt = time.perf_counter() - t0
+    results.append(report(step, dt, p.peak, estimated_peak_gib=round(plan.peak_bytes(*eval_ids.shape) / 2**30, 2),
+                          ppl_before=res.perplexity_before, ppl_after=res.perplexity_after,
+                          read_gbps=round(size / dt / 1e9, 3), layer_gib=round(plan.layer_bytes / 2**30, 3),
+                          rest_gib=round(plan.rest_bytes / 2**30, 3)))
+    if streamed and not a.no_unaware:
         with PeakRSS() as p:
             t0 = time.perf_counter()
-            plan = plan_streamed(src, job, prof)
-            print(plan.describe(*eval_ids.shape), flush=True)
-            res = compress_streamed(plan, eval_ids, out, tok, overwrite=True, progress=True)
-            dt = time.perf_counter() - t0
-        results.append(report("compress+export+ppl", dt, p.peak, estimated_peak_gib=round(
-            plan.peak_bytes(*eval_ids.shape) / 2**30, 2), ppl_before=res.perplexity_before,
-            ppl_after=res.perplexity_after, read_gbps=round(size / dt / 1e9, 3),
-            layer_gib=round(plan.layer_bytes / 2**30, 3), rest_gib=round(plan.rest_bytes / 2**30, 3)))
-        if not a.no_unaware:
-            with PeakRSS() as p:
-                t0 = time.perf_counter()
-                plan_u = plan_streamed(src, job, prof, protect=False)
-                res_u = compress_streamed(plan_u, eval_ids, out_u if ct else None, tok, baseline=False,
-                                          overwrite=True, progress=True)
-            results.append(report("se_unaware_pass", time.perf_counter() - t0, p.peak,
-                                  ppl_after=res_u.perplexity_after, export=bool(ct)))
-        kept = plan.kept
-    else:
-        from secompress.checkpoints import load_model
-        from secompress.perplexity import perplexity
-        from secompress.prune import prune, remap_profile
-        from secompress.quant.api import quantize_, save_quantized
-
-        with PeakRSS("compress+export+ppl (in memory)") as p:
-            t0 = time.perf_counter()
-            model = load_model(src, torch.bfloat16)
-            before = perplexity(model, eval_ids, 4)
-            r = prune(model, tok, pc, profile=prof, data=calib)
-            qp = quantize_(model, qc, profile=remap_profile(prof, r))
-            after = perplexity(model, eval_ids, 4)
-            save_quantized(model, tok, qp, out, overwrite=True)
-            del model
-        results.append(report("compress+export+ppl (in memory)", time.perf_counter() - t0, p.peak,
-                              ppl_before=before, ppl_after=after))
-        kept = r.kept
+            plan_u = plan_job(source, job, prof, protect=False)
+            res_u = run_job(plan_u, Streamed(source), eval_ids, out_u if ct else None, tok, baseline=False,
+                            overwrite=True, progress=True)
+        results.append(report("se_unaware_pass", time.perf_counter() - t0, p.peak,
+                              ppl_after=res_u.perplexity_after, export=bool(ct)))
+    kept = plan.mplan.kept
 
     # checks on the export
     from transformers import AutoModelForCausalLM

@@ -1,7 +1,7 @@
 """Diagnostic (not a test): resident memory after every per-layer step of one streamed pass, to tell a
 per-layer leak (RSS rising with depth) from a within-layer peak.
 
-    python evals/trace_rss.py CHECKPOINT                 # a plain pass (no callbacks): the engine alone
+    python evals/trace_rss.py CHECKPOINT                 # a plain pass (no callbacks): the loop alone
     python evals/trace_rss.py CHECKPOINT --compress      # REAP 25% + RTN4 (SE layer 16-bit) + CT export
     ONEDNN_PRIMITIVE_CACHE_CAPACITY=1024 LRU_CACHE_CAPACITY=1024 python evals/trace_rss.py CKPT  # torch's defaults
 
@@ -17,7 +17,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,43 +37,45 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     a = ap.parse_args()
 
-    import secompress.engine as engine
+    import secompress.pipeline.driver as driver
     from secompress.checkpoints import load_tokenizer
     from secompress.data import load_calibration
+    from secompress.pipeline import Stream, Streamed
+    from secompress.source import Source
 
     steps = [0]
-    trim = engine._return_freed_memory
+    trim = driver._return_freed_memory
 
     def traced() -> None:
         trim()
         steps[0] += 1
         print(f"step {steps[0]:4d}: RssAnon {status('RssAnon'):7.0f} MiB", flush=True)
 
-    engine._return_freed_memory = traced  # the engine calls it after each callback and each layer
+    driver._return_freed_memory = traced  # the loop calls it after each step and each layer
     tok = load_tokenizer(a.checkpoint)
     ids = load_calibration("builtin", tok, a.samples, a.seq_len).input_ids  # [N, S]
     print(f"start: RssAnon {status('RssAnon'):.0f} MiB", flush=True)
     if not a.compress:
-        eng = engine.LayerEngine(a.checkpoint, torch.bfloat16, torch.device("cpu"))
-        eng.run({"calib": engine.Stream(list(ids.split(4)), before=True)}, progress=False)
-        del eng
+        src = Streamed(Source.open(a.checkpoint, dtype="bfloat16", device="cpu"))
+        src.run({"calib": Stream(list(ids.split(4)), before=True)}, progress=False)
+        del src
     else:
         from secompress.data import CalibrationData
         from secompress.profile import ProfileConfig, profile
         from secompress.prune import PruneConfig
         from secompress.quant.api import QuantConfig
-        from secompress.streamed import StreamedJob, compress_streamed, plan_streamed
+        from secompress.compress import Job, plan_job, run_job
 
         calib = CalibrationData(ids, "builtin", "")
         prof = profile(a.checkpoint, tok, data=calib, progress=False, config=ProfileConfig(
             num_samples=a.samples, seq_len=a.seq_len, batch_size=4, streaming=True, dtype="bfloat16"))
         print(f"after profile: RssAnon {status('RssAnon'):.0f} MiB", flush=True)
-        job = StreamedJob(prune=PruneConfig(ratio=0.25, method="reap", eval_samples=0),
-                          quant=QuantConfig(bits=4, group_size=128, symmetric=True, se_mode="layer", se_bits=None),
-                          dtype=torch.bfloat16, device="cpu", batch_size=4)
+        job = Job(prune=PruneConfig(ratio=0.25, method="reap", eval_samples=0),
+                  quant=QuantConfig(bits=4, group_size=128, symmetric=True, se_mode="layer", se_bits=None), batch_size=4)
+        source = Source.open(a.checkpoint, dtype="bfloat16", device="cpu")
         with tempfile.TemporaryDirectory() as tmp:
-            compress_streamed(plan_streamed(a.checkpoint, job, prof), ids[: max(1, a.samples // 2)],
-                              Path(tmp) / "out", tok, baseline=False, progress=False)
+            run_job(plan_job(source, job, prof), Streamed(source), ids[: max(1, a.samples // 2)], Path(tmp) / "out",
+                    tok, baseline=False, progress=False)
     print(f"end: RssAnon {status('RssAnon'):.0f} MiB; peak (VmHWM) {status('VmHWM'):.0f} MiB", flush=True)
 
 

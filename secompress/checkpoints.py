@@ -93,13 +93,17 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
     ``dtype`` "auto" keeps the checkpoint's own dtype. A block-scaled FP8 checkpoint
     (DeepSeek-V3/R1, Qwen3-FP8) is dequantized tensor by tensor on the CPU by
     :class:`~secompress.streaming.Checkpoint` (transformers' CPU fallback derives the block
-    from the scale grid and is wrong for partial blocks) and then moved to ``device``; its
-    config loses ``quantization_config`` (the weights in memory are real). MXFP4 (GPT-OSS) is
-    dequantized by transformers on load (asked explicitly, so a GPU does not keep MXFP4 kernels).
-    Any other quantization_config is refused.
+    from the scale grid and is wrong for partial blocks) and then moved to ``device``; so is a
+    compressed-tensors checkpoint, whoever wrote it (llm-compressor RTN/GPTQ, act-order g_idx,
+    any ``ignore`` list; :mod:`secompress.ct_read`), through compressed-tensors' own
+    decompressors (not transformers' loader, which re-initialises ignored expert layers in
+    some releases). Either way the config loses ``quantization_config`` (the weights in memory
+    are real). MXFP4 (GPT-OSS) is dequantized by transformers on load (asked explicitly, so a
+    GPU does not keep MXFP4 kernels). Any other quantization_config is refused.
     """
     from transformers import AutoModelForCausalLM
 
+    from .ct_read import is_ct
     from .fp8 import BlockFP8
 
     config = load_config(model, revision, trust_remote_code)
@@ -115,8 +119,8 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
         import transformers
 
         extra["quantization_config"] = getattr(transformers, DEQUANTIZED_ON_LOAD[method])(dequantize=True)
-    elif BlockFP8.from_config(qc) is not None:  # raises for a quantization we cannot read
-        return _load_fp8(model, config, torch_dtype, revision, device)
+    elif is_ct(qc) or BlockFP8.from_config(qc) is not None:  # from_config raises for what we cannot read
+        return _load_dequantized(model, config, torch_dtype, revision, device)
     elif Path(model).is_dir():
         from .streaming import Checkpoint
 
@@ -133,16 +137,19 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
     return m.eval()
 
 
-def _load_fp8(model: str | Path, config, dtype: torch.dtype, revision: str | None, device: str | None):
+def _load_dequantized(model: str | Path, config, dtype: torch.dtype, revision: str | None, device: str | None):
+    """A block-FP8 or compressed-tensors checkpoint, every weight dequantized on read by :class:`Checkpoint`."""
     from .streaming import Checkpoint, build_skeleton, materialise_model
 
-    ckpt = Checkpoint(local_checkpoint(model, revision))
+    ckpt = Checkpoint(local_checkpoint(model, revision))  # refuses what it cannot read, before any weight
     m = build_skeleton(config)
     materialise_model(m, ckpt, get_adapter(config), dtype)
-    del m.config.quantization_config
+    if getattr(m.config, "quantization_config", None) is not None:
+        del m.config.quantization_config  # the weights in memory are real
     m.config.dtype = dtype
     m.name_or_path = str(model)
-    log.info("dequantized the FP8 checkpoint '%s' to %s", model, dtype)
+    what = f"compressed-tensors ({ckpt.ct.describe()})" if ckpt.ct is not None else "FP8"
+    log.info("dequantized the %s checkpoint '%s' to %s", what, model, dtype)
     return (m.to(device) if device else m).eval()
 
 
@@ -182,13 +189,21 @@ def write_legacy_config_keys(config_path: Path, config, adapter: MoEAdapter) -> 
     config_path.write_text(json.dumps(d, indent=2) + "\n")
 
 
-def write_model_config(model, folder: Path, adapter: MoEAdapter | None = None) -> None:
+def write_model_config(model, folder: Path, adapter: MoEAdapter | None = None, dtype: torch.dtype | None = None) -> None:
     """config.json with the transformers-4 keys (:func:`write_legacy_config_keys`), and
-    generation_config.json when the model has one: the config part of every export."""
-    model.config.save_pretrained(folder)
+    generation_config.json when the model has one: the config part of every export. ``dtype``: the
+    dtype the weights are written in (config.json's ``dtype``); ``architectures`` names the model's
+    class, as ``save_pretrained`` writes it (vLLM needs it). The model's own config is not changed."""
+    import copy
+
+    config = copy.deepcopy(model.config)
+    config.architectures = [type(model).__name__]
+    if dtype is not None:
+        config.dtype = dtype
+    config.save_pretrained(folder)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(folder)
-    write_legacy_config_keys(Path(folder) / "config.json", model.config, adapter or check_model(model))
+    write_legacy_config_keys(Path(folder) / "config.json", config, adapter or check_model(model))
 
 
 def as_saved(model, state_dict: dict) -> dict:

@@ -12,14 +12,15 @@ experts to remove when the profile decides them; the final expert count or width
 compressed model's shapes, the quantization plan, the export's config (refused here when a runtime
 rule is broken), the size on disk and the peak memory. Then one pass per decoder layer: the
 evaluation windows through the original layer (baseline perplexity, sink health), the method's step,
-the backend's step, the windows through the compressed layer, the export writer. The Super-Expert
-rule compares maxima across layers, so the profile is a pass of its own before this one.
+the backend's step, the windows through the compressed layer, the export format's writer
+(:mod:`secompress.quant.formats`: 16-bit tensors in the checkpoint's own 16-bit dtype, whatever the
+compute dtype). The Super-Expert rule compares maxima across layers, so the profile is a pass of its
+own before this one.
 Legend: N windows, S sequence length, H hidden size.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import shutil
@@ -29,16 +30,19 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import as_saved, check_model, write_model_config
+from .checkpoints import as_saved, check_model
 from .errors import SecompressError
 from .outputs import atomic_dir, check_output_dir
 from .pipeline import LayerSource, Stream, run_pass
-from .shards import ShardWriter, TensorSpec, specs_of
+from .quant.formats import FORMATS
+from .quant.formats.base import export_dtype as own_export_dtype
+from .shards import TensorSpec, specs_of
 from .streaming import Checkpoint
 
 log = logging.getLogger(__name__)
 GiB = 2**30
 RUNTIME_BYTES = GiB // 2  # the Python, torch and transformers runtime itself
+PLAIN = "plain"  # the export format of an unquantized (pruned, merged, untouched) model
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Job:
     prune: object | None = None  # PruneConfig
     quant: object | None = None  # QuantConfig
     batch_size: int = 8  # evaluation windows per chunk (as secompress.perplexity.mean_loss)
+    export_dtype: torch.dtype | None = None  # 16-bit tensors on disk; None: the checkpoint's own 16-bit dtype
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -57,8 +62,20 @@ class Job:
                                   "quantize the output with avg_bits")
 
     @property
-    def format(self) -> str | None:
-        return None if self.quant is None else self.quant.format
+    def format(self) -> str:
+        """The export format's name: the quantization's (QuantConfig.format), ``plain`` without one or for a
+        backend whose step leaves plain weights (no integer codes, no registered format of its own: its
+        ``save`` is a plain checkpoint plus its plan, which the plain writer writes per layer)."""
+        if self.quant is None:
+            return PLAIN
+        fmt, backend = self.quant.format, self.quant.backend
+        if fmt is None and not backend.holds_codes and backend.own_format is None:
+            return PLAIN
+        if fmt not in FORMATS:  # a backend's own whole-model save: not a per-layer writer
+            raise SecompressError(f"format '{fmt}' (method '{self.quant.method}''s own save) is written by "
+                                  f"save_quantized only; a compress job writes the export formats "
+                                  f"({', '.join(FORMATS)}; --format, stages.export.format)")
+        return fmt
 
 
 @dataclass
@@ -70,17 +87,15 @@ class JobPlan:
     model: object  # the compressed model's skeleton (meta, compute dtype)
     mplan: object | None  # the prune method's MethodPlan
     quant_plan: object | None
-    out_specs: list[TensorSpec]
-    code_specs: list[TensorSpec]
-    code_shapes: dict[str, list]
+    out_specs: list[TensorSpec]  # the compressed model's tensors as saved, in the compute dtype
     checkpoint_bytes: int
     layer_bytes: int  # the largest decoder layer in the compute dtype
     rest_bytes: int  # embeddings, final norm, output head
     profile: object | None = None
-    ct: tuple | None = None  # (QuantizationConfig, compatibility) of a compressed-tensors export
     calib: torch.Tensor | None = None  # [N, S] calibration windows (the backend's propagated stream)
-    export_bytes: int | None = None  # the export's size when the method estimates its own (bnb)
     late_ses: list = field(default_factory=list)  # original (layer, expert) SEs a merge renumbers in the pass
+    export_dtype: torch.dtype = torch.bfloat16  # 16-bit tensors on disk (the checkpoint's own, or job.export_dtype)
+    as_stored: bool = True  # plain export of a block-scaled FP8 source: copy its FP8 tensors as stored
 
     @property
     def dtype(self) -> torch.dtype:
@@ -94,30 +109,29 @@ class JobPlan:
 
     @property
     def output_bytes(self) -> int:
-        """Size of the export: the 16-bit tensors and the codes file (dequantized format), or the 16-bit
-        tensors less the quantized weights plus their packed codes, float32 scales and zero points."""
-        if self.export_bytes is not None:
-            return self.export_bytes
-        plain = sum(s.nbytes for s in self.out_specs)
-        codes = sum(s.nbytes for s in self.code_specs)
-        if self.ct is None:
-            return plain + codes
-        el = torch.empty((), dtype=self.dtype, device="meta").element_size()
-        dense = sum(math.prod(shape) for shape, _, _ in self.code_shapes.values()) * el
-        scales = sum(s.nbytes for s in self.code_specs if s.name.endswith(".scales"))
-        return plain - dense + codes + scales  # scales float16 -> float32
+        """Size of the export's tensor files (the export format's estimate, from the meta skeleton)."""
+        return FORMATS[self.job.format].estimate_bytes(self.model, self.quant_plan, self.export_dtype,
+                                                       self.source.path if self.as_stored else None)
+
+    def writer(self, folder: Path, tokenizer=None):
+        """The export format's per-layer writer into ``folder`` (:mod:`secompress.quant.formats`)."""
+        fmt = FORMATS[self.job.format]
+        kept = getattr(self.mplan, "kept", None)  # plain: which source experts the kept ones are (FP8 as stored)
+        opts = {"kept": kept, "as_stored": self.as_stored} if fmt.holds == "unquantized" else {}
+        return fmt.writer(folder, self.model, self.quant_plan, self.export_dtype, tokenizer, source=self.source.path,
+                          source_size=self.checkpoint_bytes, **opts)
 
     def peak_bytes(self, num_windows: int = 0, seq_len: int = 0, streams: int = 2) -> int:
         """Estimated peak memory of a streamed pass: the embeddings and head, a layer materialised plus what
         quantization makes of it (codes, then the dequantized copy written out: about 2.5 layers at the
-        worst moment), the streams' hidden states [N, S, H] in float32, one chunk's attention scores and the
-        runtime; a method deciding from calibration windows: that stream [Nc, S, H] twice (what it carried
+        worst moment), the next layer read meanwhile (:class:`~secompress.pipeline.prefetch.Prefetcher`),
+        the streams' hidden states [N, S, H] in float32, one chunk's attention scores and the runtime; a method deciding from calibration windows: that stream [Nc, S, H] twice (what it carried
         into the layer too) and, for HEAPr's Fisher Hessian, every layer's calibration input kept."""
         H = int(getattr(self.source.config, "hidden_size", 0))
         heads = int(getattr(self.source.config, "num_attention_heads", 1))
         hidden = streams * num_windows * seq_len * H * 4
         attn = self.job.batch_size * heads * seq_len * seq_len * 4 * 2
-        factor = 2.5 if self.job.quant is not None else 1.5
+        factor = (2.5 if self.job.quant is not None else 1.5) + 1.0  # + the layer read ahead
         return int(self.rest_bytes + factor * self.layer_bytes + hidden + attn + self._calib_bytes(H)
                    + RUNTIME_BYTES)
 
@@ -153,7 +167,7 @@ def checkpoint_sizes(ckpt: Checkpoint, layers_path: str, dtype: torch.dtype) -> 
     per_layer: dict[str, int] = {}
     rest = 0
     head = layers_path + "."
-    for k, (_, _, info) in ckpt.where.items():
+    for k, info in ckpt.tensor_infos().items():  # compressed-tensors weights as the dequantized tensors they become
         b = _dtype_bytes(info, dtype)
         if k.startswith(head):
             idx = k[len(head):].split(".", 1)[0]
@@ -161,30 +175,6 @@ def checkpoint_sizes(ckpt: Checkpoint, layers_path: str, dtype: torch.dtype) -> 
         else:
             rest += b
     return disk, max(per_layer.values(), default=0), rest, rest + sum(per_layer.values())
-
-
-def code_specs(plan, group_size: int | None) -> tuple[list[TensorSpec], dict[str, list]]:
-    """Names, dtypes and shapes of the packed codes file (as :func:`secompress.quant.api.quantized_tensors`)."""
-    from .layout import PROJ
-    from .quant import rtn
-
-    specs, shapes = [], {}
-    for name, b in plan.bits.items():
-        if b is None:
-            continue
-        u = plan.units[name]
-        if u.expert is None:
-            mats = {name: (u.params // u.in_features[0], u.in_features[0])}  # [O, In]
-        else:
-            H, I = u.in_features  # gate/up read H, down reads I
-            mats = {f"{name}.{p}": ((H, I) if p == "down_proj" else (I, H)) for p in PROJ}
-        for key, (O, In) in mats.items():
-            G = In // rtn.check_args(b, group_size, In, key)
-            specs += [TensorSpec(f"{key}.qweight", torch.uint8, ((O * In * b + 7) // 8,)),
-                      TensorSpec(f"{key}.scales", rtn.SCALE_DTYPE, (O, G)),
-                      TensorSpec(f"{key}.zeros", torch.uint8, ((O * G * b + 7) // 8,))]
-            shapes[key] = [[O, In], [O, G], b]
-    return specs, shapes
 
 
 class _Kept:  # what remap_profile reads
@@ -233,89 +223,19 @@ def plan_job(source, job: Job, profile=None, protect: bool | None = None, calib:
         qplan = plan_quantization(model, qcfg, profile=prof, ses=ses)
     sd = {k: torch.empty_like(v, device="meta") for k, v in model.state_dict().items()}
     out_specs = specs_of(as_saved(model, sd))
-    cspecs, cshapes, export_bytes, ct = [], {}, None, None
+    fmt = FORMATS[job.format]
+    fmt.require()
     if qplan is not None:
-        export_bytes, cspecs, cshapes, ct = _export_plan(model, qplan, job.quant, source.dtype,
-                                                         sum(s.nbytes for s in out_specs))
-        if ct is not None:
-            qplan.artifacts["compatibility"] = ct[1]  # derived from the export's config
+        fmt.preview(model, qplan)  # refuses what it cannot write (a config vLLM rejects), before any compute
     needs_calib = job.quant is not None and job.quant.backend.propagated_calibration
     if needs_calib and (calib is None or len(calib) == 0):
         raise SecompressError(f"quantization method '{job.quant.method}' calibrates on windows entering each layer: "
                               "pass the calibration windows (calib=ids [N, S])")
-    return JobPlan(source, job, model, mplan, qplan, out_specs, cspecs, cshapes, disk, layer_b, rest_b, profile, ct,
-                   calib=calib if needs_calib else None, export_bytes=export_bytes, late_ses=late)
-
-
-def _export_plan(model, qplan, qcfg, dtype, plain_bytes: int):
-    """(own size estimate or None, codes specs, codes shapes, compressed-tensors (config, report) or None);
-    ``plain_bytes``: every tensor of the compressed model in ``dtype``."""
-    fmt = qcfg.format
-    if _bnb(Job(quant=qcfg)):  # bitsandbytes: its own format, its own estimate
-        from .quant.bnb_stream import bnb_bytes
-
-        return bnb_bytes(model, qplan, dtype), [], {}, None
-    if not qcfg.backend.holds_codes:  # the backend leaves plain weights: a plain export
-        return None, [], {}, None
-    cspecs, cshapes = code_specs(qplan, qcfg.group_size)
-    ct = None
-    if fmt == "compressed-tensors":
-        from .errors import require
-        from .quant.ct_stream import ct_config
-
-        require("compressed_tensors", "ct", "the compressed-tensors export")
-        ct = ct_config(model, qplan)  # refuses (se_mode expert, a config vLLM rejects) before any compute
-        from .quant.scheme_export import estimate_bytes, plan_scheme
-
-        if plan_scheme(qplan) is not None:  # FP8, NVFP4, ...: codes and scales of the scheme, not RTN's
-            return estimate_bytes(qplan, check_model(model), dtype, plain_bytes), [], {}, ct
-    return None, cspecs, cshapes, ct
-
-
-# ---- export writers (one per format; see secompress.quant.backends) -------------------------------
-class ExportLayers:
-    """Write the layer's tensors (dequantized where quantized) as save_pretrained names them, and its codes."""
-
-    def __init__(self, src: LayerSource, writer: ShardWriter, codes: ShardWriter | None, plan):
-        self.src, self.writer, self.codes, self.plan = src, writer, codes, plan
-
-    def write_rest(self) -> None:
-        head = self.src.adapter.layers_path + "."
-        sd = {k: v for k, v in self.src.model.state_dict().items() if not k.startswith(head)}
-        for k, v in as_saved(self.src.model, sd).items():
-            self.writer.write(k, v)
-
-    def on_layer(self, index: int, layer, inputs) -> None:
-        from .quant.api import dequantized, quantized_tensors
-
-        prefix = self.src.layer_prefix(index)
-        with dequantized(self.src.model):
-            sd = {prefix + k: v for k, v in self.src.layers[index].state_dict().items()}
-            for k, v in as_saved(self.src.model, sd).items():
-                self.writer.write(k, v)
-            del sd
-        if self.codes is not None and self.plan is not None:
-            tensors, _ = quantized_tensors(self.src.model, self.plan.layer(index))
-            for k, v in tensors.items():
-                self.codes.write(k, v)
-
-
-class ExportLayersCT:
-    """Write each layer in compressed-tensors format as it finishes (:mod:`secompress.quant.ct_stream`)."""
-
-    def __init__(self, src: LayerSource, writer, plan, qc, symmetric: bool):
-        self.src, self.writer, self.plan, self.qc, self.symmetric = src, writer, plan, qc, symmetric
-
-    def write_rest(self) -> None:
-        from .quant.ct_stream import rest_tensors
-
-        self.writer.write_part(rest_tensors(self.src.model, self.src.adapter))
-
-    def on_layer(self, index: int, layer, inputs) -> None:
-        from .quant.ct_stream import layer_tensors
-
-        self.writer.write_part(layer_tensors(self.src.model, self.src.adapter, index, self.plan.layer(index),
-                                             self.qc, self.symmetric))
+    changes = mplan is not None and getattr(mplan.config.prune_method, "changes_weights", False)
+    return JobPlan(source, job, model, mplan, qplan, out_specs, disk, layer_b, rest_b, profile,
+                   calib=calib if needs_calib else None, late_ses=late,
+                   export_dtype=job.export_dtype or own_export_dtype(source.config, source.dtype),
+                   as_stored=not changes and job.quant is None)
 
 
 # ---- the pass -----------------------------------------------------------------------------------------
@@ -329,6 +249,7 @@ class JobResult:
     prune_step: object | None = None  # the prune method's step (its decisions, for the report)
     sink_before: object | None = None  # SinkHealth of the original model (``sink=True``, baseline stream)
     sink_after: object | None = None  # SinkHealth of the compressed model (``sink=True``)
+    export: object | None = None  # the writer's ExportSummary (bytes, files, ratio to the checkpoint)
 
     @property
     def perplexity_before(self) -> float | None:
@@ -405,7 +326,8 @@ def run_job(plan: JobPlan, src: LayerSource, eval_ids: torch.Tensor | None = Non
         if backend.propagated_calibration:
             from .quant.backends.base import CALIB_Q
 
-            streams[CALIB_Q] = Stream(list(plan.calib.split(job.batch_size)))
+            # chunked as the in-memory apply chunks them (the backend's batch_size): the same float sums
+            streams[CALIB_Q] = Stream(list(plan.calib.split(getattr(job.quant.options, "batch_size", job.batch_size))))
     steps.extend(extra_steps)
     chunks = list(eval_ids.split(job.batch_size)) if eval_ids is not None else []
     meters = {}
@@ -420,12 +342,12 @@ def run_job(plan: JobPlan, src: LayerSource, eval_ids: torch.Tensor | None = Non
     log.info("%s", plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0)), streamed=not src.resident))
 
     def one_pass(folder: Path | None):
-        writer = codes = None
-        if folder is not None:
+        writer = None
+        if folder is not None:  # the export format's writer: the last per-layer step
             src.load_rest()
-            writer, codes, exporter = _exporter(plan, src, folder)
-            exporter.write_rest()
-            steps.append(exporter)
+            writer = plan.writer(folder, tokenizer)
+            writer.write_rest(src.model)
+            steps.append(writer)
         final = run_pass(src, streams, steps, progress=progress, desc="compress")
         if "before" in final:
             res.loss_before = src.mean_loss(final.pop("before"), chunks)
@@ -437,10 +359,7 @@ def run_job(plan: JobPlan, src: LayerSource, eval_ids: torch.Tensor | None = Non
             res.sink_after = meters["after"].health()
         res.seconds = time.perf_counter() - t0
         if writer is not None:
-            writer.close()
-            if codes is not None:
-                codes.close()
-            _write_side_files(plan, folder, tokenizer)
+            res.export = writer.finish()
             if finish is not None:
                 finish(res, folder)
 
@@ -452,56 +371,3 @@ def run_job(plan: JobPlan, src: LayerSource, eval_ids: torch.Tensor | None = Non
         res.out = out
     res.seconds = time.perf_counter() - t0
     return res
-
-
-def _bnb(job: Job) -> bool:
-    from .quant.backends.bnb import BnbBackend
-
-    return job.quant is not None and isinstance(job.quant.backend, BnbBackend)
-
-
-def _exporter(plan: JobPlan, src: LayerSource, folder: Path):
-    """(writer to close, codes writer or None, the per-layer export step) of the plan's export format."""
-    job = plan.job
-    if _bnb(job):  # interim: the export formats' own writers replace this dispatch
-        from .quant.bnb_stream import ExportLayersBnb
-
-        exporter = ExportLayersBnb(src, folder, plan.quant_plan)
-        return exporter.writer, None, exporter
-    if plan.ct is not None:
-        from .shards import PartWriter
-
-        writer = PartWriter(folder)
-        return writer, None, ExportLayersCT(src, writer, plan.quant_plan, plan.ct[0], bool(job.quant.symmetric))
-    writer, codes = ShardWriter(folder, plan.out_specs), None
-    if plan.code_specs:
-        from .quant.api import CODES_NAME
-
-        codes = ShardWriter(folder, plan.code_specs, stem=CODES_NAME.removesuffix(".safetensors"),
-                            max_shard_bytes=1 << 62, metadata={"format": "secompress-rtn", "version": "1",
-                                                               "shapes": json.dumps(plan.code_shapes)})
-    return writer, codes, ExportLayers(src, writer, codes, plan.quant_plan)
-
-
-def _write_side_files(plan: JobPlan, folder: Path, tokenizer) -> None:
-    from .quant.api import PLAN_NAME
-
-    model = plan.model
-    model.config.dtype = plan.dtype  # the weights are written in the compute dtype
-    job = plan.job
-    if _bnb(job):
-        from .quant.bnb_stream import finish_bnb
-
-        from types import SimpleNamespace
-
-        finish_bnb(folder, model, plan.quant_plan, SimpleNamespace(quant=job.quant, dtype=plan.dtype), tokenizer)
-    elif plan.ct is not None:
-        from .quant.ct_stream import finish_ct
-
-        finish_ct(folder, model, plan.ct[0], plan.quant_plan, plan.ct[1], plan.dtype, tokenizer)
-    else:
-        write_model_config(model, folder)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        if plan.quant_plan is not None:
-            (folder / PLAN_NAME).write_text(json.dumps(plan.quant_plan.to_json(), indent=2) + "\n")

@@ -84,23 +84,70 @@ def expert_forward(experts: nn.Module, e: int, x: torch.Tensor) -> tuple[torch.T
     Fused modules compute with their 3D tensors in place (no copy); per-expert modules
     (:class:`secompress.layout.PerExpertExperts`, quantized or not) with their Linear layers.
     """
+    act = expert_act(experts, e, x)
+    return act, expert_down(experts, e, act)
+
+
+def expert_act(experts: nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+    """The first half of :func:`expert_forward`: rows ``x [c, H]`` -> down_proj input [c, I]."""
     per = getattr(experts, "per_expert", None)
     if per is not None:
         m = per[e]
-        gu = join_gate_up(m.gate_proj(x), m.up_proj(x), experts.is_concatenated, dim=-1)
-        act = experts._apply_gate(gu)  # [c, I]
-        return act, m.down_proj(act)
+        return experts._apply_gate(join_gate_up(m.gate_proj(x), m.up_proj(x), experts.is_concatenated, dim=-1))
     lay = layout_of(experts)
     w = experts.gate_up_proj[e]
     gu = x @ w if lay.transposed else x @ w.T  # [c, 2I]
     if lay.has_bias:
         gu = gu + experts.gate_up_proj_bias[e]
-    act = experts._apply_gate(gu)  # [c, I]
+    return experts._apply_gate(gu)  # [c, I]
+
+
+def expert_down(experts: nn.Module, e: int, act: torch.Tensor) -> torch.Tensor:
+    """The second half of :func:`expert_forward`: down_proj input ``act [c, I]`` -> output [c, H]."""
+    per = getattr(experts, "per_expert", None)
+    if per is not None:
+        return per[e].down_proj(act)
+    lay = layout_of(experts)
     w = experts.down_proj[e]
     y = act @ w if lay.transposed else act @ w.T  # [c, H]
     if lay.has_bias:
         y = y + experts.down_proj_bias[e]
+    return y
+
+
+def grouped_forward(experts: nn.Module, x: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """All experts of a fused module on rows sorted by expert: ``x [R, H]`` holds ``counts[e]`` rows
+    for expert ``e``, in expert order -> (down_proj input [R, I], down_proj output [R, H]).
+
+    Each expert's rows are computed as :func:`expert_forward` computes them (the same matmul per
+    expert, written into its slice of one output; bias added in place), and the activation runs
+    once over all rows. The weights are read once (a quantized module dequantizes them here once).
+    """
+    lay = layout_of(experts)
+    gu = _grouped_linear(x, experts.gate_up_proj, counts, lay.transposed,
+                         experts.gate_up_proj_bias if lay.has_bias else None)  # [R, 2I]
+    act = experts._apply_gate(gu)  # [R, I]
+    del gu
+    y = _grouped_linear(act, experts.down_proj, counts, lay.transposed,
+                        experts.down_proj_bias if lay.has_bias else None)  # [R, H]
     return act, y
+
+
+def _grouped_linear(x: torch.Tensor, w: torch.Tensor, counts: list[int], transposed: bool,
+                    bias: torch.Tensor | None) -> torch.Tensor:
+    """x [R, In] sorted by expert, w [E, O, In] ([E, In, O] transposed) -> [R, O]: one matmul per expert."""
+    O = w.shape[-1] if transposed else w.shape[-2]
+    out = torch.empty(x.shape[0], O, dtype=torch.result_type(x, w), device=x.device)  # [R, O]
+    start = 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        rows = slice(start, start + c)
+        torch.matmul(x[rows], w[e] if transposed else w[e].T, out=out[rows])
+        if bias is not None:
+            out[rows] += bias[e]
+        start += c
+    return out
 
 
 def fused_from(experts: nn.Module, weights: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

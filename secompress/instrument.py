@@ -22,7 +22,7 @@ from torch import nn
 
 from .adapters import MoEAdapter
 from .errors import CalibrationError
-from .experts import expert_forward
+from .experts import grouped_forward
 from .layout import PerExpertExperts
 
 
@@ -158,32 +158,49 @@ def row_stats(act: torch.Tensor, out: torch.Tensor):
 
 
 def _fused_forward(rec: Recorder, layer: int):
-    """A forward for a fused experts module that records each expert's down_proj in/out."""
+    """A forward for a fused experts module that records each expert's down_proj in/out.
+
+    All experts run in one pass over the routed rows sorted by expert
+    (:func:`~secompress.experts.grouped_forward`), the per-row reductions run once over all rows,
+    and each token's output sums its experts' weighted outputs in ascending expert order in the
+    output dtype, as one ``index_add_`` per expert does (the same additions, batched over tokens).
+    """
 
     def forward(self, hidden_states, top_k_index, top_k_weights):  # [T, H], [T, K], [T, K]
         E, K = self.num_experts, top_k_index.shape[-1]
-        out = torch.zeros_like(hidden_states)  # [T, H]
         flat = top_k_index.reshape(-1)  # [T*K]
-        order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()  # ids >= E are EP sentinels
-        start, cols, toks, stats, ws = 0, [], [], [], []
-        for e, c in enumerate(counts):
-            if c == 0:
-                continue
-            sel = order[start : start + c]
-            start += c
-            tok, slot = sel // K, sel % K  # [c]
-            act, y = expert_forward(self, e, hidden_states[tok])  # [c, I], [c, H]
-            weight = top_k_weights[tok, slot]  # [c]
-            out.index_add_(0, tok, (y * weight[:, None]).to(out.dtype))
-            cols.append(torch.full_like(tok, e)), toks.append(tok), ws.append(weight)
-            stats.append(row_stats(act, y))  # small [c] vectors: the big tensors are freed now
-        if cols:
-            rec.observe_rows(layer, E, torch.cat(cols), torch.cat(toks),
-                             *(torch.cat(z) for z in zip(*stats)), torch.cat(ws))
-        return out
+        order = torch.argsort(flat, stable=True)  # [T*K] rows sorted by expert
+        per_expert = torch.bincount(flat, minlength=E + 1)[:E]  # [E] ids >= E are EP sentinels, sorted last
+        counts = per_expert.tolist()
+        order = order[: sum(counts)]  # [R] routed rows
+        tok, slot = order // K, order % K  # [R]
+        act, y = grouped_forward(self, hidden_states[tok], counts)  # [R, I], [R, H]
+        weight = top_k_weights[tok, slot]  # [R]
+        col = torch.repeat_interleave(torch.arange(E, device=tok.device), per_expert)  # [R] expert of each row
+        rec.observe_rows(layer, E, col, tok, *row_stats(act, y), weight)
+        del act
+        contrib = (y * weight[:, None]).to(hidden_states.dtype)  # [R, H] weighted outputs
+        del y
+        return _sum_in_expert_order(contrib, top_k_index, order)
 
     return forward
+
+
+def _sum_in_expert_order(contrib: torch.Tensor, top_k_index: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """contrib [R, H] (row r belongs to token ``order[r] // K``) -> [T, H]: per token, its rows added
+    to zeros one at a time in ascending expert order (ties: ascending slot), rounding to the output
+    dtype after each addition. Rows of EP sentinels (ids >= E) are absent and add nothing."""
+    T, K = top_k_index.shape
+    rank = torch.empty_like(top_k_index)  # [T, K] position of each slot in its token's expert order
+    rank.scatter_(1, torch.argsort(top_k_index, dim=-1, stable=True),
+                  torch.arange(K, device=top_k_index.device).expand(T, K))
+    grid = contrib.new_zeros(T * K, contrib.shape[-1])  # [T*K, H] token-major, expert order within token
+    grid[(order // K) * K + rank.reshape(-1)[order]] = contrib
+    grid = grid.view(T, K, -1)
+    out = contrib.new_zeros(T, contrib.shape[-1])  # [T, H]
+    for j in range(K):
+        out += grid[:, j]
+    return out
 
 
 def _per_expert_hooks(rec: Recorder, layer: int, experts: nn.Module, E: int):

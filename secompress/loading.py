@@ -11,8 +11,11 @@ def load(path: str | Path, dtype="auto", device: str | None = None, trust_remote
     whatever its ``ignore`` list holds; a dequantized export with its real integer-coded
     modules, bitsandbytes with real ``Linear4bit`` / ``Linear8bitLt`` modules, GPTQ through
     ``GPTQModel.load`` (which patches transformers' MoE classes in this process: import order
-    matters for other models); anything else (a pruned or untouched checkpoint) through
-    ``AutoModelForCausalLM`` with safetensors only and eager attention."""
+    matters for other models); anything else through :func:`~secompress.checkpoints.load_model`: a
+    pruned or untouched checkpoint through ``AutoModelForCausalLM`` with safetensors only and eager
+    attention, a block-FP8 or a compressed-tensors checkpoint written by another tool
+    (llm-compressor RTN/GPTQ, act-order ``g_idx``, any ``ignore`` list; :mod:`secompress.ct_read`)
+    with every weight dequantized on read by compressed-tensors' own decompressors, in ``dtype``."""
     from .checkpoints import load_model
     from .quant.export import backend_of
 

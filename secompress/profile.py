@@ -129,7 +129,7 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
     attention mass on the first token. SEs are then found with the rule of Su et al. 2025 (arXiv
     2507.23279) and with its layer-normalised variant.
     """
-    from .pipeline import Resident, Stream, Streamed, run_pass
+    from .pipeline import LayerSource, Resident, Stream, Streamed, run_pass
     from .source import Source
 
     source = model if isinstance(model, Source) else None
@@ -147,11 +147,13 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
     calib = data if isinstance(data, CalibrationData) else \
         load_calibration(data, tokenizer, config.num_samples, config.seq_len)
     rec = Recorder(seq_len=calib.input_ids.shape[1])
+    src: LayerSource
     if source is not None and config.streaming:
         src = Streamed(source)
     else:
         src = Resident(source.load() if source is not None else model)
     live, adapter = src.model, src.adapter
+    model_type = str(getattr(live.config, "model_type"))
     E, moe_layers, L = adapter.num_experts(live.config), adapter.moe_layer_indices(live), len(src.layers)
     with _eager_attention(live, config.attention and src.resident), \
             instrument(live, src.adapter, rec, attention=config.attention):
@@ -162,7 +164,7 @@ def profile(model, tokenizer=None, data: str | Path | CalibrationData = "builtin
     if not rec.experts:
         raise CalibrationError("no token reached any expert: is the calibration data empty?")
     return ProfileResult(
-        model=str(name), model_type=live.config.model_type, num_experts=E, moe_layers=moe_layers,
+        model=str(name), model_type=model_type, num_experts=E, moe_layers=moe_layers,
         has_shared=has_shared, rule=config.rule, data_source=calib.source, data_sha256=calib.sha256,
         num_tokens=calib.num_tokens, arrays=arrays,
         super_experts=find_super_experts(arrays["out_max"], config.rule),

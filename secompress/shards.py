@@ -22,6 +22,7 @@ from .errors import SecompressError
 
 log = logging.getLogger(__name__)
 MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size, "5GB"
+BUFFER_BYTES = 64 * 2**20  # PartWriter: tensors held before a file is written
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
               torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
@@ -132,41 +133,50 @@ class ShardWriter:
 
 class PartWriter:
     """Shards written as the tensors come, one group (a decoder layer) at a time, when their
-    names and sizes are not known up front (the compressed-tensors export: packed sizes follow
-    from the library's compressor). Each :meth:`write_part` writes its tensors to a new file at
-    once (a group over ``max_shard_bytes`` is split), so nothing is held; :meth:`close` renames
-    the files to transformers' ``model-0000i-of-0000N.safetensors`` names (one file:
-    ``model.safetensors``) and writes the index."""
+    names and sizes are not known up front (the packed sizes of compressed-tensors and
+    bitsandbytes follow from the libraries). :meth:`write_part` adds a group to a buffer that is
+    written to a new file as soon as it holds ``buffer_bytes`` (a group that would take a file
+    past ``max_shard_bytes`` starts a new one), so at most about ``buffer_bytes`` plus one group
+    is held: small models end in one file, large ones in about one file per decoder layer.
+    :meth:`close` renames the files to transformers' ``model-0000i-of-0000N.safetensors`` names
+    (one file: ``model.safetensors``) and writes the index (also for one file with
+    ``always_index``: a runtime that globs ``*.safetensors`` then reads only the indexed files)."""
 
-    def __init__(self, folder: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES):
-        self.folder, self.max = Path(folder), max_shard_bytes
+    def __init__(self, folder: str | Path, max_shard_bytes: int = MAX_SHARD_BYTES,
+                 buffer_bytes: int = BUFFER_BYTES, always_index: bool = False):
+        self.folder, self.max, self.buffer_bytes, self.always_index = Path(folder), max_shard_bytes, buffer_bytes, \
+            always_index
         self.parts: list[tuple[Path, list[str], int]] = []  # (file, tensor names, bytes)
         self.names: set[str] = set()
+        self._buf: dict[str, torch.Tensor] = {}
+        self._size = 0
 
     def write_part(self, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save_file
-
         dup = self.names.intersection(tensors)
         if dup:
             raise SecompressError(f"PartWriter: '{sorted(dup)[0]}' written twice")
-        groups: list[dict[str, torch.Tensor]] = [{}]
-        size = 0
         for k, t in tensors.items():
             n = t.numel() * t.element_size()
-            if groups[-1] and size + n > self.max:
-                groups.append({})
-                size = 0
-            groups[-1][k] = t.detach().to("cpu").contiguous()
-            size += n
-        for g in groups:
-            if not g:
-                continue
-            path = self.folder / f".part-{len(self.parts):05d}.safetensors"
-            save_file(g, str(path), metadata={"format": "pt"})
-            self.parts.append((path, list(g), sum(t.numel() * t.element_size() for t in g.values())))
-            self.names.update(g)
+            if self._buf and self._size + n > self.max:
+                self._flush()
+            self._buf[k] = t.detach().to("cpu").contiguous()
+            self._size += n
+            self.names.add(k)
+        if self._size >= self.buffer_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._buf:
+            return
+        path = self.folder / f".part-{len(self.parts):05d}.safetensors"
+        save_file(self._buf, str(path), metadata={"format": "pt"})
+        self.parts.append((path, list(self._buf), self._size))
+        self._buf, self._size = {}, 0
 
     def close(self) -> list[Path]:
+        self._flush()
         n = len(self.parts)
         if n == 0:
             raise SecompressError("PartWriter: nothing was written")
@@ -175,7 +185,7 @@ class PartWriter:
         for (path, _, _), name in zip(self.parts, names):
             path.rename(self.folder / name)
             out.append(self.folder / name)
-        if n > 1:
+        if n > 1 or self.always_index:
             index = {"metadata": {"total_size": sum(b for _, _, b in self.parts)},
                      "weight_map": {k: name for (_, keys, _), name in zip(self.parts, names) for k in keys}}
             idx = self.folder / "model.safetensors.index.json"

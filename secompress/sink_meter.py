@@ -1,4 +1,4 @@
-"""Sink health measured during a streamed pass, one decoder layer at a time (:mod:`secompress.engine`).
+"""Sink health measured during a pass of the one loop, one decoder layer at a time (:mod:`secompress.pipeline`).
 
     meter = SinkMeter(num_layers)
     eng.run({"before": Stream(chunks, before=True, watch=meter.watch), ...})

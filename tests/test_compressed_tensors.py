@@ -13,7 +13,8 @@ from secompress.errors import SecompressError
 from secompress.profile import ProfileResult
 from secompress.quant import QuantConfig, quantize_, rtn
 from secompress.quant.api import dequantized
-from secompress.quant.compressed_tensors import load_ct, save_ct, scheme_of, vllm_rule_problems
+from secompress.quant.compressed_tensors import load_ct, scheme_of, vllm_rule_problems
+from secompress.quant.formats.ct import save_ct
 from secompress.se_rule import SERule
 from secompress.quant.ct_codes import from_signed, to_signed
 from secompress.quant.fused import FusedQuantizedExperts, pack_codes, unpack_codes
@@ -123,7 +124,11 @@ def test_stock_transformers_loads_the_all_quantized_variant(tmp_path, ids):
     _, m, plan = _quantized("qwen3_moe", protect_super_experts=False)
     out = save_ct(m, None, plan, tmp_path / "ct")
     compat = json.loads((out / "quantization_plan.json").read_text())["compatibility"]
-    assert compat["transformers"]["ok"] and compat["vllm"]["ok"] and compat["sglang"]["ok"]
+    assert compat["transformers"]["ok"] and compat["vllm"]["ok"]
+    # the tiny shapes (group size 8, hidden size 64) miss the Marlin MoE kernel: vLLM falls back to Triton, SGLang has
+    # no fallback (secompress.quant.compat)
+    assert "slower: group size 8" in compat["vllm"]["why"] and "hidden size 64" in compat["vllm"]["why"]
+    assert not compat["sglang"]["ok"] and "group size 8" in compat["sglang"]["why"]
     ours = secompress.load(out)
     tf = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
@@ -176,7 +181,7 @@ def test_se_mode_expert_is_refused_up_front(tmp_path, capsys):
     assert (cfg.format, cfg.se_mode) == ("dequantized", "expert")
     assert QuantConfig(format="dequantized").se_mode == "expert"
     with pytest.raises(ValueError, match="gptqmodel"):
-        QuantConfig(format="gptqmodel")  # gptq's own format only
+        QuantConfig(format="gptqmodel")  # no longer a format (it was gptq's own)
     with pytest.raises(ValueError, match="own export only"):
         QuantConfig(method="bnb", format="dequantized")
     code = main(["quantize", str(tmp_path / "no-such-model"), "--se-mode", "expert", "--out", str(tmp_path / "o")])
@@ -189,7 +194,7 @@ def test_se_mode_expert_is_refused_up_front(tmp_path, capsys):
         parse_recipe(text, "t.yaml")
     assert str(e.value).startswith("t.yaml:5: stages.quantize.se_mode:")
     for bad, where in (("{format: zip}", "t.yaml:6: stages.export.format: format must be one of"),
-                       ("{format: gptqmodel}", "t.yaml:6: stages.export.format: format for method 'rtn'")):
+                       ("{format: gptqmodel}", "t.yaml:6: stages.export.format: format must be one of")):  # gone
         with pytest.raises(RecipeError) as e:
             parse_recipe(text.replace("se_mode: expert", "se_mode: layer").replace("export: {}", f"export: {bad}"),
                          "t.yaml")

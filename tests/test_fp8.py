@@ -6,6 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import secompress
+
 from secompress import fp8
 from secompress.checkpoints import load_model
 from secompress.cli import main
@@ -181,10 +183,16 @@ def test_rtn_from_fp8_exports_a_loadable_checkpoint(ckpts, tmp_path):
     _, path = ckpts
     m = load_model(path, "float32")
     plan = quantize_(m, QuantConfig(bits=4, group_size=8, protect_super_experts=False, format="dequantized"))
-    save_quantized(m, None, plan, tmp_path / "q")
-    assert "quantization_config" not in json.loads((tmp_path / "q" / "config.json").read_text())
-    r = _stock(tmp_path / "q")
+    save_quantized(m, None, plan, tmp_path / "q")  # an FP8 source's 16-bit dtype: bf16, though computed in float32
+    cfg = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
     ids = torch.arange(2, 40).view(2, 19)
+    with torch.no_grad():
+        r, ours = _stock(tmp_path / "q"), secompress.load(tmp_path / "q")  # dense bf16 vs the codes, computed in bf16
+        assert r.dtype == ours.dtype == torch.bfloat16
+        torch.testing.assert_close(r(ids).logits, ours(ids).logits, atol=2e-2, rtol=2e-2)
+    save_quantized(m, None, plan, tmp_path / "q32", dtype=torch.float32)  # an explicit dtype: float32
+    r = _stock(tmp_path / "q32")
     with torch.no_grad():
         torch.testing.assert_close(r(ids).logits, m(ids).logits, atol=1e-4, rtol=1e-4)
 

@@ -140,24 +140,33 @@ def test_vllm_refusals_before_any_compute(tmp_path, monkeypatch):
 
 
 def test_vllm_refused_for_an_export_vllm_cannot_load(tmp_path):
-    """The compatibility report of the streamed plan (known before the first pass) decides: asymmetric
-    compressed-tensors codes are refused, symmetric ones pass; a plain checkpoint has no report."""
+    """The compatibility report of the streamed plan (known before the first pass) decides: asymmetric int8
+    compressed-tensors codes are refused (no vLLM MoE kernel takes them), symmetric ones pass; a dequantized
+    export without a safetensors index is refused; a plain checkpoint has no report."""
     from secompress.compress import Job
     from secompress.quant.config import QuantConfig
     from test_streamed import streamed
 
     src = save_tiny(make_tiny("qwen2_moe", num_hidden_layers=2), tmp_path / "tiny")
     recipe = parse_recipe(_recipe(src, f"{{tasks: [{TASK}], backend: vllm}}"), "r.yaml")
-    asym, _ = streamed(src, Job(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False)))
+    asym, _ = streamed(src, Job(quant=QuantConfig(bits=8, group_size=16, symmetric=False,
+                                                  protect_super_experts=False)))
     with pytest.raises(RecipeError, match=r"r.yaml:7: stages.evaluate.backend: vllm cannot load this export, says "
-                                          r"its compatibility report: asymmetric zero points"):
+                                          r"its compatibility report: asymmetric int8 experts"):
         check_vllm_loads(recipe, asym.report())
     sym, _ = streamed(src, Job(quant=QuantConfig(bits=4, group_size=16, symmetric=True, protect_super_experts=False)))
     check_vllm_loads(recipe, sym.report())
     check_vllm_loads(recipe, streamed(src, Job())[0].report())  # no quantization: no report
     deq, _ = streamed(src, Job(quant=QuantConfig(bits=4, group_size=16, protect_super_experts=False,
                                                 format="dequantized")))
-    check_vllm_loads(recipe, deq.report())  # vllm-fused-moe: the 16-bit weights
+    with pytest.raises(RecipeError, match=r"model.safetensors.index.json"):  # vLLM would read the codes file too
+        check_vllm_loads(recipe, deq.report())
+    from secompress.quant.backends import exporter
+
+    qp = deq.quant_plan
+    qp.artifacts["safetensors_index"] = True  # a writer that indexes the model shards: the report made again
+    qp.artifacts["compatibility"] = exporter(qp.meta).compatibility(qp)
+    check_vllm_loads(recipe, deq.report())  # indexed: the 16-bit weights
 
 
 @pytest.mark.parametrize("fmt", ["dequantized", "compressed-tensors"])
@@ -184,7 +193,7 @@ def test_streamed_run_evaluates_tasks_on_the_export(tmp_path, monkeypatch, fmt):
         assert "HFLM loading the folder (pretrained=" in notes and "device=cpu,dtype=float32" in notes
     else:  # the 16-bit Super-Expert layer sits in `ignore`: transformers cannot, secompress.load can
         report = json.loads((tmp_path / "out" / "model" / "quantization_plan.json").read_text())["compatibility"]
-        assert report["transformers"]["ok"] is False and "ignored expert layers [1]" in report["transformers"]["why"]
+        assert report["transformers"]["ok"] is False and "MoE layers [1] in `ignore`" in report["transformers"]["why"]
         assert "secompress.load on cpu, the model handed to lm-eval HFLM" in notes
     saved = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert saved[f"{TASK}/acc"]["se_aware"] == row["se_aware"]
@@ -213,7 +222,7 @@ def test_in_memory_run_with_vllm_evaluates_the_source_and_the_export(tmp_path, m
 
     src = planted_qwen2_moe
     quant = "  - quantize: {method: rtn, bits: 4, group_size: 16, se_mode: layer, symmetric: true}\n"
-    text = _recipe(src, f"{{tasks: [{TASK}], backend: vllm, max_model_len: 64, compare_se_unaware: false}}",
+    text = _recipe(src, f"{{tasks: [{TASK}], task_paths: [{TASKS}], backend: vllm, max_model_len: 64, compare_se_unaware: false}}",
                    quant, streaming="false")
     calls = []
 

@@ -3,22 +3,21 @@ import json
 import re
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
-
-from secompress.quant.backends import exporter
 import torch
 
 from conftest import ARCHS
 from secompress.cli import main
-from secompress.errors import CalibrationError, MissingExtraError, SecompressError
+from secompress.errors import CalibrationError, MissingExtraError
 from secompress.profile import ProfileResult
 from secompress.quant import (QuantConfig, QuantizedExperts, QuantizedLinear, QuantPlan, Rule,
                               all_expert_calibration, allocate, check_coverage, dequantize, load_quantized, quantize,
                               quantize_, resolve_plan, save_quantized)
-from secompress.quant.api import CODES_NAME, PLAN_NAME
+from secompress.quant.api import PLAN_NAME, codes_file
+from secompress.quant.backends import exporter
+from secompress.quant.backends.base import layer_uniformity
 from secompress.quant.rtn import BITS, pack, unpack
 from secompress.se_rule import SERule
 from secompress.testing import make_tiny, plant_super_expert
@@ -107,12 +106,12 @@ def test_se_modes(base, mode):
     assert p.bits["model.layers.1.self_attn.q_proj"] == 4
     compat = exporter(p.meta).compatibility(p)  # method rtn, format dequantized: a 16-bit export
     assert compat["transformers"][0] and not compat["gptqmodel"][0] and compat["vllm-fused-moe"][0]
-    gp = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8, meta={"method": "gptq"})
-    gptq = exporter(gp.meta).compatibility(gp)
-    gp.artifacts["compatibility"] = gptq  # what plan_quantization stores
-    assert gptq["gptqmodel"][0] and not gptq["transformers"][0]
-    assert gptq["vllm-fused-moe"][0] == (mode == "layer")  # fused-MoE kernels take one format per layer
-    assert "1: 4/8" in gp.table() or mode == "layer"
+    assert "index" in compat["vllm-fused-moe"][1]  # the writer's index keeps vLLM off the codes file (quant.compat)
+    gp = resolve_plan(base, [Rule(EXP.format(*SE), 2)], ses=[SE], se_mode=mode, se_bits=8,
+                      meta={"method": "gptq", "format": "dequantized"})
+    assert exporter(gp.meta).compatibility(gp) == compat  # GPTQ's codes export as RTN's do
+    assert layer_uniformity(gp)[0] == (mode == "layer")  # fused-MoE kernels take one format per layer
+    assert "1: 4/8" in layer_uniformity(gp)[1] or mode == "layer"
     p16 = resolve_plan(base, [], ses=[SE], se_mode=mode, se_bits=None)
     assert p16.bits[EXP.format(*SE)] is None
 
@@ -157,7 +156,7 @@ def test_reload_with_stock_transformers_in_fresh_process(base, quantized, ids, t
     _, plan, out, logits, _ = quantized
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["num_experts"] == cfg["num_local_experts"] == 8  # both key spellings
-    assert json.loads((out / PLAN_NAME).read_text())["modules"] and (out / CODES_NAME).is_file()
+    assert json.loads((out / PLAN_NAME).read_text())["modules"] and codes_file(out) is not None
     script = (
         "import sys, torch\n"
         "from transformers import AutoModelForCausalLM\n"
@@ -212,13 +211,9 @@ def test_bad_config_and_input_rejected(base, monkeypatch):
     with pytest.raises(ValueError, match=r"group_size 48 does not divide the 64"):
         quantize_(m, QuantConfig(group_size=48), profile=fake_profile(m))
     assert not any(isinstance(x, (QuantizedLinear, QuantizedExperts)) for x in m.modules())  # unchanged
-    for method, package in (("gptq", "gptqmodel"), ("bnb", "bitsandbytes")):
-        monkeypatch.setitem(sys.modules, package, None)
-        with pytest.raises(MissingExtraError, match=rf"secompress\[{method}\]"):
-            quantize_(m, QuantConfig(method=method, group_size=32), profile=fake_profile(m))
-    monkeypatch.setitem(sys.modules, "gptqmodel", types.ModuleType("gptqmodel"))  # present
-    with pytest.raises(SecompressError, match="GPTQ runs on a checkpoint"):
-        quantize_(m, QuantConfig(method="gptq", group_size=32), profile=fake_profile(m))
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(MissingExtraError, match=r"secompress\[bnb\]"):
+        quantize_(m, QuantConfig(method="bnb", group_size=32), profile=fake_profile(m))
     with pytest.raises(ValueError, match="smallest candidate is 2"):
         quantize_(m, QuantConfig(format="dequantized", group_size=32, avg_bits=1.5), profile=fake_profile(m))
     with pytest.raises(ValueError, match="pinned"):  # 1 of 32 experts at 16 bits: at least 2.4375
@@ -251,7 +246,8 @@ def test_quantize_with_avg_bits_pins_ses(base):
     assert plan.bits[EXP.format(2, 7)] >= plan.bits[EXP.format(2, 0)]  # 71 tokens vs 1
     lp = quantize_(copy.deepcopy(base), QuantConfig(format="dequantized", group_size=32, avg_bits=4, se_mode="layer", se_bits=8),
                    profile=fake_profile(base))
-    assert lp.compatibility()["vllm-fused-moe"][0] and {lp.bits[EXP.format(1, e)] for e in range(8)} == {8}
+    assert {lp.bits[EXP.format(1, e)] for e in range(8)} == {8}  # the SE's layer 8-bit as a whole
+    assert "model.safetensors.index.json" in lp.compatibility()["vllm-fused-moe"][1]  # dequantized: unindexed
 
 
 # ---- coverage ----------------------------------------------------------------------------------

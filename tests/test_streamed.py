@@ -19,7 +19,7 @@ from secompress.errors import SecompressError
 from secompress.perplexity import mean_loss
 from secompress.profile import ProfileConfig, profile
 from secompress.prune import PruneConfig, prune, remap_profile
-from secompress.quant.api import CODES_NAME, QuantConfig, quantize_, save_quantized
+from secompress.quant.api import CODES_NAME, QuantConfig, codes_file, quantize_, save_quantized
 from secompress.shards import ShardWriter, specs_of
 from secompress.compress import Job, plan_job, run_job
 from secompress.pipeline import Streamed
@@ -57,7 +57,7 @@ def streamed(src, job: Job, prof=None, calib=None, dtype=torch.float32, protect=
 
 def _tensors(folder: Path) -> dict:
     out = {}
-    for f in sorted(folder.glob("*.safetensors")):
+    for f in sorted(folder.rglob("*.safetensors")):  # the dequantized format's codes in their subfolder
         with safe_open(str(f), "pt") as h:
             out.update({(f.name == CODES_NAME, k): h.get_tensor(k) for k in h.keys()})
     return out
@@ -96,8 +96,8 @@ def test_streamed_bit_identical_to_in_memory(tmp_path, model_type):
     assert set(a) == set(b) and any(codes for codes, _ in a)
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
-    with safe_open(str(tmp_path / "mem" / CODES_NAME), "pt") as f1, \
-            safe_open(str(tmp_path / "str" / CODES_NAME), "pt") as f2:
+    with safe_open(str(codes_file(tmp_path / "mem")), "pt") as f1, \
+            safe_open(str(codes_file(tmp_path / "str")), "pt") as f2:
         assert f1.metadata() == f2.metadata()
     for name in ("config.json", "quantization_plan.json"):
         assert json.loads((tmp_path / "mem" / name).read_text()) == json.loads((tmp_path / "str" / name).read_text())
@@ -228,3 +228,8 @@ def test_cli_prune_and_quantize_streaming_match_in_memory(tmp_path, capsys):
     assert main([*q, "--streaming", "--out", str(tmp_path / "qs")]) == 0
     ta, tb = _tensors(tmp_path / "qm"), _tensors(tmp_path / "qs")
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_gptq_has_no_format_of_its_own():  # gptqmodel's folder went with its child process
+    with pytest.raises(ValueError, match="format for method 'gptq' must be one of compressed-tensors, dequantized"):
+        QuantConfig(method="gptq", bits=4, group_size=16, format="gptqmodel")

@@ -1,5 +1,5 @@
-"""Streamed bitsandbytes: the export and the perplexities equal the in-memory path's (the same
-quantization per layer)."""
+"""Streamed GPTQ and bitsandbytes: the export and the perplexities equal the in-memory path's
+(the same per-layer step on the same calibration stream / the same quantization per layer)."""
 import copy
 import json
 
@@ -8,6 +8,7 @@ import torch
 
 from secompress.checkpoints import load_model, load_tokenizer
 from secompress.data import CalibrationData, load_calibration
+from secompress.errors import SecompressError
 from secompress.perplexity import mean_loss
 from secompress.profile import ProfileConfig, profile
 from secompress.prune import PruneConfig, prune, remap_profile
@@ -35,6 +36,33 @@ def _same_export(a_dir, b_dir, files=("config.json", "quantization_plan.json")):
     for name in files:
         assert json.loads((a_dir / name).read_text()) == json.loads((b_dir / name).read_text()), name
     return a
+
+
+@pytest.mark.parametrize("model_type, calibration, prune_too, group_size", [("qwen3_moe", "routed", True, 16),
+                                                                              ("deepseek_v3", "all-experts", False, 8)])
+def test_streamed_gptq_equals_in_memory(tmp_path, model_type, calibration, prune_too, group_size):
+    src, tok, calib, eval_ids = _setup(tmp_path, model_type, n_calib=8, seq_len=32, layers=2)
+    model = load_model(src, torch.float32)
+    prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=8, seq_len=32, batch_size=4),
+                   progress=False)
+    pc = PruneConfig(ratio=0.25, method="reap", eval_samples=0) if prune_too else None
+    qc = QuantConfig(method="gptq", bits=4, group_size=group_size, calibration=calibration, fallback="rtn")
+    assert qc.format == "compressed-tensors"
+    loss_before = mean_loss(model, eval_ids, 2)
+    qprof = prof if pc is None else remap_profile(prof, prune(model, tok, pc, profile=prof, data=calib))
+    qplan = quantize_(model, qc, profile=qprof, tokenizer=tok, data=calib)
+    loss_after = mean_loss(model, eval_ids, 2)
+    save_quantized(model, tok, qplan, tmp_path / "mem")
+
+    plan, go = streamed(src, Job(prune=pc, quant=qc, batch_size=2), prof, calib=calib.input_ids)
+    with DeviceTrap() as trap:
+        res = go(eval_ids, tmp_path / "str", tok, progress=False)
+    assert trap.hits == [], trap.hits[:5]
+    assert res.loss_before == loss_before and res.loss_after == loss_after, (res.loss_before, loss_before,
+                                                                             res.loss_after, loss_after)
+    a = _same_export(tmp_path / "mem", tmp_path / "str")  # the same GPTQ codes, tensor for tensor
+    assert any(k.endswith("weight_packed") for _, k in a)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".str")]  # no work folder
 
 
 @pytest.mark.parametrize("model_type, bits, dtype, prune_too", [
@@ -72,6 +100,15 @@ def test_streamed_bnb_bit_identical_to_in_memory(tmp_path, model_type, bits, dty
     with torch.no_grad():
         ids = eval_ids[:2]
         assert torch.equal(back(input_ids=ids).logits, copy.deepcopy(model)(input_ids=ids).logits)
+
+
+def test_streamed_gptq_refuses_missing_calibration_up_front(tmp_path):
+    src, tok, calib, _ = _setup(tmp_path, "qwen3_moe")
+    model = load_model(src, torch.float32)
+    prof = profile(model, tok, data=calib, config=ProfileConfig(num_samples=6, seq_len=24, batch_size=3),
+                   progress=False)
+    with pytest.raises(SecompressError, match="calibration windows"):
+        streamed(src, Job(quant=QuantConfig(method="gptq", bits=4, group_size=32)), prof)
 
 
 def test_cli_quantize_streaming_bnb_matches_in_memory(tmp_path, capsys):

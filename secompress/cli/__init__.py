@@ -2,6 +2,7 @@
 
     secompress profile MODEL --out DIR [--streaming]       secompress prune MODEL --ratio 0.25 --out DIR
     secompress quantize MODEL --bits 4 --out DIR           secompress run RECIPE
+    secompress premoe MODEL --task code=code.jsonl ...     secompress premoe-select DIR --prompt p.txt
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ import sys
 import threading
 
 from ..errors import Interrupted, SecompressError
-from . import evaluate, profile, prune, push, quantize, run
+from . import evaluate, premoe, profile, prune, push, quantize, run
 
 
 COMMANDS = {"profile": profile.COMMAND, "prune": prune.COMMAND, "quantize": quantize.COMMAND, "run": run.COMMAND,
-            "evaluate": evaluate.COMMAND, "push": push.COMMAND}
+            "evaluate": evaluate.COMMAND, "push": push.COMMAND, **premoe.COMMANDS}
 
 
 def _terminate(signum, frame):

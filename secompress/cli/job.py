@@ -40,6 +40,8 @@ def compress_command(args, prune_cfg=None, quant_cfg=None) -> int:
     eval_data = getattr(args, "eval_data", None)
     both = load_calibration(args.data, tok, args.num_samples + (n_eval if eval_data is None else 0), args.seq_len)
     calib = CalibrationData(both.input_ids[:args.num_samples], both.source, both.sha256)
+    if prune_cfg is not None:  # e.g. task data too short for a task method: before the profile
+        prune_cfg.prune_method.check_data(prune_cfg, calib.num_tokens, calib.source)
     eval_ids = None
     if n_eval:
         eval_ids = both.input_ids[args.num_samples:] if eval_data is None else \

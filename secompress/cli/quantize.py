@@ -4,7 +4,7 @@
                         [--scheme FP8|FP8_DYNAMIC|FP8_BLOCK|W8A8|NVFP4|MXFP4|W4A16|... (compressed-tensors presets)]
                         [--avg-bits 3.5] [--profile DIR] [--rule NAME=BITS | re:REGEX=BITS ...]
                         [--calibration all-experts] [--option KEY=VALUE ...]
-                        [--format compressed-tensors|dequantized|gptqmodel] --out OUT [--overwrite]
+                        [--format compressed-tensors|dequantized] --out OUT [--overwrite]
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import argparse
 
 from ..quant.backends import BACKENDS, FORMATS
 from ..quant.config import CALIBRATIONS
+from ..quant.formats.base import SCALE_DTYPES
 from ..quant.coverage import FALLBACKS
 from ..quant.plan import SE_MODES
 from ..quant.schemes import SUPPORTED
@@ -36,11 +37,14 @@ def _add(sub) -> None:
     p.add_argument("--se-mode", default=None, choices=list(SE_MODES),
                    help="raise only the SEs, or every expert of an SE's layer (one format per layer, vLLM); "
                         "default: layer for the compressed-tensors export, else expert")
-    p.add_argument("--format", default=None, choices=list(FORMATS) + [b.own_format for b in BACKENDS.values()
-                                                                       if b.own_format],
+    p.add_argument("--format", default=None, choices=list(dict.fromkeys(
+                       [*FORMATS, *(b.own_format for b in BACKENDS.values() if b.own_format)])),
                    help="export format of rtn/gptq results (default compressed-tensors: vLLM, SGLang, transformers; "
-                        "dequantized: 16-bit weights + codes; gptqmodel: gptqmodel's own folder, gptq only; "
+                        "dequantized: 16-bit weights + codes; "
                         "recipe: export.format)")
+    p.add_argument("--scale-dtype", default="model", choices=list(SCALE_DTYPES),
+                   help="compressed-tensors' weight scales on disk: model (the export's 16-bit dtype, what vLLM "
+                        "computes with) or float32 (the exact scales; about 10%% bigger at group size 32)")
     add_protection(p, "quantized like the rest")
     p.add_argument("--avg-bits", type=float, default=None, help="allocate routed experts' bits to this average")
     p.add_argument("--rule", action="append", default=[], help="NAME=BITS or re:REGEX=BITS (16 keeps); repeatable")
@@ -82,7 +86,7 @@ def _run(args) -> int:
     from .job import compress_command
 
     cfg = QuantConfig(bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
-                      symmetric=args.symmetric, se_mode=args.se_mode, se_bits=args.se_bits,
+                      symmetric=args.symmetric, scale_dtype=args.scale_dtype, se_mode=args.se_mode, se_bits=args.se_bits,
                       protect_super_experts=args.protect_super_experts, rules=tuple(Rule.parse(r) for r in args.rule),
                       avg_bits=args.avg_bits, method=args.method,
                       options=backend_options(args.method, args.option, args.scheme),

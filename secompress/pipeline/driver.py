@@ -5,8 +5,8 @@
 
 One pass: what decoder layer 0 receives is recorded with one forward of the model with its decoder
 layers stood in for (:func:`~secompress.streaming.capture_layer_inputs`; no layer weight needed).
-Then for each decoder layer: the source opens it (streamed: materialised from the shards; resident:
-already there), the hidden states of the ``before`` streams go through the layer as it is, every
+Then for each decoder layer: the source opens it (streamed: materialised from the shards, the next
+layer read meanwhile; resident: already there), the hidden states of the ``before`` streams go through the layer as it is, every
 step's ``on_layer(i, layer, inputs)`` runs in order (prune, quantize, calibrate, write, ...), the
 other streams go through the layer as the steps left it, and the source closes it (streamed: its
 weights are dropped). Hidden states stay on the device. Anchors: llm-compressor's sequential
@@ -94,27 +94,30 @@ def run_pass(src, streams: dict[str, Stream] | None = None, steps=(), progress: 
     for name, s in streams.items():
         h, a = capture_layer_inputs(src.model, src.adapter, [c.to(src.device) for c in s.chunks])
         hidden[name], args[name] = h, a
-    for i in tqdm(range(len(src.layers)), desc=desc, unit="layer", disable=not progress):
-        layer = src.open(i)
-        entered = {n: hidden[n] for n, s in streams.items() if s.before and s.keep_inputs}
-        for name, s in streams.items():
-            if s.before:
-                with s.through(i, layer):
-                    hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
-        inputs = LayerInputs({n: hidden[n] for n, s in streams.items() if not s.before},
-                             {n: args[n][i] for n, s in streams.items() if not s.before},
-                             entered, {n: args[n][i] for n in entered})
-        for step in steps:
-            step.on_layer(i, src.layers[i], inputs)
-            _return_freed_memory()  # what the step freed (the pruned or quantized weights) goes back now
-        layer = src.layers[i]  # a step may have replaced modules inside it, not the layer itself
-        for name, s in streams.items():
-            if not s.before:
-                with s.through(i, layer):
-                    hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
-        src.close(i)
-        del layer, inputs, entered
-        _return_freed_memory()
+    try:
+        for i in tqdm(range(len(src.layers)), desc=desc, unit="layer", disable=not progress):
+            layer = src.open(i, then=i + 1 if i + 1 < len(src.layers) else None)  # streamed: i+1 read meanwhile
+            entered = {n: hidden[n] for n, s in streams.items() if s.before and s.keep_inputs}
+            for name, s in streams.items():
+                if s.before:
+                    with s.through(i, layer):
+                        hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
+            inputs = LayerInputs({n: hidden[n] for n, s in streams.items() if not s.before},
+                                 {n: args[n][i] for n, s in streams.items() if not s.before},
+                                 entered, {n: args[n][i] for n in entered})
+            for step in steps:
+                step.on_layer(i, src.layers[i], inputs)
+                _return_freed_memory()  # what the step freed (the pruned or quantized weights) goes back now
+            layer = src.layers[i]  # a step may have replaced modules inside it, not the layer itself
+            for name, s in streams.items():
+                if not s.before:
+                    with s.through(i, layer):
+                        hidden[name] = [run_layer(layer, h, *args[name][i][c]) for c, h in enumerate(hidden[name])]
+            src.close(i)
+            del layer, inputs, entered
+            _return_freed_memory()
+    finally:
+        src.end()
     for step in steps:
         if hasattr(step, "on_end"):
             step.on_end(src.model)

@@ -2,7 +2,8 @@
 
     Resident(model)     a model already in memory: nothing is loaded or released
     Streamed(source)    a meta skeleton; each decoder layer is materialised from the safetensors shards
-                        when the loop reaches it (the next layer's bytes read meanwhile) and dropped after
+                        when the loop reaches it (the next layer's bytes read meanwhile, in a background
+                        thread: :class:`~secompress.pipeline.prefetch.Prefetcher`) and dropped after
 
 Both expose what a step needs: ``model`` (the live model or the skeleton holding the current layer),
 ``adapter``, ``dtype``, ``device``, ``layers`` and ``layer_prefix(i)``, and the model's own head on a
@@ -20,8 +21,9 @@ from torch import nn
 
 from ..checkpoints import check_model
 from ..perplexity import nll_sum
-from ..streaming import _materialise, build_skeleton, materialise_rest
+from ..streaming import assign, build_skeleton, layer_tensors, materialise_rest, still_fits
 from .driver import run_pass
+from .prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +66,16 @@ class LayerSource:
     def load_rest(self) -> None:
         """Everything outside the decoder layers on the device (embeddings, final norm, head)."""
 
-    def open(self, i: int) -> nn.Module:
+    def open(self, i: int, then: int | None = None) -> nn.Module:
+        """Decoder layer ``i``, ready to run; ``then``: the layer the caller opens next (a streamed
+        source reads it meanwhile)."""
         return self.layers[i]
 
     def close(self, i: int) -> None:
         """Done with layer ``i``."""
+
+    def end(self) -> None:
+        """Done with the pass, finished or not (a streamed source drops the layer it is reading ahead)."""
 
     def fresh(self) -> "LayerSource":
         """A source for another pass over the same input (resident: the same model)."""
@@ -136,6 +143,7 @@ class Streamed(LayerSource):
         super().__init__(build_skeleton(copy.deepcopy(config) if config is not None else source.fresh_config()),
                          source.dtype, source.device)
         self._rest_loaded = False
+        self._ahead = Prefetcher(self._read)
 
     @property
     def path(self):
@@ -155,11 +163,24 @@ class Streamed(LayerSource):
         self._rest_loaded = True
 
     @torch.no_grad()
-    def open(self, i: int) -> nn.Module:
+    def _read(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer ``i``'s tensors from the shards (in the prefetch thread, or in the caller's)."""
+        return layer_tensors(self.layers[i], self.layer_prefix(i), self.ckpt, self.adapter, self.dtype, self.device)
+
+    @torch.no_grad()
+    def open(self, i: int, then: int | None = None) -> nn.Module:
         layer = self.layers[i]
-        with self.ckpt.reading():
-            _materialise(layer, self.layer_prefix(i), self.ckpt, self.adapter, self.dtype, self.device)
+        tensors = self._ahead.get(i, then)  # read ahead while the caller worked on the layer before
+        if then is None:
+            self._ahead.close()
+        if not still_fits(layer, tensors):  # a step changed the skeleton of this layer after it was read
+            log.debug("layer %d changed after it was read ahead: reading it again", i)
+            tensors = self._read(i)
+        assign(layer, tensors)
         return layer
 
     def close(self, i: int) -> None:
         self.layers[i] = _Done()
+
+    def end(self) -> None:
+        self._ahead.close()

@@ -6,9 +6,12 @@
 
 Modules: ``methods/`` (the registry ``PRUNE_METHODS``: one file per method family, each handing
 out its per-layer step), pure math (``scores`` (registry ``SCORERS``), ``select``, ``merge``,
-``heapr``, ``reconstruction``), per-layer statistics and actions (``layer_stats``, ``merging``,
-``neurons``, ``structural``), ``config`` (PruneConfig), ``result`` (the report), ``api`` (the
-in-memory stage), ``as_stored`` (FP8 checkpoints written as stored).
+``heapr``, ``reconstruction``, ``premoe_math``, ``uncurl_math``, ``dern_math``, ``stun_math``),
+per-layer statistics and actions (``layer_stats``, ``seed_stats``, ``merging``, ``neurons``,
+``premoe``, ``uncurl``, ``dern``, ``stun``, ``structural``), ``config`` (PruneConfig), ``result``
+(the report), ``api`` (the in-memory stage; its export is the ``plain`` format,
+:mod:`secompress.quant.formats.plain`, which writes FP8 checkpoints as stored), ``task_jobs``
+(PreMoe's per-task variants and retrieval, UNCURL's threshold sweep and adaptive counts).
 """
 from __future__ import annotations
 

@@ -26,14 +26,15 @@ import math
 import time
 from pathlib import Path
 
-from ..checkpoints import check_model, write_legacy_config_keys
+import torch
+
+from ..checkpoints import check_model
 from ..data import CalibrationData, load_calibration
 from ..errors import SecompressError
 from ..outputs import atomic_dir
 from ..pipeline import Resident, Stream, run_pass
 from ..profile import ProfileConfig, ProfileResult, check_profile_matches, profile_for
-from ..streaming import Checkpoint, build_skeleton
-from .as_stored import save_as_stored
+from ..streaming import build_skeleton
 from .config import PruneConfig
 from .methods import PRUNE_METHODS
 from .result import REPORT_NAME, PruneResult, remap_profile, summary_table
@@ -95,6 +96,7 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
     if profile is not None:
         check_profile_matches(profile, model)
     calib, held_out = _split_data(data, eval_data, tokenizer, config)
+    method.check_data(config, calib.num_tokens, calib.source)  # e.g. a task too short: before the profile
     pc = ProfileConfig(num_samples=calib.input_ids.shape[0], seq_len=calib.input_ids.shape[1],
                        batch_size=config.batch_size)
     profile = profile_for(model, profile, tokenizer, calib, pc, progress)
@@ -118,37 +120,38 @@ def prune(model, tokenizer, config: PruneConfig, profile: ProfileResult | None =
 
 
 def save_pruned(model, tokenizer, result: PruneResult, out: str | Path, overwrite: bool = False,
-                source: str | Path | None = None) -> Path:
-    """Write the pruned model (safetensors), its tokenizer and ``prune_report.json`` atomically to ``out``.
+                source: str | Path | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write the pruned model (safetensors), its tokenizer and ``prune_report.json`` atomically to ``out``:
+    the ``plain`` export format's writer over the model (:mod:`secompress.quant.formats.plain`).
 
-    The model is written in its dtype. When its source checkpoint (``source``, default the folder
-    it was loaded from) is block-scaled FP8, the result is FP8 too: kept FP8 tensors are copied
-    byte for byte from the source and the fp8 quantization_config is kept (see
-    :mod:`secompress.prune.as_stored`), not written dequantized (2-4x the size).
+    Floating tensors are written in ``dtype`` (None: the source checkpoint's own 16-bit dtype, else the
+    model's). When its source checkpoint (``source``, default the folder it was loaded from) is
+    block-scaled FP8, the result is FP8 too: kept FP8 tensors are copied byte for byte from the source
+    and the fp8 quantization_config is kept, not written dequantized (2-4x the size). The report's
+    ``export`` says the size written and its ratio to the source.
     """
+    from ..quant.formats import FORMATS
+    from ..quant.formats.base import resident_dtype, resident_source, write_resident
+    from ..quant.formats.plain import fp8_checkpoint
+
     adapter = check_model(model)
     if adapter.num_experts(model.config) != result.num_experts_after:
         raise SecompressError(f"the model has {adapter.num_experts(model.config)} experts but the result says "
                               f"{result.num_experts_after}: save the model that prune() returned this result for")
-    src = _fp8_source(source or getattr(model, "name_or_path", None))
-    if src is not None and PRUNE_METHODS[result.config.method].changes_weights:
+    counts = {int(adapter.router_of(adapter.block_of(adapter.layers(model)[l])).weight.shape[0])
+              for l in adapter.moe_layer_indices(model)}
+    if len(counts) > 1:
+        raise SecompressError(f"the MoE layers hold different expert counts {sorted(counts)}: a transformers config "
+                              "stores one, so this model cannot be saved as a stock checkpoint (UNCURL's adaptive "
+                              "counts are evaluated in memory only)")
+    src = Path(source) if source is not None else resident_source(model)
+    if fp8_checkpoint(src) is not None and PRUNE_METHODS[result.config.method].changes_weights:
         raise SecompressError(f"'{result.config.method}' writes new weights, which cannot be copied as stored from "
                               "the FP8 source; merging and neuron pruning of FP8 checkpoints are not supported yet")
+    dtype = dtype or resident_dtype(model, src)
     with atomic_dir(out, overwrite) as tmp:
-        if src is not None:
-            save_as_stored(model, adapter, src, result.kept, tmp)
-        else:
-            model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_legacy_config_keys(tmp / "config.json", model.config, adapter)
-        (tmp / REPORT_NAME).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        summary = write_resident(FORMATS["plain"], model, tokenizer, None, tmp, dtype, src, kept=result.kept)
+        report = result.to_json()
+        report["export"] = summary.to_json()
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
     return Path(out)
-
-
-def _fp8_source(path) -> "Checkpoint | None":
-    """The block-scaled FP8 checkpoint at ``path``, or None (no folder, or not FP8)."""
-    if not path or not Path(path).is_dir() or not any(Path(path).glob("*.safetensors")):
-        return None
-    ckpt = Checkpoint(path)
-    return ckpt if ckpt.fp8 is not None else None

@@ -25,8 +25,14 @@ log = logging.getLogger(__name__)
 
 
 def needs_profile(config: QuantConfig) -> bool:
-    """Whether quantizing with ``config`` uses a profile (SEs, allocation, or calibration coverage)."""
-    return config.protect_super_experts or config.avg_bits is not None or config.backend.calibrated
+    """Whether quantizing with ``config`` uses a profile (SEs, allocation, or calibration coverage: not
+    under all-expert calibration, where every expert sees every token)."""
+    return (config.protect_super_experts or config.avg_bits is not None
+            or (_checks_coverage(config.backend) and config.calibration != "all-experts"))
+
+
+def _checks_coverage(backend) -> bool:
+    return backend.calibrated and not backend.covers_uncalibrated
 
 
 def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, data="builtin",
@@ -49,12 +55,16 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
         meta["calibration"] = config.calibration
     if config.format is not None:
         meta["format"] = config.format  # the export format save_quantized writes
+    if config.scale_dtype != "model":
+        meta["scale_dtype"] = config.scale_dtype  # the export's scales (compressed-tensors)
     if config.scheme is not None:
         meta["scheme"] = config.scheme  # the compressed-tensors preset (its backend: plan.meta["backend"])
         meta["backend"] = backend.name
         meta["options"] = dataclasses.asdict(config.options)  # serving: how secompress.load forwards the export
     assert config.se_mode is not None  # resolved when the config was built
     plan = resolve_plan(model, config.rules, ses, config.se_mode, config.se_bits, config.bits, meta)
+    if _checks_coverage(backend) and config.calibration != "all-experts":
+        check_coverage(prof, config.fallback)  # an expert no calibration token reached: error unless fallback 'rtn'
     if config.avg_bits is not None:
         plan = _allocate(plan, prof, config)
     backend.check_plan(plan, config)
@@ -107,9 +117,9 @@ def quantize_(model, config: QuantConfig, profile=None, tokenizer=None, data="bu
     """Quantize ``model`` in place following ``config``; returns the plan applied.
 
     The Super Experts come from ``profile`` (a :class:`~secompress.profile.ProfileResult`), or
-    from profiling ``data`` with ``tokenizer`` now. Checkpoint-based backends (gptq) write
-    their checkpoint under ``work`` and may read ``source``, the local checkpoint ``model`` was
-    loaded from, if it is unchanged since. ``save_quantized`` writes the result.
+    from profiling ``data`` with ``tokenizer`` now (calibrated backends, gptq: their windows too).
+    ``work`` and ``source`` are accepted for backends that work on a checkpoint (none built in).
+    ``save_quantized`` writes the result.
     """
     backend = config.backend
     backend.require()

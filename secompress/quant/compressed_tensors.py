@@ -1,13 +1,13 @@
 """The compressed-tensors export (``pack-quantized``) that vLLM, SGLang and transformers load.
 
-    save_ct(model, tokenizer, plan, "out/")    # model: quantize_ (RTN) or GPTQ codes read back
+    save_ct(model, tokenizer, plan, "out/")    # formats/ct.py: the format's per-layer writer over the model
     model, plan = load_ct("out/")              # secompress.load calls it
 
 On disk (written with compressed-tensors' own ``QuantizationArgs`` / ``QuantizationScheme`` /
 ``QuantizationConfig`` and its ``pack-quantized`` compressor): every quantized projection under
 its checkpoint name (experts per expert: ``model.layers.L.mlp.experts.E.gate_proj.weight_packed``
-int32, ``weight_scale`` float32 [O, G], ``weight_shape``, ``weight_zero_point`` when asymmetric),
-everything else as plain tensors, and in ``config.json`` a ``quantization_config`` with
+int32, ``weight_scale`` [O, G] in the export dtype or float32, ``weight_shape``, ``weight_zero_point``
+when asymmetric), everything else as plain tensors, and in ``config.json`` a ``quantization_config`` with
 ``quant_method: compressed-tensors``: one config group per bit-width (the most common one targets
 ``Linear``; the others, e.g. 8-bit Super-Expert layers, name their layers' experts by regex and
 come first), and an ``ignore`` list with ``lm_head``, the routers, every other 16-bit Linear and
@@ -17,7 +17,8 @@ The serving rule (vLLM's compressed-tensors MoE code reads each fused MoE layer'
 expert 0 of that layer, and a layer is served quantized with one scheme or unquantized) makes
 ``se_mode: layer`` the only Super-Expert protection this format holds: a whole SE layer is in
 ``ignore`` (16-bit) or in the 8-bit group. ``se_mode: expert`` is refused up front
-(:class:`~secompress.quant.backends.ct.CompressedTensorsFormat`). :func:`vllm_rule_problems` checks a written config against that rule and
+(:class:`~secompress.quant.formats.ct.CompressedTensorsFormat`). :func:`vllm_rule_problems` checks a written
+config against that rule and
 :func:`compatibility` derives the transformers / vLLM / SGLang report from it.
 
 Loading: stock transformers 5.24 dequantizes compressed experts into its fused tensors only when
@@ -42,7 +43,6 @@ from torch import nn
 from ..checkpoints import check_model, load_config
 from ..errors import SecompressError, require
 from ..layout import PROJ
-from ..outputs import atomic_dir
 from ..streaming import Checkpoint, build_skeleton, disk_key, materialise_model
 from . import rtn
 from .ct_codes import from_signed, to_signed
@@ -52,7 +52,6 @@ from .plan import QuantPlan
 log = logging.getLogger(__name__)
 FORMAT = "compressed-tensors"
 PACKED = "pack-quantized"
-VLLM_BITS = (4, 8)  # vLLM's WNA16 MoE kernels: uint4b8 / uint8b128
 SE_MODE_ERROR = ("export format compressed-tensors needs se_mode: layer (got se_mode: expert): vLLM and SGLang serve "
                  "one quantization scheme per fused MoE layer (vLLM reads it from expert 0), so a 16- or 8-bit Super "
                  "Expert inside a 4-bit layer cannot be served; se_mode: layer keeps the Super Expert's whole layer "
@@ -183,49 +182,22 @@ def vllm_rule_problems(qcfg: dict, plan: QuantPlan, adapter) -> list[str]:
 
 
 def compatibility(qcfg: dict, plan: QuantPlan, adapter) -> dict[str, tuple[bool, str]]:
-    """runtime -> (loads it, why), derived from the serving rules above and the written config."""
-    problems = vllm_rule_problems(qcfg, plan, adapter)
-    lbits = layer_bits(plan)
-    widths = sorted({g["weights"]["num_bits"] for g in qcfg["config_groups"].values()})
-    sym = all(g["weights"]["symmetric"] for g in qcfg["config_groups"].values())
-    ignored = [l for l, b in lbits.items() if b is None]
-    expert_widths = sorted({b for b in lbits.values() if b is not None})
-    if problems:
-        bad = (False, "; ".join(problems))
-        return {"transformers": bad, "vllm": bad, "sglang": bad, "secompress.load": (True, "any export")}
-    odd = [b for b in widths if b not in VLLM_BITS]
-    if odd:
-        vllm = (False, f"{odd}-bit weights: vLLM's WNA16 kernels take 4 or 8 bits")
-    elif not sym:
-        vllm = (False, "asymmetric zero points: not checked against vLLM's MoE kernels here (quantize symmetric)")
-    else:
-        vllm = (True, "each MoE layer one scheme, read from expert 0" +
-                (f"; layers {ignored} unquantized (16-bit Super-Expert layers)" if ignored else "") +
-                ("; int4 and int8 MoE layers side by side need a vLLM release with the grouped int8 WNA16 MoE "
-                 "fix (merged 2026-08)" if len(expert_widths) > 1 else ""))
-    if ignored or len(expert_widths) > 1 or not vllm[0]:
-        sglang = (False, "SGLang's compressed-tensors MoE (derived from vLLM 0.8) takes one scheme from the "
-                         "'Linear' group for every MoE layer: no ignored or 8-bit expert layer" if vllm[0] else vllm[1])
-    else:
-        sglang = (True, "one scheme for every MoE layer (the 'Linear' group)")
-    if adapter.ckpt_fused_experts:  # e.g. GPT-OSS: runtimes read its experts fused, not per expert
-        why = (f"{adapter.model_type} checkpoints keep experts fused: transformers re-initialises per-expert "
-               "compressed experts and the vLLM/SGLang loaders were not checked with them; use secompress.load")
-        vllm, sglang, tf = (False, why), (False, why), (False, why)
-    elif ignored:
-        tf = (False, f"transformers 5.24 fails on the ignored expert layers {ignored} ('Concatenate on tensors "
-                     "destined for ...gate_up_proj. Ckpt contains: 0'): use secompress.load, or compressed-tensors' "
-                     "dequantizer then from_pretrained")
-    elif len(widths) > 1:
-        tf = (False, f"transformers dequantizes every expert with one scheme, this export has {widths} bits: "
-                     "use secompress.load")
-    elif not sym:
-        tf = (False, "transformers 5.24's compressed-tensors dequantizer drops the zero points of asymmetric codes "
-                     "('Asymmetric quant requires zero-point values'): use secompress.load, or quantize symmetric")
-    else:
-        tf = (True, "AutoModelForCausalLM.from_pretrained dequantizes into the fused experts (dense 16-bit in memory)")
-    return {"transformers": tf, "vllm": vllm, "sglang": sglang,
-            "secompress.load": (True, "real integer codes, experts fused (secompress.load)")}
+    """runtime -> (loads it, why): the rules of :mod:`secompress.quant.compat` (each checked against a named
+    vLLM / SGLang / transformers release) over the written config and the plan."""
+    from . import compat
+
+    groups = qcfg["config_groups"].values()
+    gs = next((g["weights"].get("group_size") for g in groups), None)
+    experts = [u for u in plan.units.values() if u.expert is not None]
+    facts = compat.ExportFacts(
+        fmt=FORMAT, expert_bits=layer_bits(plan),
+        linear_bits=tuple(sorted({b for n, b in plan.bits.items() if b is not None and plan.units[n].expert is None})),
+        symmetric=all(g["weights"]["symmetric"] for g in groups), group_size=gs if gs not in (None, -1) else None,
+        hidden=experts[0].in_features[0] if experts else None,
+        intermediate=experts[0].in_features[-1] if experts else None,
+        fused_experts=bool(adapter.ckpt_fused_experts), arch=adapter.model_type,
+        problems=tuple(vllm_rule_problems(qcfg, plan, adapter)))
+    return {**compat.report(facts), "secompress.load": (True, "real integer codes, experts fused (secompress.load)")}
 
 
 def report(compat: dict[str, tuple[bool, str]]) -> str:
@@ -233,13 +205,8 @@ def report(compat: dict[str, tuple[bool, str]]) -> str:
 
 
 # ---- save ----------------------------------------------------------------------------------
-def _qtensors(model, plan: QuantPlan, adapter) -> dict[str, rtn.QTensor]:
-    """Checkpoint module name -> the quantized codes held by the model, for every planned unit."""
-    return dict(iter_qtensors(model, plan, adapter))
-
-
 def iter_qtensors(model, plan: QuantPlan, adapter):
-    """(checkpoint module name, its unpacked codes) one weight at a time (:func:`_qtensors` lazily)."""
+    """(checkpoint module name, its unpacked codes) one weight at a time."""
     from .modules import QuantizedLinear
 
     for name, b in plan.bits.items():
@@ -285,53 +252,10 @@ def _compress(qts, qc, symmetric: bool) -> dict[str, torch.Tensor]:
     return out
 
 
-@torch.no_grad()
-def save_ct(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``model`` (quantized per ``plan``) atomically to ``out`` in compressed-tensors format."""
-    require("compressed_tensors", "ct", "the compressed-tensors export")
-    from compressed_tensors.compressors import ModelCompressor
-
-    from .modules import dequantized
-    from .plan import PLAN_NAME
-    from .bnb_export import _tensors, write_checkpoint
-
-    if plan.se_mode == "expert" and plan.super_experts and plan.meta.get("protect_super_experts", True):
-        raise SecompressError(SE_MODE_ERROR)
-    adapter = check_model(model)
-    qc = build_config(model, plan, adapter)  # fails (mixed layers) before anything is written
-    qd = qc.model_dump()
-    problems = vllm_rule_problems(qd, plan, adapter)
-    if problems:
-        raise SecompressError("the compressed-tensors config breaks vLLM's rule: " + "; ".join(problems))
-    compat = compatibility(qd, plan, adapter)
-    qts = _qtensors(model, plan, adapter)
-    packed = _compress(qts, qc, bool(plan.meta.get("symmetric", True)))
-    dtype = model.get_input_embeddings().weight.dtype
-    with dequantized(model):
-        tensors = _tensors(model, adapter)
-    for name in qts:
-        if tensors.pop(f"{name}.weight", None) is None:
-            raise SecompressError(f"no weight '{name}.weight' in the model's tensors")
-    tensors.update(packed)
-    spec = {"format": FORMAT, "dtype": str(dtype).removeprefix("torch."),
-            "compatibility": {k: {"ok": ok, "why": why} for k, (ok, why) in compat.items()}}
-    with atomic_dir(out, overwrite) as tmp:
-        write_checkpoint(model, adapter, tensors, tmp)
-        ModelCompressor(quantization_config=qc).update_config(str(tmp))  # the library writes its own config
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        plan.artifacts["compatibility"] = compat  # what plan.compatibility() reports from now on
-        d = plan.to_json()
-        d["export"] = spec
-        (tmp / PLAN_NAME).write_text(json.dumps(d, indent=2) + "\n")
-    log.info("wrote %s (compressed-tensors)\n%s", out, report(compat))
-    return Path(out)
-
-
 # ---- load ----------------------------------------------------------------------------------
 @torch.no_grad()
 def load_ct(path: str | Path, device: str | None = None):
-    """Load a :func:`save_ct` checkpoint with secompress's quantized modules; returns (model, plan)."""
+    """Load a :func:`~secompress.quant.formats.ct.save_ct` checkpoint with secompress's quantized modules; returns (model, plan)."""
     require("compressed_tensors", "ct", "loading a compressed-tensors checkpoint")
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from compressed_tensors.quantization import QuantizationConfig

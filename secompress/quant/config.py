@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .backends import FORMATS, get_backend, resolve_format
+from .formats.base import SCALE_DTYPES
 from .coverage import FALLBACKS
 from .plan import SE_MODES, Rule, check_bits
 
@@ -43,8 +44,10 @@ class QuantConfig:
     options: Any = None  # the backend's own options dataclass (None: its defaults), e.g. BnbOptions
     fallback: str | None = None  # for experts without calibration tokens: None = error, "rtn"
     calibration: str = "routed"  # calibrated methods: "all-experts" shows every token to every expert
-    format: str | None = None  # export format (secompress.quant.backends.FORMATS, or the backend's own, e.g.
-    # gptqmodel); None: the backend's default (compressed-tensors for rtn and gptq; bnb has only its own)
+    format: str | None = None  # export format (secompress.quant.formats.FORMATS, or the backend's own);
+    # None: the backend's default (compressed-tensors for rtn and gptq; bnb: bitsandbytes, its own)
+    scale_dtype: str = "model"  # compressed-tensors' weight_scale on disk: "model" = the export dtype (what vLLM
+    # computes with; llm-compressor's choice) or "float32" (secompress's exact float16 scales; 10% bigger at g32)
     scheme: str | None = None  # a compressed-tensors preset (FP8, FP8_DYNAMIC, FP8_BLOCK, W8A8, NVFP4, MXFP4,
     # W4A16, ...: secompress.quant.schemes): it sets the bits and group size; the method's backend makes it
     # (rtn: its integer codes for W4A16 / W8A16, the scheme backend for the others; gptq: W4A16 / W8A16)
@@ -71,6 +74,8 @@ class QuantConfig:
             raise ValueError(f"avg_bits must be a positive number, got {self.avg_bits!r}")
         if self.fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {self.fallback!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
         if self.scheme is not None:

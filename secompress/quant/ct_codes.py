@@ -6,10 +6,11 @@ secompress (:mod:`secompress.quant.rtn`) stores unsigned codes ``q`` and zero po
 ``q' = q - 2^(b-1)``, ``z' = z - 2^(b-1)``; a symmetric scheme needs ``z = 2^(b-1)`` everywhere
 (GPTQ ``sym=True`` and RTN ``symmetric=True`` give exactly that).
 
-Scales are kept in float32 on disk: they are float16 values here, so float32 holds them
-exactly and compressed-tensors' dequantizer (``(q' - z') * s`` in the scale's dtype) then
-computes the very float32 values :func:`secompress.quant.rtn.dequantize` does, cast once to
-the model's dtype. Legend: O out features, In in features, G groups.
+Scales: :func:`to_signed` gives them in float32 (they are float16 values here, so float32 holds
+them exactly and compressed-tensors' packer recovers the very codes); the writer stores them in the
+export dtype (bf16, what vLLM computes with) or float32 (``scale_dtype``). :func:`from_signed` keeps
+16-bit stored scales as they are (secompress then dequantizes as a server does), and turns float32
+ones back into float16 when they are float16 values. Legend: O out features, In in features, G groups.
 """
 from __future__ import annotations
 
@@ -33,11 +34,13 @@ def to_signed(qt: rtn.QTensor, symmetric: bool, what: str = "weight"):
 
 def from_signed(codes: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor | None, bits: int,
                 what: str = "weight") -> rtn.QTensor:
-    """Inverse of :func:`to_signed`; scales go back to float16 and must be float16 values."""
+    """Inverse of :func:`to_signed`; scales as stored (float32 ones as float16 when they are float16 values)."""
     off = 2 ** (bits - 1)
-    s16 = scale.to(rtn.SCALE_DTYPE)
-    if not torch.equal(s16.to(scale.dtype), scale):
-        raise SecompressError(f"{what}: scales are not float16 values (not written by secompress?)")
+    s16 = scale
+    if scale.dtype == torch.float32:
+        s16 = scale.to(rtn.SCALE_DTYPE)
+        if not torch.equal(s16.to(scale.dtype), scale):
+            s16 = scale  # not secompress's float16 scales: kept exact
     q = (codes.to(torch.int16) + off).to(torch.uint8)
     z = torch.full(scale.shape, off, dtype=torch.uint8) if zp is None else (zp.to(torch.int16) + off).to(torch.uint8)
     return rtn.QTensor(q, s16, z.to(codes.device), bits)

@@ -110,11 +110,20 @@ def quantized_tensors(layer: nn.Module, index: int, adapter) -> dict[str, torch.
 
 def layer_tensors(layer: nn.Module, index: int, adapter) -> dict[str, torch.Tensor]:
     """Every tensor of decoder layer ``index`` keyed as on disk: quantized modules in compressed-tensors
-    layout, the rest (norms, routers, 16-bit Linears, 16-bit experts split per expert) as stored."""
-    from .bnb_export import _collect
-    from ..layout import PerExpertExperts
-
+    layout (:func:`quantized_tensors`), the rest as stored (:func:`plain_tensors`)."""
     out = quantized_tensors(layer, index, adapter)
+    for k, v in plain_tensors(layer, index, adapter).items():
+        out.setdefault(k, v)
+    return out
+
+
+def plain_tensors(layer: nn.Module, index: int, adapter) -> dict[str, torch.Tensor]:
+    """The tensors of decoder layer ``index`` outside its quantized modules (norms, routers, 16-bit Linears,
+    16-bit experts split per expert, a quantized experts module's biases), keyed as on disk."""
+    from ..layout import PerExpertExperts
+    from .formats.bnb import _collect
+
+    out: dict[str, torch.Tensor] = {}
     prefix = f"{adapter.layers_path}.{index}."
     quantized = {n for n, m in layer.named_modules() if isinstance(m, (FakeQuantLinear, FakeQuantExperts))}
     state = {k: v for k, v in layer.state_dict(prefix=prefix).items()

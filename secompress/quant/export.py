@@ -12,16 +12,20 @@ from .backends import BACKENDS, FORMATS, Backend, ExportFormat, exporter
 from .plan import QuantPlan
 
 
-def save_quantized(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
+def save_quantized(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False,
+                   dtype=None, source: str | Path | None = None) -> Path:
     """Write atomically to ``out``, with ``quantization_plan.json``, in the plan's export format.
 
     rtn / gptq (``plan.meta['format']``): compressed-tensors ``pack-quantized`` (the default; vLLM,
-    SGLang), ``dequantized`` (the dequantized checkpoint plus the packed codes), or for gptq
-    ``gptqmodel`` (its own checkpoint); bnb: the bitsandbytes serialisation in the per-expert layout.
+    SGLang), ``dequantized`` (the dequantized checkpoint plus the packed codes); bnb: ``bitsandbytes``
+    (the per-expert layout). A format runs its per-layer writer over the model (:meth:`~secompress.quant.formats.base.ExportFormat.save`):
+    16-bit tensors in ``dtype`` (None: the source checkpoint's own 16-bit dtype, ``source`` None: the
+    folder the model was loaded from); the :class:`~secompress.quant.formats.base.ExportSummary`
+    (bytes, ratio to the source) is then ``plan.artifacts['export']``.
     """
     ex = exporter(plan.meta)
     if isinstance(ex, ExportFormat):
-        ex.require()
+        return ex.save(model, tokenizer, plan, out, overwrite, dtype=dtype, source=source)
     return ex.save(model, tokenizer, plan, out, overwrite)
 
 

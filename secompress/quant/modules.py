@@ -106,13 +106,17 @@ def apply_plan(model, plan: QuantPlan, make) -> None:
 
 
 @contextmanager
-def dequantized(model, experts: bool = True):
+def dequantized(model, experts: bool = True, layer: int | None = None):
     """Inside the block the model has plain Linear / fused modules with the dequantized weights
-    (``experts=False``: quantized fused experts stay as they are; only Linear units are swapped)."""
+    (``experts=False``: quantized fused experts stay as they are; only Linear units are swapped;
+    ``layer``: only decoder layer ``layer``'s modules, the others stay as they are)."""
     adapter = check_model(model)
     swaps = []  # (parent, attr, quantized module, plain module)
     inside = set()
+    prefix = "" if layer is None else f"{adapter.layers_path}.{layer}."
     for i in adapter.moe_layer_indices(model):
+        if layer is not None and i != layer:
+            continue
         block = adapter.block_of(adapter.layers(model)[i])
         qe = adapter.experts_of(block)
         if isinstance(qe, QuantizedExperts):
@@ -120,7 +124,7 @@ def dequantized(model, experts: bool = True):
             if experts:
                 swaps.append((block, adapter.experts, qe, qe.to_fused()))
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, QuantizedLinear) and id(mod) not in inside:
+        if isinstance(mod, QuantizedLinear) and id(mod) not in inside and name.startswith(prefix):
             parent, _, attr = name.rpartition(".")
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
             lin.weight = nn.Parameter(mod.weight, requires_grad=False)

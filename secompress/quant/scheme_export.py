@@ -1,19 +1,21 @@
-"""The compressed-tensors export of a scheme plan (FP8, NVFP4, ...), written in memory or layer by layer, and read back.
+"""The compressed-tensors export of a scheme plan (FP8, NVFP4, ...), one layer at a time, and reading it back.
 
     qc, compat = scheme_ct_config(skeleton, plan)       # before any weight is read (refusals, the report)
     n = estimate_bytes(skeleton, plan, dtype)          # the export's size, from shapes only
-    save_schemes(model, tokenizer, plan, "out/")       # a model the scheme backend quantized in memory
+    w = SchemeWriter(folder, skeleton, plan, dtype)    # the compressed-tensors format's writer for a scheme plan
     model, plan = load_schemes("out/")                 # fake-quantized modules from the stored codes
 
-A plan is a scheme plan when ``plan.meta["scheme"]`` names a preset whose weights are not integer
-weight-only (:func:`plan_scheme`); the integer ones (W4A16, W8A16) are rtn / gptq codes written by
-:mod:`secompress.quant.compressed_tensors`. Each decoder layer is written by
-:func:`~secompress.quant.ct_schemes.layer_tensors` (the library's own compressors; bit-identical to
-llm-compressor 0.14), the config by :func:`~secompress.quant.ct_schemes.scheme_config` (one group per
-scheme, the Super-Expert layers' FP8_DYNAMIC group or their ``ignore`` entry), the runtimes report by
-:mod:`secompress.quant.scheme_compat`. Reading back swaps
-:class:`~secompress.quant.actquant.FakeQuantLinear` / :class:`~secompress.quant.actquant.FakeQuantExperts`
-into a meta skeleton from the stored tensors (nothing re-quantized), then fills every other tensor.
+The ``compressed-tensors`` export format (:mod:`secompress.quant.formats.ct`) hands a scheme plan to
+this module: a plan is one when ``plan.meta["scheme"]`` names a preset whose weights are not integer
+weight-only (:func:`plan_scheme`); the integer ones (W4A16, W8A16) are rtn / gptq codes that format
+writes itself. Each decoder layer is written by :func:`~secompress.quant.ct_schemes.quantized_tensors`
+(the library's own compressors; bit-identical to llm-compressor 0.14) and
+:func:`~secompress.quant.ct_schemes.plain_tensors`, the config by
+:func:`~secompress.quant.ct_schemes.scheme_config` (one group per scheme, the Super-Expert layers'
+FP8_DYNAMIC group or their ``ignore`` entry), the runtimes report by :mod:`secompress.quant.scheme_compat`.
+Reading back swaps :class:`~secompress.quant.actquant.FakeQuantLinear` /
+:class:`~secompress.quant.actquant.FakeQuantExperts` into a meta skeleton from the stored tensors
+(nothing re-quantized), then fills every other tensor.
 Legend: E experts, O out features, In in features, I expert FFN width, H hidden size.
 """
 from __future__ import annotations
@@ -27,12 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoints import check_model, load_config
+from ..checkpoints import check_model, load_config, write_model_config
 from ..errors import SecompressError, require
-from ..outputs import atomic_dir
 from ..streaming import Checkpoint, _materialise, build_skeleton, materialise_rest
 from .actquant import FakeQuantExperts, FakeQuantLinear, layer_assignment
-from .ct_schemes import layer_tensors, read_layer, scheme_config
+from .ct_schemes import plain_tensors, quantized_tensors, read_layer, scheme_config
+from .formats.base import HEADER_BYTES, ExportSummary, LayerWriter, cast_floats, write_plan
 from .plan import PLAN_NAME, QuantPlan
 from .schemes import Scheme, get_scheme, se_scheme_for
 
@@ -82,7 +84,8 @@ def scheme_ct_config(model, plan: QuantPlan):
 # ---- size -----------------------------------------------------------------------------------------------
 def weight_bytes(shape: tuple[int, int], s: Scheme, el: int) -> int:
     """Bytes one quantized [O, In] weight takes on disk: codes, weight scales (``el``: bytes of the model's
-    dtype, the scales' dtype unless the scheme stores FP8 / E8M0 scales), global and static input scales."""
+    dtype, the scales' dtype unless the scheme stores FP8 / E8M0 scales), global and static input scales,
+    the added tensors' header entries."""
     O, In = shape
     a = s.weights
     sel = 1 if a.scale_dtype is not None else el
@@ -94,21 +97,25 @@ def weight_bytes(shape: tuple[int, int], s: Scheme, el: int) -> int:
         scales = math.ceil(O / a.block[0]) * math.ceil(In / a.block[1]) * el
     else:
         scales = O * (In // a.group_size) * sel
-    extra = 4 if a.has_global_scale else 0
+    extra = HEADER_BYTES  # weight_scale's header entry (the codes replace the weight's)
+    if a.has_global_scale:
+        extra += 4 + HEADER_BYTES
     if s.static_inputs:
-        extra += 4 if s.inputs.has_global_scale else el
+        extra += (4 if s.inputs.has_global_scale else el) + HEADER_BYTES
     if s.format == "pack-quantized":
-        extra += 16  # weight_shape, int64 [2]
+        extra += 16 + HEADER_BYTES  # weight_shape, int64 [2]
     return O * In * a.num_bits // 8 + scales + extra
 
 
-def estimate_bytes(plan: QuantPlan, adapter, dtype: torch.dtype, plain_bytes: int) -> int:
-    """The export's size: ``plain_bytes`` (every tensor in ``dtype``) less each quantized weight's dense
-    bytes plus its :func:`weight_bytes`."""
+def estimate_bytes(skeleton, plan: QuantPlan, dtype: torch.dtype) -> int:
+    """The export's size from shapes only: every tensor of ``skeleton`` in ``dtype`` less each quantized
+    weight's dense bytes plus its :func:`weight_bytes`."""
+    from .formats.plain import plain_bytes
+
     el = torch.empty((), dtype=dtype, device="meta").element_size()
     s = plan_scheme(plan)
     se = se_scheme_for(s, plan.se_bits)
-    total = plain_bytes
+    total = plain_bytes(skeleton, dtype)
     for name, u in plan.units.items():
         if plan.bits[name] is None:
             continue
@@ -130,35 +137,48 @@ def record_fused(plan: QuantPlan, index: int, shared) -> None:
         plan.meta.setdefault(FUSED, {})[str(index)] = [list(g) for g in shared]
 
 
-def scheme_layer_tensors(model, adapter, index: int) -> dict[str, torch.Tensor]:
-    return layer_tensors(adapter.layers(model)[index], index, adapter)
+class SchemeWriter(LayerWriter):
+    """The compressed-tensors export of a scheme plan, layer by layer (in memory or streamed): each layer's
+    fake-quantized modules as the compressor stores them, its other tensors in the export dtype."""
+
+    format = "compressed-tensors"
+
+    def __init__(self, folder, skeleton, plan, dtype, tokenizer=None, source=None, source_size=None):
+        super().__init__(folder, skeleton, plan, dtype, tokenizer, source, source_size)
+        self.qc, self.compat = scheme_ct_config(skeleton, plan)  # refuses before anything is written
+        self.assignments = plan_assignments(skeleton, plan, self.adapter)
+
+    def rest_tensors(self, model):
+        from .formats.ct import rest_tensors
+
+        return cast_floats(rest_tensors(model, self.adapter), self.dtype)
+
+    @torch.no_grad()
+    def layer_tensors(self, index, layer):
+        for name, s in self.assignments.get(index, {}).items():
+            if s is not None and not isinstance(_module(layer, self.adapter, name), (FakeQuantLinear, FakeQuantExperts)):
+                raise SecompressError(f"layer {index} is planned with scheme {self.plan.meta['scheme']} but its "
+                                      f"'{name}' is not quantized: write the model the scheme backend quantized")
+        return {**cast_floats(plain_tensors(layer, index, self.adapter), self.dtype),
+                **quantized_tensors(layer, index, self.adapter)}
+
+    def write_config(self, summary: ExportSummary) -> None:
+        from compressed_tensors.compressors import ModelCompressor
+
+        from .compressed_tensors import report
+
+        write_model_config(self.skeleton, self.folder, self.adapter, dtype=self.dtype)
+        ModelCompressor(quantization_config=self.qc).update_config(str(self.folder))
+        self.plan.artifacts["compatibility"] = self.compat
+        write_plan(self.folder, self.plan, {
+            "format": self.format, "dtype": str(self.dtype).removeprefix("torch."),
+            "compatibility": {k: {"ok": ok, "why": why} for k, (ok, why) in self.compat.items()},
+            "size": summary.to_json()})
+        log.info("wrote %s (compressed-tensors, scheme %s)\n%s", self.folder, self.plan.meta["scheme"],
+                 report(self.compat))
 
 
-@torch.no_grad()
-def save_schemes(model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
-    """Write ``model`` (quantized in memory by the scheme backend per ``plan``) atomically to ``out``."""
-    from .bnb_export import _write_shards
-    from .ct_stream import finish_ct, rest_tensors
-
-    adapter = check_model(model)
-    qc, compat = scheme_ct_config(model, plan)
-    missing = [i for i, a in plan_assignments(model, plan, adapter).items() for n, s in a.items()
-               if s is not None and not isinstance(_module(model, adapter, i, n), (FakeQuantLinear, FakeQuantExperts))]
-    if missing:
-        raise SecompressError(f"layer {missing[0]} is planned with scheme {plan.meta['scheme']} but holds no quantized "
-                              "modules: save the model quantize_ returned this plan for")
-    tensors = rest_tensors(model, adapter)
-    for i in range(len(adapter.layers(model))):
-        tensors.update(scheme_layer_tensors(model, adapter, i))
-    dtype = model.get_input_embeddings().weight.dtype
-    with atomic_dir(out, overwrite) as tmp:
-        _write_shards(tensors, tmp)
-        finish_ct(tmp, model, qc, plan, compat, dtype, tokenizer)
-    return Path(out)
-
-
-def _module(model, adapter, index: int, name: str) -> nn.Module:
-    layer = adapter.layers(model)[index]
+def _module(layer, adapter, name: str) -> nn.Module:
     return adapter.experts_of(adapter.block_of(layer)) if name == adapter.experts else layer.get_submodule(name)
 
 

@@ -185,6 +185,8 @@ def _run(recipe: Recipe, recipe_text: str, out: Path, overwrite: bool, dry_run: 
     with stage("load", f"{m.id} ({m.dtype}) {'and the data' if streamed else 'in memory, and the data'}"):
         tok = source.tokenizer()
         calib, eval_ids = _data(recipe, tok)
+        if job.prune is not None:  # e.g. a task too short for a task method: before the model or the profile
+            job.prune.prune_method.check_data(job.prune, calib.num_tokens, calib.source)
         if not streamed:
             model = source.load()
             check_finite_weights(model, m.id)  # NaN weights: named here, not by a failed evaluation

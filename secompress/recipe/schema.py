@@ -122,13 +122,13 @@ class EvaluateStage:
 class ExportStage:
     model_card: bool = True
     # export format of the quantize stage's result (it becomes QuantConfig.format): compressed-tensors
-    # (the default of rtn and gptq) | dequantized | gptqmodel (gptq only); bnb has its own
+    # (the default of rtn and gptq) | dequantized; bnb has its own
     format: str | None = None
 
     def __post_init__(self):
         from ..quant.backends import BACKENDS, FORMATS
 
-        known = list(FORMATS) + [b.own_format for b in BACKENDS.values() if b.own_format]
+        known = list(dict.fromkeys([*FORMATS, *(b.own_format for b in BACKENDS.values() if b.own_format)]))
         if self.format is not None and self.format not in known:
             raise ValueError(f"format must be one of {', '.join(known)}, got {self.format!r}")
 

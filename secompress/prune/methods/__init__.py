@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from ..scores import SCORERS
 from .base import CALIB, MethodPlan, PruneMethod
+from .dern import Dern
 from .heapr import Heapr
 from .merge import HCSMOE, MSMOE
 from .naee import Naee
+from .premoe import PreMoe
 from .score import ScoreRemoval
+from .stun import Stun
+from .uncurl import Uncurl
 
 PRUNE_METHODS: dict[str, PruneMethod] = {}
 
@@ -31,7 +35,8 @@ def unregister(name: str) -> None:
     del PRUNE_METHODS[name]
 
 
-for _m in (*(ScoreRemoval(n) for n in sorted(SCORERS)), Naee(), MSMOE, HCSMOE, Heapr()):  # the built-ins, CLI order
+for _m in (*(ScoreRemoval(n) for n in sorted(SCORERS)), Naee(), MSMOE, HCSMOE, Heapr(),  # the built-ins, CLI order
+           PreMoe(), Uncurl(), Dern(), Stun()):
     register(_m)
 
 __all__ = ["CALIB", "MethodPlan", "PRUNE_METHODS", "PruneMethod", "register", "unregister"]

@@ -1,6 +1,7 @@
 """What a prune method is: one object per method, looked up by name in :data:`~.PRUNE_METHODS`.
 
     target(skeleton, config)                  refuse a ratio the router or the width cannot take (ValueError)
+    check_data(config, tokens, source)        refuse calibration data it cannot use (optional; task methods)
     plan(skeleton, config, profile, calib)    decide what can be decided before any weight is read; give the
                                               meta ``skeleton`` its final shapes and config (-> MethodPlan)
     step(src, mplan, progress)                the per-layer step (statistics -> decision -> apply) for a pass
@@ -48,6 +49,10 @@ class PruneMethod(ABC):
     @abstractmethod
     def target(self, skeleton: nn.Module, config):
         ...
+
+    def check_data(self, config, tokens: int, source: str) -> None:
+        """Refuse calibration data this method cannot use (ValueError), before the profile or any pass:
+        ``tokens`` calibration tokens from ``source``. Default: anything goes."""
 
     @abstractmethod
     def plan(self, skeleton: nn.Module, config, profile, calib) -> MethodPlan:

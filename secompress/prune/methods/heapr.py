@@ -83,24 +83,27 @@ def fisher_stats(src, mplan: MethodPlan, progress: bool = True) -> dict[int, Lay
     se_channels = mplan.detail[1]  # {layer: {SE: massive channel}}: whose writer neurons to track
     stats = {l: LayerStats(mplan.num_experts, frozenset({"heapr"}), dict(se_channels.get(l, {})))
              for l in mplan.moe_layers}
-    for i in tqdm(range(len(bwd.layers) - 1, first - 1, -1), desc="HEAPr gradients: backward", unit="layer",
-                  disable=not progress):
-        layer = bwd.open(i)
-        moe = [i] if i in stats else []
-        for c, (args, kwargs) in enumerate(keep.args[i]):
-            h = keep.hidden[i][c].to(bwd.device).requires_grad_(True)  # the graph's root (its gradient: i > first)
-            store: dict = {}
-            with frozen(layer), capture(bwd.model, ad, moe, store, grads=True), torch.enable_grad():
-                out = run_layer(layer, h, args, kwargs)
-                wrt = ([h] if i > first else []) + [store[l]["y"] for l in moe]
-                g = torch.autograd.grad(out, wrt, grads[c])
-            if i > first:
-                grads[c] = g[0]
-            if moe:
-                store[i]["grad"] = g[-1].reshape(-1, g[-1].shape[-1])  # [T, H]
-                stats[i].observe_captured(ad.experts_of(ad.block_of(layer)), store[i])
-        del keep.hidden[i], keep.args[i]
-        bwd.close(i)
+    try:
+        for i in tqdm(range(len(bwd.layers) - 1, first - 1, -1), desc="HEAPr gradients: backward", unit="layer",
+                      disable=not progress):
+            layer = bwd.open(i, then=i - 1 if i > first else None)  # streamed: i-1 read meanwhile
+            moe = [i] if i in stats else []
+            for c, (args, kwargs) in enumerate(keep.args[i]):
+                h = keep.hidden[i][c].to(bwd.device).requires_grad_(True)  # the graph's root (its gradient: i > first)
+                store: dict = {}
+                with frozen(layer), capture(bwd.model, ad, moe, store, grads=True), torch.enable_grad():
+                    out = run_layer(layer, h, args, kwargs)
+                    wrt = ([h] if i > first else []) + [store[l]["y"] for l in moe]
+                    g = torch.autograd.grad(out, wrt, grads[c])
+                if i > first:
+                    grads[c] = g[0]
+                if moe:
+                    store[i]["grad"] = g[-1].reshape(-1, g[-1].shape[-1])  # [T, H]
+                    stats[i].observe_captured(ad.experts_of(ad.block_of(layer)), store[i])
+            del keep.hidden[i], keep.args[i]
+            bwd.close(i)
+    finally:
+        bwd.end()
     return stats
 
 

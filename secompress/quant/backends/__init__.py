@@ -5,18 +5,18 @@ options dataclass, ``apply``, ``save``, ``detect``/``load``, ``compatibility``, 
 ending in ``BACKEND = NameBackend()``, and add one line to ``BACKENDS`` below. ``quantize_``,
 ``save_quantized``, ``secompress.load``, the ``quantize`` CLI and the recipe pipeline find it by name.
 
-Export formats of integer-coded results (backends with ``holds_codes``) are a second registry,
-``FORMATS``: write ``backends/NAME.py`` with an :class:`~.base.ExportFormat` subclass ending in
-``EXPORT = NameFormat()`` and add one line to ``FORMATS`` below; ``QuantConfig(format=NAME)``,
-``--format NAME`` and the recipes' ``export: {format: NAME}`` then reach it.
+Export formats are a second registry, ``FORMATS`` (:mod:`secompress.quant.formats`, one per-layer
+writer each): a backend with ``holds_codes`` can be written in every format that ``holds`` codes
+(compressed-tensors, dequantized), and in its ``own_format`` (bnb: ``bitsandbytes``, a registered
+format).
 """
 from __future__ import annotations
 
-from . import bnb, ct, dequantized, gptq, rtn
-from .base import Backend, ExportFormat, NoOptions, QuantContext
+from ..formats import FORMATS, ExportFormat, register_format, unregister_format
+from . import bnb, gptq, rtn
+from .base import Backend, NoOptions, QuantContext
 
 BACKENDS: dict[str, Backend] = {}
-FORMATS: dict[str, ExportFormat] = {}
 
 
 def register(backend: Backend) -> Backend:
@@ -39,19 +39,10 @@ def get_backend(name: str) -> Backend:
     return BACKENDS[name]
 
 
-def register_format(fmt: ExportFormat) -> ExportFormat:
-    """Add export format ``fmt`` under its name; a name taken already is an error."""
-    if not isinstance(fmt, ExportFormat):
-        raise TypeError(f"an export format is a secompress.quant.backends.base.ExportFormat, got {type(fmt).__name__}")
-    if fmt.name in FORMATS or any(fmt.name == b.own_format for b in BACKENDS.values()):
-        raise ValueError(f"export format '{fmt.name}' is registered already")
-    FORMATS[fmt.name] = fmt
-    return fmt
-
-
 def formats_of(backend: Backend) -> tuple[str, ...]:
-    """The export formats ``backend``'s results can be written in (empty: only its own ``save``)."""
-    shared = tuple(FORMATS) if backend.holds_codes else ()
+    """The export formats ``backend``'s results can be written in: every format holding integer codes
+    (when the backend's results hold them), then its own format."""
+    shared = tuple(n for n, f in FORMATS.items() if f.holds == "codes") if backend.holds_codes else ()
     return shared + ((backend.own_format,) if backend.own_format else ())
 
 
@@ -60,23 +51,24 @@ def resolve_format(backend: Backend, fmt: str | None) -> str | None:
     choices = formats_of(backend)
     fmt = backend.default_format if fmt is None else fmt
     if fmt is not None and fmt not in choices:
-        if not choices:
-            raise ValueError(f"format {fmt!r}: method '{backend.name}' has its own export only")
+        if not backend.holds_codes:
+            raise ValueError(f"format {fmt!r}: method '{backend.name}' has its own export only "
+                             f"({', '.join(choices) or 'its save'})")
         raise ValueError(f"format for method '{backend.name}' must be one of {', '.join(choices)}, got {fmt!r}")
     return fmt
 
 
 def exporter(meta: dict):
-    """What writes, loads and reports on a plan's export: its export format (``meta['format']``) if
-    that is a registered one, else the plan's backend (``meta['method']``)."""
-    fmt = meta.get("format")
-    return FORMATS[fmt] if fmt in FORMATS else get_backend(meta.get("method", "rtn"))
+    """What writes, loads and reports on a plan's export: its export format (``meta['format']``; a plan
+    that names none: the backend's own format when that is a registered one, e.g. bnb's) if that is a
+    registered one, else the plan's backend (``meta['method']``)."""
+    backend = get_backend(meta.get("method", "rtn"))
+    fmt = meta.get("format") or backend.own_format
+    return FORMATS[fmt] if fmt in FORMATS else backend
 
 
 for _b in (rtn.BACKEND, gptq.BACKEND, bnb.BACKEND):  # the built-in backends, in CLI order
     register(_b)
-for _f in (ct.EXPORT, dequantized.EXPORT):  # the built-in export formats, the default first
-    register_format(_f)
 
 __all__ = ["BACKENDS", "Backend", "ExportFormat", "FORMATS", "NoOptions", "QuantContext", "exporter", "formats_of",
-           "get_backend", "register", "register_format", "resolve_format", "unregister"]
+           "get_backend", "register", "register_format", "resolve_format", "unregister", "unregister_format"]

@@ -17,23 +17,22 @@ optional package it needs, and the steps every entry point (``quantize_``,
     load_snippet                                                  for the model card
 
 A backend whose ``apply`` leaves secompress's integer-coded modules in the model
-(``holds_codes``: rtn, and gptq's codes read back) can be written in any registered
-:class:`ExportFormat` (``dequantized``, ``compressed-tensors``): ``QuantConfig.format`` picks one
-(None: the backend's ``default_format``), the plan records it, and ``save_quantized`` /
-``secompress.load`` / ``compatibility`` / ``load_snippet`` go to the format instead of the backend.
-A backend's own ``save`` is its ``own_format`` (gptq: ``gptqmodel``), or its only one (bnb).
+(``holds_codes``: rtn, gptq) can be written in any registered
+:class:`~secompress.quant.formats.base.ExportFormat` that holds codes (``compressed-tensors``,
+``dequantized``): ``QuantConfig.format`` picks one (None: the backend's ``default_format``), the plan
+records it, and ``save_quantized`` / ``secompress.load`` / ``compatibility`` / ``load_snippet`` go to
+the format instead of the backend. A backend's ``own_format`` is a registered format of its own
+(bnb: ``bitsandbytes``).
 """
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from ...errors import MissingExtraError, require
-from ..plan import PLAN_NAME, QuantPlan
+from ..formats.base import ExportFormat, Exporter, installed, plan_export_format
+from ..plan import QuantPlan
 
 
 @dataclass(frozen=True)
@@ -65,20 +64,6 @@ class QuantContext:
     source: Path | None = None  # the local checkpoint ``model`` was loaded from, untouched since (or None)
 
 
-def installed(package: str) -> bool:
-    if package in sys.modules:
-        return sys.modules[package] is not None
-    return importlib.util.find_spec(package) is not None
-
-
-def plan_export_format(path: Path) -> str | None:
-    """``export.format`` of the quantization plan stored in ``path``, if any."""
-    f = Path(path) / PLAN_NAME
-    if not f.is_file():
-        return None
-    return json.loads(f.read_text()).get("export", {}).get("format")
-
-
 def layer_uniformity(plan: QuantPlan) -> tuple[bool, str]:
     """Whether every MoE layer's experts share one format (what fused-MoE kernels such as vLLM's need)."""
     from ..plan import bits_label
@@ -91,39 +76,20 @@ def layer_uniformity(plan: QuantPlan) -> tuple[bool, str]:
                                                                   sorted(mixed.items())) + " (use se_mode 'layer')")
 
 
-class Exporter:
-    """What backends and export formats share: writing a checkpoint, recognising and loading it,
-    the runtimes that serve it, and the model card's load snippet."""
-
-    load_snippet: ClassVar[str] = ""  # model card code; PATH is replaced by the repo id or folder
-
-    def save(self, model, tokenizer, plan: QuantPlan, out: str | Path, overwrite: bool = False) -> Path:
-        raise NotImplementedError
-
-    def detect(self, path: Path) -> bool:
-        """Whether ``path`` holds a checkpoint this backend or format wrote."""
-        return False
-
-    def load(self, path: str | Path, device: str | None = None):
-        """(model, plan or None) of a checkpoint :meth:`detect` accepted."""
-        raise NotImplementedError
-
-    def compatibility(self, plan: QuantPlan) -> dict[str, tuple[bool, str]]:
-        return {}
-
-
 class Backend(Exporter):
     name: ClassVar[str]
     options: ClassVar[type] = NoOptions
     package: ClassVar[str | None] = None  # the optional package it drives
     extra: ClassVar[str | None] = None  # its pip extra: pip install 'secompress[EXTRA]'
-    import_package: ClassVar[bool] = True  # False: only check it is installed (gptqmodel patches on import)
+    import_package: ClassVar[bool] = True  # False: only check it is installed (a package that patches on import)
     calibrated: ClassVar[bool] = False  # uses calibration statistics: needs a profile for coverage
+    covers_uncalibrated: ClassVar[bool] = False  # an expert no calibration token reached still gets its codes
+    # and scales (the scheme backend: the layer's largest input scale, as vLLM serves fused experts): no coverage check
     # its step reads the calibration windows entering each layer through the layers quantized before it
     # (``inputs.hidden[CALIB_Q]``; GPTQ, static activation scales): the driver opens that stream
     propagated_calibration: ClassVar[bool] = False
     holds_codes: ClassVar[bool] = False  # apply leaves integer-coded modules: any ExportFormat can write them
-    own_format: ClassVar[str | None] = None  # name of what its own save() writes, when formats are a choice
+    own_format: ClassVar[str | None] = None  # its own format: a registered one (bnb) or what save() writes (gptq)
     default_format: ClassVar[str | None] = None  # export format when the config names none (None: own save)
 
     def require(self) -> None:
@@ -165,26 +131,6 @@ class Backend(Exporter):
         return plan
 
 
-class ExportFormat(Exporter):
-    """An export format of integer-coded models (``Backend.holds_codes``), registered in ``FORMATS``.
-
-    ``check(config)`` refuses (ValueError) a config the format cannot hold, before anything is
-    loaded; ``save`` / ``detect`` / ``load`` / ``compatibility`` / ``load_snippet`` as a backend's.
-    """
-
-    name: ClassVar[str]
-    package: ClassVar[str | None] = None  # the optional package it writes with
-    extra: ClassVar[str | None] = None
-    default_se_mode: ClassVar[str] = "expert"  # se_mode when the config names none
-
-    def require(self) -> None:
-        if self.package is not None:
-            require(self.package, self.extra or self.name, f"export format '{self.name}'")
-
-    def check(self, config) -> None:
-        """Config-level checks (ValueError); nothing is loaded yet."""
-
-
 def check_group_sizes(plan: QuantPlan, group_size: int | None) -> None:
     """Every planned weight's input features split into whole groups (ValueError naming the weight)."""
     from .. import rtn
@@ -193,3 +139,7 @@ def check_group_sizes(plan: QuantPlan, group_size: int | None) -> None:
         if b is not None:
             for n_in in plan.units[name].in_features:
                 rtn.check_args(b, group_size, n_in, f"'{name}' (set its bits with a rule, or pick another group_size)")
+
+
+__all__ = ["Backend", "ExportFormat", "Exporter", "NoOptions", "QuantContext", "check_group_sizes", "installed",
+           "layer_uniformity", "plan_export_format"]

@@ -1,13 +1,13 @@
 """The ``bnb`` backend: real bitsandbytes 4-bit (NF4/FP4) and 8-bit modules, fused experts included.
 
-Modules in :mod:`secompress.quant.bnb`, export and reload in :mod:`secompress.quant.bnb_export`.
+Modules in :mod:`secompress.quant.bnb`; its results are written in its own export format,
+``bitsandbytes`` (:mod:`secompress.quant.formats.bnb`, reloaded by :mod:`secompress.quant.bnb_export`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
-from .base import Backend, plan_export_format
+from .base import Backend
 
 BNB_BITS = (4, 8)
 
@@ -25,8 +25,7 @@ class BnbBackend(Backend):
     name = "bnb"
     options = BnbOptions
     package, extra = "bitsandbytes", "bnb"
-    load_snippet = ("import secompress\nmodel = secompress.load('PATH')  # bitsandbytes Linear4bit / Linear8bitLt "
-                    "modules\n# transformers 4.x (one bit-width): AutoModelForCausalLM.from_pretrained('PATH')")
+    own_format = default_format = "bitsandbytes"  # its export format (formats/bnb.py): only its results
 
     def validate(self, config) -> None:
         if config.bits not in BNB_BITS:
@@ -45,31 +44,6 @@ class BnbBackend(Backend):
         from ..bnb_stream import QuantizeLayersBnb
 
         return QuantizeLayersBnb(src, plan, config.options.quant_type)
-
-    def save(self, model, tokenizer, plan, out, overwrite=False) -> Path:
-        from ..bnb_export import save_bnb
-
-        return save_bnb(model, tokenizer, plan, out, overwrite)
-
-    def detect(self, path: Path) -> bool:
-        from ..bnb_export import FORMAT
-
-        return plan_export_format(path) == FORMAT
-
-    def load(self, path, device=None):
-        from ..bnb_export import load_bnb
-
-        return load_bnb(path, device=device)
-
-    def compatibility(self, plan):
-        widths = sorted({b for b in plan.bits.values() if b is not None})
-        one = len(widths) <= 1
-        return {"transformers": (one, "transformers 4.x from_pretrained (per-expert layout, 16-bit modules "
-                                      "skipped); transformers 5: secompress.load" if one else
-                                      f"bitsandbytes configs hold one width, the plan mixes {widths}: "
-                                      "secompress.load only"),
-                "gptqmodel": (False, "not a GPTQ checkpoint"),
-                "vllm-fused-moe": (False, "bitsandbytes: not checked against vLLM here")}
 
 
 BACKEND = BnbBackend()

@@ -1,53 +1,49 @@
-"""The ``gptq`` backend: GPTQ through gptqmodel, run in a child process (see :mod:`secompress.quant.gptq`).
+"""The ``gptq`` backend: GPTQ (Frantar et al. 2023, arXiv 2210.17323) in this process, layer by layer.
 
-``apply`` hands the model's checkpoint (the untouched source folder when given, else the
-model saved under ``work``) to gptqmodel with the plan's overrides, then reads the GPTQ
-codes back into the model as integer-coded modules (:mod:`secompress.quant.gptq_codes`), so
-it can be evaluated here and written in any export format (``compressed-tensors`` by default,
-``dequantized``); format ``gptqmodel`` is ``save``: a copy of gptqmodel's checkpoint, which
-``load`` reads with ``GPTQModel.load``.
+``layer_step`` is :class:`~secompress.quant.gptq_layers.GptqLayers`, run by the one loop
+(:mod:`secompress.pipeline`) over a model in memory (``apply``, ``quantize_``) or the checkpoint's
+shards (``--streaming``) with the calibration stream ``CALIB_Q``; calibration coverage is checked when
+the plan is made (:func:`~secompress.quant.apply.plan_quantization`). The math is :mod:`secompress.quant.gptq_math`; the
+result is secompress's integer-coded modules (like RTN's), written in any export format
+(``compressed-tensors`` by default, or ``dequantized``). No dependency: gptqmodel is only a
+cross-check in the tests.
 """
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
-from ...errors import SecompressError, require
-from ...outputs import atomic_dir
-from ..plan import PLAN_NAME, QuantPlan
-from .base import Backend, QuantContext, check_group_sizes, layer_uniformity
-
-ARTIFACT = "gptq_dir"  # plan.artifacts key: the folder gptqmodel wrote
+from .base import Backend, check_group_sizes
 
 
 @dataclass(frozen=True)
 class GptqOptions:
-    batch_size: int = 4  # calibration windows per gptqmodel forward
+    batch_size: int = 4  # calibration windows per forward
+    damp: float = 0.01  # percdamp: H += damp * mean(diag H) * I (the paper's code, llm-compressor)
+    block_size: int = 128  # columns per lazy batch update
+    static_groups: bool = False  # every group's grid from the original weights (else when the group starts)
+    act_order: bool = False  # desc_act: refused (its permutation does not fit contiguous groups)
 
     def __post_init__(self):
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        for k in ("batch_size", "block_size"):
+            v = getattr(self, k)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{k} must be a positive int, got {v!r}")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
+            raise ValueError(f"damp must be a number in (0, 1), got {self.damp!r}")
+        if not isinstance(self.static_groups, bool) or not isinstance(self.act_order, bool):
+            raise ValueError("static_groups and act_order must be true or false")
+        if self.act_order:
+            raise ValueError("act_order (desc_act) is not supported: its column permutation cannot be stored as the "
+                             "contiguous groups of secompress's codes and the compressed-tensors export")
 
 
 class GptqBackend(Backend):
     name = "gptq"
     options = GptqOptions
-    package, extra = "gptqmodel", "gptq"
-    import_package = False  # gptqmodel patches transformers' MoE classes on import: only the child imports it
     calibrated = True
-    holds_codes = True  # the GPTQ codes are read back into the model: any export format writes them
-    own_format = "gptqmodel"  # save(): gptqmodel's own checkpoint, as it wrote it
+    propagated_calibration = True  # its step reads the calibration stream through the layers quantized before
+    holds_codes = True  # integer-coded modules: any export format writes them
     default_format = "compressed-tensors"
-    load_snippet = ("import secompress\nmodel = secompress.load('PATH')  # through GPTQModel.load "
-                    "(pip install gptqmodel)\n# vLLM: LLM('PATH') when every MoE layer has one format (se_mode: layer)")
-
-    def validate(self, config) -> None:
-        from ..gptq import GPTQ_BITS
-
-        if config.bits not in GPTQ_BITS:
-            raise ValueError(f"GPTQ quantizes to {GPTQ_BITS} bits, got bits {config.bits}")
 
     def for_scheme(self, scheme):
         if not scheme.weight_only_int:
@@ -58,39 +54,11 @@ class GptqBackend(Backend):
     def check_plan(self, plan, config) -> None:
         check_group_sizes(plan, config.group_size)
 
-    def apply(self, model, plan, config, ctx: QuantContext) -> QuantPlan:
-        from ..gptq import gptq_
+    def layer_step(self, src, plan, config):
+        """The per-layer step on any layer source (``src.model``); it reads the stream ``CALIB``."""
+        from ..gptq_layers import GptqLayers
 
-        if ctx.work is None:
-            raise SecompressError("GPTQ runs on a checkpoint, not in place: pass work= (a folder that keeps "
-                                  "gptqmodel's checkpoint until save_quantized), or use `secompress quantize MODEL "
-                                  "--method gptq`")
-        gdir = gptq_(model, ctx.tokenizer, plan, config, ctx.profile, ctx.data, ctx.work, source=ctx.source)
-        plan.artifacts[ARTIFACT] = gdir
-        return plan
-
-    def save(self, model, tokenizer, plan, out, overwrite=False) -> Path:
-        src = plan.artifacts.get(ARTIFACT)
-        if src is None or not Path(src).is_dir():
-            raise SecompressError("this plan has no GPTQ checkpoint to save: save the model quantize_ (method "
-                                  "'gptq', with work=) returned this plan for")
-        with atomic_dir(out, overwrite) as tmp:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-        return Path(out)
-
-    def detect(self, path: Path) -> bool:
-        return (path / "quantize_config.json").is_file()  # written by gptqmodel
-
-    def load(self, path, device=None):
-        model = require("gptqmodel", "gptq", "Loading a GPTQ checkpoint").GPTQModel.load(str(path), device=device)
-        p = Path(path) / PLAN_NAME
-        return model, (QuantPlan.from_json(json.loads(p.read_text())) if p.is_file() else None)
-
-    def compatibility(self, plan):
-        return {"transformers": (False, "fused experts: load with GPTQModel.load (stock from_pretrained "
-                                        "re-initialises them)"),
-                "gptqmodel": (True, "per-module bits via `dynamic` overrides (16-bit modules skipped)"),
-                "vllm-fused-moe": layer_uniformity(plan)}
+        return GptqLayers(src, plan, config)
 
 
 BACKEND = GptqBackend()

@@ -2,7 +2,7 @@
 
 ``apply`` leaves integer-coded modules in the model (``QuantizedLinear``, fused
 ``QuantizedExperts``); they are written in an export format of the registry
-(``compressed-tensors`` by default, or ``dequantized``: see :mod:`.ct`, :mod:`.dequantized`).
+(``compressed-tensors`` by default, or ``dequantized``: :mod:`secompress.quant.formats`).
 """
 from __future__ import annotations
 

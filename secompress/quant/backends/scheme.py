@@ -59,6 +59,7 @@ class SchemeBackend(Backend):
     package, extra = "compressed_tensors", "ct"
     calibrated = True  # static scales and smoothing read calibration statistics; all-experts calibration applies
     propagated_calibration = True
+    covers_uncalibrated = True  # an expert no token reached: the layer's largest input scale (what vLLM serves)
     holds_codes = True  # FP8 / INT8 / FP4 codes with their scales, written by the compressed-tensors format
     default_format = "compressed-tensors"
     load_snippet = ("import secompress\nmodel = secompress.load('PATH')  # fake-quantized: weights and activations "
@@ -76,6 +77,9 @@ class SchemeBackend(Backend):
                              "several bit-widths: drop one of them")
         if not config.symmetric:
             raise ValueError(f"scheme {config.scheme} is symmetric (compressed-tensors presets); drop symmetric: false")
+        if config.scale_dtype != "model":
+            raise ValueError(f"scale_dtype applies to integer codes; scheme {config.scheme} stores its scales in the "
+                             "dtypes the preset defines (drop scale_dtype)")
         if config.fallback is not None:
             raise ValueError("fallback applies to GPTQ's uncalibrated experts; a scheme's uncalibrated experts get "
                              "their layer's largest input scale (what vLLM serves)")
