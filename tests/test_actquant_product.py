@@ -48,6 +48,7 @@ def test_scheme_sets_bits_and_picks_the_backend():
     c = QuantConfig(scheme="fp8")
     assert (c.scheme, c.bits, c.group_size, c.format) == ("FP8", 8, None, "compressed-tensors")
     assert isinstance(c.backend, SchemeBackend) and c.options == SchemeOptions() and c.se_mode == "layer"
+    assert QuantConfig(scheme="fp8-dynamic").scheme == "FP8_DYNAMIC"
     assert (QuantConfig(scheme="NVFP4").bits, QuantConfig(scheme="NVFP4").group_size) == (4, 16)
     w4 = QuantConfig(scheme="W4A16")  # integer weight-only: rtn's own codes (pack-quantized)
     assert isinstance(w4.backend, RtnBackend) and (w4.bits, w4.group_size) == (4, 128)

@@ -138,8 +138,8 @@ def schemes() -> dict[str, Scheme]:
 
 
 def get_scheme(name: str) -> Scheme:
-    """The preset ``name`` (case-insensitive), or one line naming the supported presets."""
-    key = str(name).upper()
+    """The preset ``name`` (case-insensitive, ``-`` for ``_``: fp8-dynamic), or one line naming the presets."""
+    key = str(name).upper().replace("-", "_")
     reg = schemes()
     if key in reg:
         return reg[key]
