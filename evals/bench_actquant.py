@@ -68,7 +68,7 @@ def scheme_of(name: str):
 def export_bytes(model) -> int:
     """Bytes of the compressed-tensors export: every layer's tensors + the rest, 16-bit floats at 2 bytes."""
     from secompress.adapters import get_adapter
-    from secompress.quant.bnb_export import rest_tensors
+    from secompress.quant.formats.ct import rest_tensors
     from secompress.quant.ct_schemes import layer_tensors
 
     ad = get_adapter(model.config)
