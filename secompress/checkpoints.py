@@ -105,13 +105,11 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
 
     from .ct_read import is_ct
     from .fp8 import BlockFP8
+    from .integrity import check_loading_info, no_unpickling, verify
 
     config = load_config(model, revision, trust_remote_code)
     _check_safetensors(model)
     torch_dtype = resolve_dtype(dtype, config)
-    from .streaming import check_safetensors_files
-
-    check_safetensors_files(model)  # truncated/corrupt files and missing shards: one line naming the file
     qc = getattr(config, "quantization_config", None)
     extra = {"device_map": device} if device else {}
     method = (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method") if qc is not None else None
@@ -120,20 +118,21 @@ def load_model(model: str | Path, dtype: torch.dtype | str = "auto", revision: s
 
         extra["quantization_config"] = getattr(transformers, DEQUANTIZED_ON_LOAD[method])(dequantize=True)
     elif is_ct(qc) or BlockFP8.from_config(qc) is not None:  # from_config raises for what we cannot read
-        return _load_dequantized(model, config, torch_dtype, revision, device)
-    elif Path(model).is_dir():
-        from .streaming import Checkpoint
-
-        Checkpoint(model)  # reads the headers only: refuses FP8 codes stored without scales
+        return _load_dequantized(model, config, torch_dtype, revision, device)  # Checkpoint verifies
+    # only .safetensors files, every tensor present with its shape, before any weight is read (a hub id: its snapshot)
+    verify(local_checkpoint(model, revision), config)
     try:
-        m = AutoModelForCausalLM.from_pretrained(
-            str(model), config=config, dtype=torch_dtype, revision=revision, use_safetensors=True,
-            trust_remote_code=trust_remote_code, attn_implementation="eager", **extra,
-        )
+        with no_unpickling(f"a weights file of '{model}'"):  # whatever transformers picks, no pickle runs
+            m, info = AutoModelForCausalLM.from_pretrained(
+                str(model), config=config, dtype=torch_dtype, revision=revision, use_safetensors=True,
+                output_loading_info=True,
+                trust_remote_code=trust_remote_code, attn_implementation="eager", **extra,
+            )
     except Exception as e:  # safetensors' own errors: corrupt files the header check let through
         if type(e).__name__ != "SafetensorError":
             raise
         raise CheckpointError(f"could not load the weights of '{model}': {str(e).splitlines()[0]}") from None
+    check_loading_info(info, model)  # nothing left at its random initialisation
     return m.eval()
 
 

@@ -226,7 +226,8 @@ def plan_job(source, job: Job, profile=None, protect: bool | None = None, calib:
     fmt = FORMATS[job.format]
     fmt.require()
     if qplan is not None:
-        fmt.preview(model, qplan)  # refuses what it cannot write (a config vLLM rejects), before any compute
+        # refuses what it cannot write (a config vLLM rejects), before any compute; the report known up front
+        qplan.artifacts["compatibility"] = fmt.preview(model, qplan)
     needs_calib = job.quant is not None and job.quant.backend.propagated_calibration
     if needs_calib and (calib is None or len(calib) == 0):
         raise SecompressError(f"quantization method '{job.quant.method}' calibrates on windows entering each layer: "

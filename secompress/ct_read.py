@@ -194,6 +194,14 @@ class CTReader:
         names = BaseCompressor.get_value_from_registry(self.formats[group]).compression_param_names(scheme)
         return [f"{module}.{n}" for n in (*names, G_IDX, "weight_zero_point")]
 
+    def needed(self, key: str) -> list[str]:
+        """The stored tensors weight ``key`` is rebuilt from (its format's compression parameters)."""
+        from compressed_tensors.compressors import BaseCompressor
+
+        e = self.weights[key]
+        scheme = self.config.config_groups[e.group]
+        return [f"{e.module}.{n}" for n in BaseCompressor.get_value_from_registry(e.fmt).compression_param_names(scheme)]
+
     # ---- what get() presents -------------------------------------------------------------------
     def info(self, key: str) -> dict:
         """Header-like ``{dtype, shape}`` of rebuilt weight ``key`` (shape from the headers: exact for grouped and

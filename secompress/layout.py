@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from .adapters import MoEAdapter
+from .adapters.base import EXPERT_PROJ as PROJ  # the projections of one per-expert MLP
 from .experts import expert_forward, expert_weights, layout_of, write_expert
-
-PROJ = ("gate_proj", "up_proj", "down_proj")  # the projections of one per-expert MLP
 
 
 class ExpertMLP(nn.Module):

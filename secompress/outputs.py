@@ -25,17 +25,29 @@ _TEMP_RE = re.compile(r"^\..+\.(?:tmp|work|old)-(?P<pid>\d+)(?:-.*)?$")
 # errors that mean "this place cannot take the output" (not a bug, not a bad input file)
 WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.ENOTDIR,
                 errno.EFBIG, errno.EEXIST, errno.EISDIR}
+FORCE = "force"  # overwrite=FORCE (--force): replace an existing folder even if secompress did not write it
+# what every secompress output holds at its top: one of these files (a run: both of the last pair)
+OWN_FILES = ("super_experts.json", "prune_report.json", "quantization_plan.json", "evaluation.json",
+             ("manifest.json", "recipe.yaml"))
 
 
-def check_output_dir(out: str | Path, overwrite: bool, inputs=(), root: str | Path | None = None,
+def written_by_secompress(folder: Path) -> bool:
+    """Whether ``folder`` is empty or holds what a secompress output holds (:data:`OWN_FILES`)."""
+    names = {p.name for p in folder.iterdir()}
+    return not names or any(set((f,) if isinstance(f, str) else f) <= names for f in OWN_FILES)
+
+
+def check_output_dir(out: str | Path, overwrite: bool | str, inputs=(), root: str | Path | None = None,
                      need_bytes: int = 0) -> Path:
     """``out`` as given, after refusing every output that would replace something it must not.
 
     Refused: the filesystem root, the home folder, the working directory or any folder above it,
     anything that is or holds one of ``inputs`` (model folder, data files, recipe), a path outside
     ``root`` when one is given (outputs named by a recipe stay under the output root), a symlink,
-    and an existing non-directory. An existing directory needs ``overwrite``. Then the place must be
-    writable and have ``need_bytes`` free (:func:`check_writable`).
+    and an existing non-directory. An existing directory needs ``overwrite``, and ``overwrite=FORCE``
+    ('force') when secompress did not write it (:func:`written_by_secompress`: a thesis folder with
+    its ``.git`` is not replaced by a mistyped ``--out``). Then the place must be writable and have
+    ``need_bytes`` free (:func:`check_writable`).
     """
     out = Path(out)
     real = out.resolve()
@@ -57,6 +69,10 @@ def check_output_dir(out: str | Path, overwrite: bool, inputs=(), root: str | Pa
         raise OutputExistsError(f"output '{out}' exists and is not a folder")
     if out.exists() and not overwrite:
         raise OutputExistsError(f"output directory '{out}' exists; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and overwrite != FORCE and not written_by_secompress(out):
+        raise OutputExistsError(f"refusing to replace '{out}': secompress did not write it (no "
+                                f"{', '.join(f if isinstance(f, str) else ' + '.join(f) for f in OWN_FILES)}); "
+                                f"pass overwrite='{FORCE}' (--force) to replace it anyway")
     check_writable(out, need_bytes)
     return out
 
@@ -92,6 +108,9 @@ def checkpoint_bytes(model: str | Path) -> int:
     return sum(f.stat().st_size for f in p.glob("*.safetensors")) if p.is_dir() else 0
 
 
+_TEMP_PART = re.compile(r"\.(.+)\.(?:%s)-\d+-[^/]+" % "|".join(TEMP_KINDS))
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -121,6 +140,13 @@ def sweep_stale(folder: str | Path) -> list[Path]:
         log.info("removed '%s', left by a process that no longer runs", p)
         removed.append(p)
     return removed
+
+
+def final_path(path: str | Path) -> Path:
+    """``path`` as it will be named once its temporary folders are renamed (``.NAME.tmp-PID-X/model`` ->
+    ``NAME/model``): what messages written from inside :func:`atomic_dir` show the user."""
+    parts = [m.group(1) if (m := _TEMP_PART.fullmatch(part)) else part for part in Path(path).parts]
+    return Path(*parts)
 
 
 def make_temp_dir(parent: str | Path, name: str, kind: str) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import struct
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,18 +27,13 @@ from torch import nn
 from .adapters import MoEAdapter
 from .direct_read import ShardReader
 from .experts import join_gate_up, layout_of
-from .layout import PROJ
-from .errors import CheckpointError, SecompressError
+from .errors import SecompressError
 from . import fp8
 from .ct_read import CTReader, is_ct
 from .fp8 import SCALE_SUFFIX, BlockFP8
+from .integrity import SAFETENSORS_DTYPES as _DTYPES, read_headers, verify
 
 log = logging.getLogger(__name__)
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class Checkpoint:
@@ -49,6 +43,9 @@ class Checkpoint:
     the file system allows it (``direct=True``, :mod:`secompress.direct_read`: the page cache is
     bypassed), so a tensor costs its bytes once and nothing stays resident after it is freed.
     Each thread reads with its own files, inside its own :meth:`reading` block.
+    Opening one runs :func:`secompress.integrity.verify` (once per checkpoint and process): only
+    the files the index names (or ``model.safetensors``) are read, and every tensor the model
+    needs is there with its shape; ``raw`` exports are checked per module.
 
     A block-scaled FP8 checkpoint (``quantization_config.quant_method: fp8``, see
     :mod:`secompress.fp8`) is dequantized tensor by tensor: :meth:`get` of a ``weight`` stored
@@ -63,17 +60,8 @@ class Checkpoint:
 
     def __init__(self, path: str | Path, raw: bool = False, direct: bool = True):
         self.path = Path(path)
-        files = sorted(self.path.glob("*.safetensors"))
-        if not files:
-            raise SecompressError(f"no safetensors weights in '{path}'")
-        check_safetensors_files(self.path)  # one line naming the file for a truncated or corrupt header
-        self.where: dict[str, tuple[Path, int, dict]] = {}
-        for f in files:
-            with open(f, "rb") as h:
-                n = struct.unpack("<Q", h.read(8))[0]
-                header = json.loads(h.read(n))
-            header.pop("__metadata__", None)
-            self.where.update({k: (f, 8 + n, v) for k, v in header.items()})
+        # the files the index names (or model.safetensors), every tensor the model needs: one line naming what is wrong
+        self.where: dict[str, tuple[Path, int, dict]] = verify(self.path, raw=raw)
         self._local = threading.local()  # open shards, per thread (a prefetch thread reads too)
         self.raw, self.direct = raw, direct
         cfg = self.path / "config.json"
@@ -160,6 +148,12 @@ class Checkpoint:
         """Write the tensor's real values into ``dest`` (same shape): the file's bytes straight into
         ``dest``'s memory when it is a contiguous host tensor of the stored dtype, else read and copied
         (cast, moved to its device)."""
+        if self._rebuilt(key):  # compressed-tensors codes: dequantized, then copied
+            t = self.get(key)
+            if tuple(t.shape) != tuple(dest.shape):
+                raise SecompressError(f"'{key}': checkpoint shape {tuple(t.shape)} != {tuple(dest.shape)}")
+            dest.copy_(t)
+            return
         if tuple(dest.shape) != tuple(self.where[key][2]["shape"]):
             raise SecompressError(f"'{key}': checkpoint shape {tuple(self.where[key][2]['shape'])} != "
                                   f"{tuple(dest.shape)}")
@@ -185,38 +179,10 @@ def check_safetensors_files(model: str | Path) -> None:
     """Read every safetensors header of a local checkpoint (no tensor data) and fail with one line
     naming the file on what would otherwise be a library traceback: a file shorter than its header
     says, a header that is not JSON, a tensor reaching past the end of the file, a shard named by
-    ``model.safetensors.index.json`` that is missing, or an index that is not JSON."""
-    local = Path(model)
-    if not local.is_dir():
-        return
-    index = local / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            shards = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(f"'{index}' is not a valid safetensors index ({type(e).__name__}: {e})") from None
-        missing = [s for s in shards if not (local / s).is_file()]
-        if missing:
-            raise CheckpointError(f"'{local / missing[0]}' is missing: '{index.name}' lists it "
-                                  f"({len(missing)} of {len(shards)} shards missing)")
-    for f in sorted(local.glob("*.safetensors")):
-        size = f.stat().st_size
-        with open(f, "rb") as h:
-            head = h.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"'{f}' is truncated: {size} bytes, shorter than a safetensors header")
-            n = struct.unpack("<Q", head)[0]
-            if n > size - 8:
-                raise CheckpointError(f"'{f}' is truncated or corrupt: its header claims {n} bytes, the file has {size}")
-            try:
-                header = json.loads(h.read(n))
-                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-            except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-                raise CheckpointError(f"'{f}' has a corrupt safetensors header (not the JSON safetensors writes)") from None
-        if ends and 8 + n + max(ends) > size:
-            raise CheckpointError(f"'{f}' is truncated: its tensors need {8 + n + max(ends)} bytes, the file has {size}")
-
+    ``model.safetensors.index.json`` that is missing or is not a ``.safetensors`` file in the folder,
+    or an index that is not JSON (:func:`secompress.integrity.read_headers`)."""
+    if Path(model).is_dir():
+        read_headers(model)
 
 
 @contextmanager
@@ -290,29 +256,13 @@ def _expert_tensor(ckpt: Checkpoint, adapter: MoEAdapter, layer_prefix: str, exp
 
 
 def disk_name(adapter: MoEAdapter, rel: str) -> str:
-    """Module-relative name -> name on disk for renamed MoE blocks (e.g. Mixtral's block_sparse_moe)."""
-    head = f"{adapter.moe_block}."
-    if not rel.startswith(head):
-        return rel
-    rest = rel[len(head):]
-    if adapter.ckpt_router and rest.startswith(f"{adapter.router}."):
-        rest = adapter.ckpt_router + rest[len(adapter.router):]
-    return f"{adapter.ckpt_block}.{rest}"
+    """Module-relative name -> name on disk for renamed MoE blocks (:meth:`MoEAdapter.disk_name`)."""
+    return adapter.disk_name(rel)
 
 
 def disk_key(adapter: MoEAdapter, name: str) -> str:
-    """Model-tree tensor or module name (per-expert layout) -> checkpoint name (transformers-4 layout)."""
-    head = adapter.layers_path + "."
-    if not name.startswith(head):
-        return name
-    idx, _, rest = name[len(head):].partition(".")
-    pre = f"{head}{idx}."
-    per = f"{adapter.moe_block}.{adapter.experts}.per_expert."
-    if rest.startswith(per):
-        e, proj, *suffix = rest[len(per):].split(".", 2)  # suffix: none for a module name
-        ckpt_proj = adapter.ckpt_expert_names[PROJ.index(proj)]
-        return ".".join([f"{pre}{adapter.ckpt_block}.{adapter.experts}.{e}.{ckpt_proj}", *suffix])
-    return pre + disk_name(adapter, rest)
+    """Model-tree tensor or module name -> checkpoint name (:meth:`MoEAdapter.disk_key`)."""
+    return adapter.disk_key(name)
 
 
 @torch.no_grad()

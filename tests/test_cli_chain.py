@@ -2,11 +2,14 @@
 evaluate, push; every export states its size; misspelled task names, non-UTF-8 files and weak SE
 evidence are named before (or instead of) anything going wrong."""
 import json
+from pathlib import Path
 
 import pytest
 
 from secompress.cli import main
 from secompress.testing import make_tiny, plant_super_expert, save_tiny
+
+REFERENCE = Path(__file__).resolve().parents[1] / "evals" / "reference" / "model"
 
 COMMON = ["--samples", "4", "--seq-len", "32", "--device", "cpu"]
 
@@ -81,6 +84,9 @@ def test_the_se_verdict_says_how_strong_its_evidence_is(planted, tmp_path):
     tok, cfg = build_byte_tokenizer(), ProfileConfig(num_samples=4, seq_len=32)
     weak = profile(make_tiny("qwen3_moe"), tok, config=cfg, progress=False).evidence()  # random weights
     assert weak.weak and "may have no Super Expert" in weak.why
-    strong = profile(str(planted), config=cfg, progress=False)
-    ev = strong.evidence()
-    assert strong.se_ids() == [(1, 3)] and not ev.weak and ev.layer_ratios[0] > 10, ev
+    planted_ev = profile(str(planted), config=cfg, progress=False).evidence()  # an outlier, but no sink
+    assert planted_ev.layer_ratios[0] > 10 and planted_ev.weak and "massive ratio peaks at" in planted_ev.why
+    strong = profile(str(REFERENCE), config=ProfileConfig(num_samples=4, seq_len=64), progress=False)
+    ev = strong.evidence()  # the trained reference model: its SE writes the first token's massive activation
+    assert strong.se_ids() == [(0, 3)] and not ev.weak and ev.layer_ratios[0] > 10 and ev.massive_ratio > 20, ev
+    assert ev.why.startswith("strong: ")

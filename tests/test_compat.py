@@ -116,7 +116,7 @@ def test_a_compressed_tensors_export_with_an_ignored_layer_logs_the_warning(tmp_
     pytest.importorskip("compressed_tensors")
     from test_compressed_tensors import _quantized
 
-    from secompress.quant.compressed_tensors import save_ct
+    from secompress.quant.formats.ct import save_ct
 
     _, m, plan = _quantized("qwen3_moe")  # the Super Expert's layer 1 16-bit, in `ignore`
     with caplog.at_level(logging.WARNING, logger="secompress.quant.compat"):
@@ -132,12 +132,12 @@ def test_a_compressed_tensors_export_with_an_ignored_layer_logs_the_warning(tmp_
 
 
 def test_bnb_and_dequantized_reports_use_the_rules():
-    from secompress.quant.backends.bnb import BACKEND as BNB
-    from secompress.quant.backends.dequantized import EXPORT as DEQ
+    from secompress.quant.compat import ExportFacts, report
+    from secompress.quant.formats import FORMATS
     from secompress.quant.plan import QuantPlan
 
     plan = QuantPlan(bits={}, units={}, source={}, meta={"method": "rtn", "format": "dequantized"})
-    assert "no bitsandbytes quantization method" in BNB.compatibility(plan)["vllm-fused-moe"][1]
-    assert not DEQ.compatibility(plan)["vllm-fused-moe"][0]  # no index written: vLLM reads the codes file too
-    plan.artifacts["safetensors_index"] = True
-    assert DEQ.compatibility(plan)["vllm-fused-moe"][0] and DEQ.compatibility(plan)["sglang"][0]
+    assert "no bitsandbytes quantization method" in FORMATS["bitsandbytes"].compatibility(plan)["vllm-fused-moe"][1]
+    assert not report(ExportFacts(fmt="dequantized", index=False))["vllm"][0]  # no index: vLLM reads the codes too
+    deq = FORMATS["dequantized"].compatibility(plan)  # its writer always writes the index
+    assert deq["vllm-fused-moe"][0] and deq["sglang"][0] and "index" in deq["vllm-fused-moe"][1]

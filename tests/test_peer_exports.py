@@ -336,7 +336,7 @@ def test_secompress_own_export_is_read_dequantized_by_every_command(tmp_path):
     still gives its integer-coded modules."""
     from test_compressed_tensors import _quantized
 
-    from secompress.quant.compressed_tensors import save_ct
+    from secompress.quant.formats.ct import save_ct
     from secompress.quant.fused import FusedQuantizedExperts
 
     _, m, plan = _quantized("qwen3_moe")  # layer 1 (the Super Expert's) 16-bit, in `ignore` by regex

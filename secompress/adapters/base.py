@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")  # the projections of one per-expert MLP (module names)
+
 
 @dataclass(frozen=True)
 class MoEAdapter:
@@ -42,6 +44,9 @@ class MoEAdapter:
     # the model's own checkpoints store experts fused (no per-expert keys a loader could map back)
     ckpt_fused_experts: bool = False
     layers_path: str = "model.layers"
+    # stored tensors that are not part of the model, as data: decoder layers numbered from num_hidden_layers
+    # on, as many as this config key says (DeepSeek-V3's multi-token-prediction layer); the loaders skip them
+    extra_layers_key: str | None = None
 
     def __post_init__(self):
         if not self.model_type or not self.num_experts_key:
@@ -82,3 +87,28 @@ class MoEAdapter:
 
     def block_path(self, layer_idx: int) -> str:
         return f"{self.layers_path}.{layer_idx}.{self.moe_block}"
+
+    # ---- names on disk -----------------------------------------------------------
+    def disk_name(self, rel: str) -> str:
+        """Layer-relative name -> name on disk for renamed MoE blocks (e.g. Mixtral's block_sparse_moe)."""
+        head = f"{self.moe_block}."
+        if not rel.startswith(head):
+            return rel
+        rest = rel[len(head):]
+        if self.ckpt_router and rest.startswith(f"{self.router}."):
+            rest = self.ckpt_router + rest[len(self.router):]
+        return f"{self.ckpt_block}.{rest}"
+
+    def disk_key(self, name: str) -> str:
+        """Model-tree tensor or module name (fused or per-expert layout) -> checkpoint name (transformers-4 layout)."""
+        head = self.layers_path + "."
+        if not name.startswith(head):
+            return name
+        idx, _, rest = name[len(head):].partition(".")
+        pre = f"{head}{idx}."
+        per = f"{self.moe_block}.{self.experts}.per_expert."
+        if rest.startswith(per):
+            e, proj, *suffix = rest[len(per):].split(".", 2)  # suffix: none for a module name
+            ckpt_proj = self.ckpt_expert_names[EXPERT_PROJ.index(proj)]
+            return ".".join([f"{pre}{self.ckpt_block}.{self.experts}.{e}.{ckpt_proj}", *suffix])
+        return pre + self.disk_name(rest)

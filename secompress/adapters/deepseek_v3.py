@@ -10,4 +10,5 @@ ADAPTER = MoEAdapter(
     group_keys=("n_group", "topk_group"),
     min_experts_per_group=2,  # the router scores a group by the sum of its top-2 experts
     legacy_config_keys=(("n_routed_experts", "n_routed_experts"),),
+    extra_layers_key="num_nextn_predict_layers",  # the MTP layer(s) stored after the decoder layers
 )

@@ -7,6 +7,7 @@ from pathlib import Path
 from ..checkpoints import DTYPE_CHOICES
 from ..dtypes import DEFAULT_DTYPE
 from ..errors import SecompressError
+from ..outputs import FORCE
 from ..profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN
 
 class FORMATTER(argparse.ArgumentDefaultsHelpFormatter):
@@ -42,8 +43,25 @@ def output_parent(required: bool = True, default_help: str = "") -> argparse.Arg
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--out", required=required, default=None,
                    help="output directory (must not exist unless --overwrite)" + default_help)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    add_overwrite(p)
     return p
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    """``--overwrite`` (replace an output folder secompress wrote) and ``--force`` (any folder)."""
+    p.add_argument("--overwrite", action=_Overwrite, nargs=0, default=False,
+                   help="replace an existing output directory that secompress wrote")
+    p.add_argument("--force", action=_Overwrite, nargs=0, dest="overwrite", const=FORCE, default=False,
+                   help="replace an existing output directory even if secompress did not write it (implies "
+                        "--overwrite)")
+
+
+class _Overwrite(argparse.Action):
+    """--overwrite sets ``overwrite`` to True, --force to 'force'; the stronger one wins in any order."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, False) != FORCE:
+            setattr(namespace, self.dest, self.const if self.const is not None else True)
 
 
 def add_protection(p: argparse.ArgumentParser, what: str) -> None:

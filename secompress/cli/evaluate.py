@@ -8,7 +8,7 @@ the recovery ratios.
 """
 from __future__ import annotations
 
-from .args import add_command, model_parent
+from .args import add_command, add_overwrite, model_parent
 
 
 def _add(sub) -> None:
@@ -19,7 +19,7 @@ def _add(sub) -> None:
     p.add_argument("--task-path", action="append", default=[], help="a folder of lm-eval task YAMLs (repeatable)")
     p.add_argument("--limit", type=int, default=None, help="lm-eval: documents per task")
     p.add_argument("--out", default=None, help="write evaluation.{json,md} into this folder (must not exist)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if secompress wrote it")
+    add_overwrite(p)
 
 
 def _run(args) -> int:

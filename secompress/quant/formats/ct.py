@@ -30,6 +30,7 @@ import torch
 
 from ...checkpoints import check_model, write_model_config
 from ...errors import SecompressError
+from ...outputs import final_path
 from ...experts import expert_weights
 from ...streaming import disk_key
 from .. import rtn
@@ -159,8 +160,8 @@ class CompressedTensorsWriter(LayerWriter):
             "format": FORMAT, "dtype": str(self.dtype).removeprefix("torch."),
             "compatibility": {k: {"ok": ok, "why": why} for k, (ok, why) in self.compat.items()},
             "scale_dtype": str(self.scale_dtype).removeprefix("torch."), "size": summary.to_json()})
-        log.info("wrote %s (compressed-tensors)\n%s", self.folder, report(self.compat))
-        log_warnings(self.compat, str(self.folder))
+        log.info("wrote %s (compressed-tensors)\n%s", final_path(self.folder), report(self.compat))
+        log_warnings(self.compat, str(final_path(self.folder)))
 
 
 def ct_bytes(skeleton, plan, dtype: torch.dtype) -> int:

@@ -196,7 +196,7 @@ class DequantizedFormat(ExportFormat):
         SGLang (which otherwise read every ``*.safetensors`` of the folder) off the codes."""
         from ..compat import ExportFacts, report
 
-        rows = report(ExportFacts(fmt=FORMAT, index=self.writer_class.always_index), keys={"vllm": "vllm-fused-moe"})
+        rows = report(ExportFacts(fmt=FORMAT, index=DequantizedWriter.always_index), keys={"vllm": "vllm-fused-moe"})
         return {"transformers": rows["transformers"], "gptqmodel": (False, "not a gptqmodel checkpoint"),
                 "vllm-fused-moe": rows["vllm-fused-moe"], "sglang": rows["sglang"]}
 
