@@ -26,6 +26,9 @@ def compress_command(args, prune_cfg=None, quant_cfg=None) -> int:
     job = Job(prune=prune_cfg, quant=quant_cfg, batch_size=args.batch_size)
     if prune_cfg is not None:  # a ratio the router (or the expert width) cannot take fails before any pass
         prune_cfg.prune_method.target(source.skeleton(), prune_cfg)
+    if quant_cfg is not None:  # a scheme the shapes or the checkpoint's own quantization refuse: before any load
+        for note in quant_cfg.check_model(source.skeleton(), source.config):
+            print(f"note: {note}")
     prof = load_profile_arg(args.profile)
     if prof is None and (source.path / PROFILE_DIR / "super_experts.json").is_file():
         from ..profile_io import load_profile

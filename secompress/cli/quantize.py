@@ -1,6 +1,7 @@
 """``secompress quantize``: mixed-precision quantization that keeps Super Experts precise.
 
     secompress quantize MODEL --method rtn|gptq|bnb --bits 4 --group-size 32 --se-bits 16|8 [--se-mode expert|layer]
+                        [--scheme FP8|FP8_DYNAMIC|FP8_BLOCK|W8A8|NVFP4|MXFP4|W4A16|... (compressed-tensors presets)]
                         [--avg-bits 3.5] [--profile DIR] [--rule NAME=BITS | re:REGEX=BITS ...]
                         [--calibration all-experts] [--option KEY=VALUE ...]
                         [--format compressed-tensors|dequantized] --out OUT [--overwrite]
@@ -14,6 +15,7 @@ from ..quant.config import CALIBRATIONS
 from ..quant.formats.base import SCALE_DTYPES
 from ..quant.coverage import FALLBACKS
 from ..quant.plan import SE_MODES
+from ..quant.schemes import SUPPORTED
 from .args import add_command, add_profile_arg, add_protection, model_parent, output_parent
 
 
@@ -21,6 +23,10 @@ def _add(sub) -> None:
     p = add_command(sub, "quantize", "quantize weights, keeping Super Experts at higher precision",
                     parents=(model_parent(), output_parent()))
     p.add_argument("--method", default="rtn", choices=list(BACKENDS), help="quantization backend")
+    p.add_argument("--scheme", default=None, metavar="|".join(SUPPORTED),
+                   help="a compressed-tensors preset: weights and activations as vLLM / SGLang serve them (sets bits "
+                        "and group size; FP8 / NVFP4 / ... with --method rtn, W4A16 / W8A16 also with gptq); the "
+                        "Super Experts' layers stay 16-bit (--se-bits 8: FP8_DYNAMIC / W8A8)")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="default bits per weight")
     p.add_argument("--group-size", type=int, default=128, help="input features per scale (-1: per row)")
     p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=True,
@@ -53,21 +59,22 @@ def _add(sub) -> None:
                    help="one decoder layer at a time from the checkpoint's shards (models larger than memory)")
 
 
-def backend_options(method: str, pairs: list[str]):
-    """The backend's options dataclass from ``KEY=VALUE`` strings (values read as YAML scalars)."""
+def backend_options(method: str, pairs: list[str], scheme: str | None = None):
+    """The backend's options dataclass from ``KEY=VALUE`` strings (values read as YAML scalars); the backend
+    is the one making ``scheme`` with ``method`` when a scheme is given."""
     import dataclasses
 
     import yaml
 
-    from ..quant.backends import get_backend
+    from ..quant.config import backend_for
 
-    cls = get_backend(method).options
+    cls = backend_for(method, scheme).options
     names = [f.name for f in dataclasses.fields(cls)]
     kw = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in names:
-            raise ValueError(f"--option {pair!r}: method '{method}' takes "
+            raise ValueError(f"--option {pair!r}: method '{method}'{f' with scheme {scheme}' if scheme else ''} takes "
                              f"{', '.join(f'{n}=VALUE' for n in names) or 'no options'}")
         kw[key] = yaml.safe_load(value)
     return cls(**kw)
@@ -81,8 +88,9 @@ def _run(args) -> int:
     cfg = QuantConfig(bits=args.bits, group_size=None if args.group_size == -1 else args.group_size,
                       symmetric=args.symmetric, scale_dtype=args.scale_dtype, se_mode=args.se_mode, se_bits=args.se_bits,
                       protect_super_experts=args.protect_super_experts, rules=tuple(Rule.parse(r) for r in args.rule),
-                      avg_bits=args.avg_bits, method=args.method, options=backend_options(args.method, args.option),
-                      fallback=args.fallback, calibration=args.calibration, format=args.format)
+                      avg_bits=args.avg_bits, method=args.method,
+                      options=backend_options(args.method, args.option, args.scheme),
+                      fallback=args.fallback, calibration=args.calibration, format=args.format, scheme=args.scheme)
     cfg.require()
     return compress_command(args, quant_cfg=cfg)
 

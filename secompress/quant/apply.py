@@ -9,6 +9,7 @@ are kept bit-identical. Every check runs before any weight changes.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -27,7 +28,11 @@ def needs_profile(config: QuantConfig) -> bool:
     """Whether quantizing with ``config`` uses a profile (SEs, allocation, or calibration coverage: not
     under all-expert calibration, where every expert sees every token)."""
     return (config.protect_super_experts or config.avg_bits is not None
-            or (config.backend.calibrated and config.calibration != "all-experts"))
+            or (_checks_coverage(config.backend) and config.calibration != "all-experts"))
+
+
+def _checks_coverage(backend) -> bool:
+    return backend.calibrated and not backend.covers_uncalibrated
 
 
 def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, data="builtin",
@@ -38,6 +43,8 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
     backend = config.backend
     backend.require()  # a missing extra is named first
     check_model(model)
+    for note in config.check_model(model):  # a scheme the shapes cannot serve: refused before any statistics
+        log.warning("scheme %s: %s", config.scheme, note)
     prof = profile_for(model, profile, tokenizer, data) if needs_profile(config) else None
     if ses is None:
         ses = prof.se_ids() if prof is not None else []
@@ -50,9 +57,13 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
         meta["format"] = config.format  # the export format save_quantized writes
     if config.scale_dtype != "model":
         meta["scale_dtype"] = config.scale_dtype  # the export's scales (compressed-tensors)
+    if config.scheme is not None:
+        meta["scheme"] = config.scheme  # the compressed-tensors preset (its backend: plan.meta["backend"])
+        meta["backend"] = backend.name
+        meta["options"] = dataclasses.asdict(config.options)  # serving: how secompress.load forwards the export
     assert config.se_mode is not None  # resolved when the config was built
     plan = resolve_plan(model, config.rules, ses, config.se_mode, config.se_bits, config.bits, meta)
-    if backend.calibrated and config.calibration != "all-experts":
+    if _checks_coverage(backend) and config.calibration != "all-experts":
         check_coverage(prof, config.fallback)  # an expert no calibration token reached: error unless fallback 'rtn'
     if config.avg_bits is not None:
         plan = _allocate(plan, prof, config)

@@ -10,13 +10,28 @@ from .coverage import FALLBACKS
 from .plan import SE_MODES, Rule, check_bits
 
 CALIBRATIONS = ("routed", "all-experts")
+DEFAULT_BITS, DEFAULT_GROUP_SIZE = 4, 128  # the field defaults below (a scheme may replace them)
 KEEP_16 = 16  # se_bits 16 (or None) keeps the Super Experts in 16 bit; the one spelling of CLI and recipes
+
+
+def backend_for(method: str, scheme: str | None):
+    """The backend that makes ``scheme`` with ``method`` (whose options class a recipe or --option builds)."""
+    b = get_backend(method)
+    if scheme is None:
+        return b
+    from ..errors import SecompressError
+    from .schemes import get_scheme
+
+    try:
+        return b.for_scheme(get_scheme(scheme))
+    except SecompressError as e:
+        raise ValueError(str(e)) from None
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    bits: int = 4  # default bits of every quantizable weight
-    group_size: int | None = 128  # input features per scale; None = one group per row
+    bits: int = 4  # default bits of every quantizable weight (DEFAULT_BITS)
+    group_size: int | None = 128  # input features per scale; None = one group per row (DEFAULT_GROUP_SIZE)
     symmetric: bool = True  # zero point fixed mid-range (what vLLM/SGLang kernels expect); API, CLI, recipes alike
     se_mode: str | None = None  # "expert": only SEs raised; "layer": every expert of an SE's layer;
     # None: the export format's choice (layer for compressed-tensors, else expert), resolved when built
@@ -33,6 +48,9 @@ class QuantConfig:
     # None: the backend's default (compressed-tensors for rtn and gptq; bnb: bitsandbytes, its own)
     scale_dtype: str = "model"  # compressed-tensors' weight_scale on disk: "model" = the export dtype (what vLLM
     # computes with; llm-compressor's choice) or "float32" (secompress's exact float16 scales; 10% bigger at g32)
+    scheme: str | None = None  # a compressed-tensors preset (FP8, FP8_DYNAMIC, FP8_BLOCK, W8A8, NVFP4, MXFP4,
+    # W4A16, ...: secompress.quant.schemes): it sets the bits and group size; the method's backend makes it
+    # (rtn: its integer codes for W4A16 / W8A16, the scheme backend for the others; gptq: W4A16 / W8A16)
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -60,7 +78,9 @@ class QuantConfig:
             raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
         if self.calibration not in CALIBRATIONS:
             raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
-        backend = get_backend(self.method)  # ValueError naming the known methods
+        if self.scheme is not None:
+            self._set_scheme()
+        backend = self.backend  # ValueError naming the known methods, or why the method cannot make the scheme
         if self.options is None:
             object.__setattr__(self, "options", backend.options())
         if type(self.options) is not backend.options:
@@ -79,6 +99,36 @@ class QuantConfig:
         if fmt in FORMATS:
             FORMATS[fmt].check(self)  # e.g. compressed-tensors refuses se_mode 'expert'
 
+    def _set_scheme(self) -> None:
+        """The preset's name (upper case), bits and group size; ValueError naming the presets or the conflict."""
+        from ..errors import SecompressError
+        from .schemes import get_scheme
+
+        if not isinstance(self.scheme, str):
+            raise ValueError(f"scheme must be a preset name, got {self.scheme!r}")
+        try:
+            s = get_scheme(self.scheme)
+        except SecompressError as e:
+            raise ValueError(str(e)) from None
+        mine = (s.weight_bits, s.group_size)
+        if (self.bits, self.group_size) not in (mine, (DEFAULT_BITS, DEFAULT_GROUP_SIZE)):
+            raise ValueError(f"scheme {s.name} sets bits {mine[0]} and group_size {mine[1]}; drop bits/group_size "
+                             f"(got {self.bits} and {self.group_size})")
+        for k, v in (("scheme", s.name), ("bits", mine[0]), ("group_size", mine[1])):
+            object.__setattr__(self, k, v)
+
+    def check_model(self, model, config=None) -> list[str]:
+        """A scheme the model cannot serve (group or block sizes, vLLM's kernel rules) or that its checkpoint's
+        own quantization makes meaningless (``config``: the checkpoint's, when ``model`` is a skeleton that
+        lost it): SecompressError in one line, before any weight is read. Returns notes (slower kernels)."""
+        if self.scheme is None:
+            return []
+        from .schemes import check_config, check_model, get_scheme
+
+        s = get_scheme(self.scheme)
+        check_config(s, config if config is not None else model.config)
+        return check_model(s, model)
+
     def require(self) -> None:
         """MissingExtraError naming the extra the method or the export format needs (before any loading)."""
         self.backend.require()
@@ -87,4 +137,5 @@ class QuantConfig:
 
     @property
     def backend(self):
-        return get_backend(self.method)
+        """The method's backend, or the one it hands ``scheme`` to (:meth:`~.backends.base.Backend.for_scheme`)."""
+        return backend_for(self.method, self.scheme)

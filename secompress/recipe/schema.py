@@ -33,8 +33,7 @@ from ..dtypes import DEFAULT_DTYPE, check_dtype
 from ..errors import SecompressError, RecipeError
 from ..profile import DEFAULT_BATCH_SIZE, DEFAULT_NUM_SAMPLES, DEFAULT_SEQ_LEN, ProfileConfig
 from ..prune.api import PruneConfig
-from ..quant.backends import get_backend
-from ..quant.config import QuantConfig
+from ..quant.config import QuantConfig, backend_for
 from ..quant.plan import Rule
 from ..se_rule import SERule
 
@@ -287,7 +286,7 @@ def _build(cls, node, src: str, path: str, lines: dict, fixed: dict | None = Non
         if inline and sub:
             kwargs[inline[0]] = inline[1](**sub)
         if "options" in nodes:
-            backend = get_backend(kwargs.get("method", "rtn"))
+            backend = backend_for(kwargs.get("method", "rtn"), kwargs.get("scheme"))
             kwargs["options"] = _build(backend.options, nodes["options"], src, f"{path}.options", lines)
         missing = [f.name for f in fields(cls) if f.name not in kwargs and f.name not in fixed
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
@@ -468,6 +467,11 @@ def check_against_checkpoint(recipe: Recipe) -> None:
         except (ValueError, SecompressError) as e:
             raise RecipeError(f"{recipe.at('stages.prune.ratio')}: {e}") from None
     if (q := recipe.stage("quantize")) is not None:
+        if q.scheme is not None:
+            try:  # group / block sizes, vLLM's kernel rules, an FP8 checkpoint given an FP8 scheme
+                q.check_model(skeleton, config)
+            except (ValueError, SecompressError) as e:
+                raise RecipeError(f"{recipe.at('stages.quantize.scheme')}: {e}") from None
         try:
             plan = resolve_plan(skeleton, q.rules, (), q.se_mode, q.se_bits, q.bits, {"method": q.method})
             q.backend.check_plan(plan, q)

@@ -83,6 +83,8 @@ class Backend(Exporter):
     extra: ClassVar[str | None] = None  # its pip extra: pip install 'secompress[EXTRA]'
     import_package: ClassVar[bool] = True  # False: only check it is installed (a package that patches on import)
     calibrated: ClassVar[bool] = False  # uses calibration statistics: needs a profile for coverage
+    covers_uncalibrated: ClassVar[bool] = False  # an expert no calibration token reached still gets its codes
+    # and scales (the scheme backend: the layer's largest input scale, as vLLM serves fused experts): no coverage check
     # its step reads the calibration windows entering each layer through the layers quantized before it
     # (``inputs.hidden[CALIB_Q]``; GPTQ, static activation scales): the driver opens that stream
     propagated_calibration: ClassVar[bool] = False
@@ -102,6 +104,12 @@ class Backend(Exporter):
 
     def validate(self, config) -> None:
         """Config-level checks (ValueError); nothing is loaded yet."""
+
+    def for_scheme(self, scheme) -> "Backend":
+        """The backend that makes compressed-tensors scheme ``scheme`` (a
+        :class:`~secompress.quant.schemes.Scheme`) with this method: itself, another one (rtn hands FP8 /
+        NVFP4 / ... to the scheme backend), or ValueError naming why this method cannot."""
+        raise ValueError(f"scheme {scheme.name} cannot be made with method '{self.name}'")
 
     def check_plan(self, plan: QuantPlan, config) -> None:
         """Plan-level checks (ValueError) before any weight changes."""

@@ -31,6 +31,10 @@ class BnbBackend(Backend):
         if config.bits not in BNB_BITS:
             raise ValueError(f"bitsandbytes quantizes to 4 or 8 bits only, got bits {config.bits}")
 
+    def for_scheme(self, scheme):
+        raise ValueError(f"scheme {scheme.name} cannot be made with method bnb (bitsandbytes has its own NF4/FP4/"
+                         "int8 formats); use method rtn, or drop the scheme")
+
     def check_plan(self, plan, config) -> None:
         from ..bnb import check_plan
 

@@ -45,6 +45,12 @@ class GptqBackend(Backend):
     holds_codes = True  # integer-coded modules: any export format writes them
     default_format = "compressed-tensors"
 
+    def for_scheme(self, scheme):
+        if not scheme.weight_only_int:
+            raise ValueError(f"scheme {scheme.name} with method gptq: gptqmodel makes integer weight-only codes "
+                             "(W4A16, W8A16); use method rtn for this scheme")
+        return self
+
     def check_plan(self, plan, config) -> None:
         check_group_sizes(plan, config.group_size)
 

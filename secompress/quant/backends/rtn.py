@@ -17,6 +17,16 @@ class RtnBackend(Backend):
     holds_codes = True
     default_format = "compressed-tensors"
 
+    def for_scheme(self, scheme):
+        """Integer weight-only schemes (W4A16, W8A16) are this backend's own codes; every other scheme
+        (FP8, NVFP4, MXFP4, W8A8: round-to-nearest on its grid, with activation scales) is the scheme
+        backend's (:mod:`.scheme`)."""
+        if scheme.weight_only_int:
+            return self
+        from .scheme import BACKEND as SCHEME
+
+        return SCHEME
+
     def check_plan(self, plan, config) -> None:
         check_group_sizes(plan, config.group_size)
 

@@ -13,6 +13,9 @@ them to the model's dtype when it loads them, so float32 scales would only make 
 float16 values secompress computed with (compressed-tensors' dequantizer then reproduces its weights
 exactly). ``secompress.load`` dequantizes with the stored scales either way, as a server does.
 
+A scheme plan (FP8, NVFP4, MXFP4, W8A8: the scheme backend's fake-quantized modules) is written,
+estimated, previewed and read back by :mod:`secompress.quant.scheme_export` in the same format.
+
 Fused-MoE runtimes serve one scheme per MoE layer, so this format protects Super Experts per layer:
 ``se_mode`` defaults to ``layer`` and ``se_mode: expert`` is refused before anything is loaded.
 Legend: O out features, In in features, G groups.
@@ -190,12 +193,28 @@ class CompressedTensorsFormat(ExportFormat):
         if config.protect_super_experts and config.se_mode == "expert":
             raise ValueError(SE_MODE_ERROR)
 
+    def writer(self, folder, skeleton, plan, dtype, tokenizer=None, source=None, source_size=None, **options):
+        from ..scheme_export import SchemeWriter, plan_scheme
+
+        if plan is not None and plan_scheme(plan) is not None:  # FP8, NVFP4, ...: the scheme backend's modules
+            self.require()
+            return SchemeWriter(folder, skeleton, plan, dtype, tokenizer, source, source_size, **options)
+        return super().writer(folder, skeleton, plan, dtype, tokenizer, source, source_size, **options)
+
     def estimate_bytes(self, skeleton, plan, dtype, source=None) -> int:
+        from ..scheme_export import estimate_bytes, plan_scheme
+
+        if plan_scheme(plan) is not None:
+            return estimate_bytes(skeleton, plan, dtype)
         return ct_bytes(skeleton, plan, dtype)
 
     def preview(self, skeleton, plan):
         """The report the written config will give (refuses what vLLM's rule rejects), before any weight."""
+        from ..scheme_export import plan_scheme, scheme_ct_config
+
         self.require()
+        if plan_scheme(plan) is not None:
+            return scheme_ct_config(skeleton, plan)[1]
         return ct_config(skeleton, plan)[1]
 
     def detect(self, path: Path) -> bool:
@@ -207,6 +226,11 @@ class CompressedTensorsFormat(ExportFormat):
         return cfg.get("quantization_config", {}).get("quant_method") == FORMAT
 
     def load(self, path, device=None):
+        from ..plan import PLAN_NAME, QuantPlan
+        from ..scheme_export import load_schemes, plan_scheme
+
+        if plan_scheme(QuantPlan.from_json(json.loads((Path(path) / PLAN_NAME).read_text()))) is not None:
+            return load_schemes(path, device=device)
         return load_ct(path, device=device)
 
     def compatibility(self, plan):

@@ -147,6 +147,14 @@ class DequantizedFormat(ExportFormat):
                     "from transformers import AutoModelForCausalLM\n"
                     "model = AutoModelForCausalLM.from_pretrained('PATH')")
 
+    def check(self, config) -> None:
+        if config.scheme is not None:
+            from ..schemes import get_scheme
+
+            if not get_scheme(config.scheme).weight_only_int:
+                raise ValueError(f"export format {self.name} holds integer RTN / GPTQ codes; scheme {config.scheme} is "
+                                 "written in compressed-tensors (drop format)")
+
     def estimate_bytes(self, skeleton, plan, dtype, source=None) -> int:
         specs = code_specs(plan, plan.meta.get("group_size"))[0]
         return plain_bytes(skeleton, dtype) + sum(s.nbytes + HEADER_BYTES for s in specs)
