@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 from ..checkpoints import check_model
 from ..profile import profile_for
@@ -49,7 +50,7 @@ def plan_quantization(model, config: QuantConfig, profile=None, tokenizer=None, 
     if ses is None:
         ses = prof.se_ids() if prof is not None else []
     ses = ses if config.protect_super_experts else []
-    meta = {"method": config.method, "group_size": config.group_size, "symmetric": config.symmetric,
+    meta: dict[str, Any] = {"method": config.method, "group_size": config.group_size, "symmetric": config.symmetric,
             "protect_super_experts": config.protect_super_experts}
     if config.calibration != "routed":
         meta["calibration"] = config.calibration

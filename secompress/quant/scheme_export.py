@@ -149,7 +149,7 @@ class SchemeWriter(LayerWriter):
         self.assignments = plan_assignments(skeleton, plan, self.adapter)
 
     def rest_tensors(self, model):
-        from .formats.ct import rest_tensors
+        from .formats.base import rest_tensors
 
         return cast_floats(rest_tensors(model, self.adapter), self.dtype)
 

@@ -35,6 +35,7 @@ import torch
 
 from ...checkpoints import check_model
 from ...errors import require
+from ...streaming import disk_key
 from ..plan import PLAN_NAME, QuantPlan
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,21 @@ def write_plan(folder: Path, plan: QuantPlan, export: dict) -> None:
 
 
 # ---- the writer --------------------------------------------------------------------------------
+@torch.no_grad()
+def rest_tensors(model, adapter) -> dict[str, torch.Tensor]:
+    """Everything outside the decoder layers (embeddings, final norm, output head), a tied head once."""
+    head = adapter.layers_path + "."
+    out, seen = {}, set()
+    for k, v in model.state_dict().items():
+        if k.startswith(head) or v.device.type == "meta":
+            continue
+        if v.is_floating_point() and v.numel() and (v.data_ptr(), v.shape) in seen:
+            continue  # tied to a tensor already stored (tie_weights restores it on load)
+        seen.add((v.data_ptr(), v.shape))
+        out[disk_key(adapter, k)] = v.detach().to("cpu").contiguous()
+    return out
+
+
 class LayerWriter:
     """One export written layer by layer (see the module docstring). A format subclasses it with
     ``rest_tensors(model)`` and ``layer_tensors(index, layer)`` ({checkpoint key: tensor}, written to

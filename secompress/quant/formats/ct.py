@@ -38,7 +38,8 @@ from ..compressed_tensors import (FORMAT, SE_MODE_ERROR, _compress, build_config
                                   load_ct, report, vllm_rule_problems)
 from ..compat import log_warnings
 from ..fused import WEIGHTS, FusedQuantizedExperts
-from .base import HEADER_BYTES, ExportFormat, ExportSummary, LayerWriter, cast_floats, plan_export_format, write_plan
+from .base import (HEADER_BYTES, ExportFormat, ExportSummary, LayerWriter, cast_floats, plan_export_format,
+                   rest_tensors, write_plan)
 from .dequantized import planned_matrices
 from .plain import plain_bytes
 
@@ -115,21 +116,6 @@ def layer_tensors(model, adapter, index: int, plan, qc, symmetric: bool) -> tupl
         if b is not None and plan.units[n].expert is None:
             out.pop(f"{disk_key(adapter, n)}.weight", None)
     return out, _compress(iter_qtensors(model, plan, adapter), qc, symmetric)  # one weight's codes at a time
-
-
-@torch.no_grad()
-def rest_tensors(model, adapter) -> dict[str, torch.Tensor]:
-    """Everything outside the decoder layers (embeddings, final norm, output head), a tied head once."""
-    head = adapter.layers_path + "."
-    out, seen = {}, set()
-    for k, v in model.state_dict().items():
-        if k.startswith(head) or v.device.type == "meta":
-            continue
-        if v.is_floating_point() and v.numel() and (v.data_ptr(), v.shape) in seen:
-            continue  # tied to a tensor already stored (tie_weights restores it on load)
-        seen.add((v.data_ptr(), v.shape))
-        out[disk_key(adapter, k)] = v.detach().to("cpu").contiguous()
-    return out
 
 
 class CompressedTensorsWriter(LayerWriter):
