@@ -90,3 +90,17 @@ def test_the_se_verdict_says_how_strong_its_evidence_is(planted, tmp_path):
     ev = strong.evidence()  # the trained reference model: its SE writes the first token's massive activation
     assert strong.se_ids() == [(0, 3)] and not ev.weak and ev.layer_ratios[0] > 10 and ev.massive_ratio > 20, ev
     assert ev.why.startswith("strong: ")
+
+
+def test_the_se_effect_sentence_says_where_protection_mattered():
+    from secompress.recipe.evaluation import Comparison
+
+    base = {"perplexity": 2.148, "sink/peak_massive_ratio": 226.5, "sink/mean_sink_mass": 0.02191}
+    aware = {"perplexity": 2.157, "sink/peak_massive_ratio": 223.0, "sink/mean_sink_mass": 0.02188}
+    unaware = {"perplexity": 2.156, "sink/peak_massive_ratio": 208.2, "sink/mean_sink_mass": 0.02182}
+    c = Comparison.build(base, aware, unaware)
+    said = c.se_effect(["quantized the Super-Expert layer [0] to 4 bits"])
+    assert said.startswith("Without protection the same recipe quantized the Super-Expert layer [0] to 4 bits")
+    assert "Protection mattered for the peak massive ratio (-1.5% vs -8.1%)" in said
+    assert "the perplexity (+0.4% vs +0.4%) and attention-sink mass (-0.1% vs -0.4%) differ by less than 1 point" in said
+    assert "changed nothing" in c.se_effect([])  # nothing touched: the columns differ by chance, and it says so

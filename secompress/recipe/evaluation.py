@@ -154,6 +154,13 @@ def _row(metric: str, b: float | None, aware: float | None, unaware: float | Non
     return row
 
 
+def _first_upper(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+MATTERS_PCT = 1.0  # percentage points between the SE-aware and SE-unaware changes that count as an effect
+
+
 @dataclass
 class Comparison:
     rows: dict[str, dict[str, float | None]] = field(default_factory=dict)  # metric -> column -> value
@@ -191,14 +198,23 @@ class Comparison:
                     "pruned and the Super Experts quantized the same way, so the SE-aware and SE-unaware columns "
                     "differ only by chance. Protection matters where a method would touch a Super Expert "
                     "(e.g. merging at 50%, or quantizing its layer).")
-        parts = []
+        parts, mattered, same = [], [], []
         for metric, label in (("perplexity", "perplexity"), (f"{SINK_PREFIX}peak_massive_ratio", "peak massive ratio"),
                               (f"{SINK_PREFIX}mean_sink_mass", "attention-sink mass")):
             r = self.rows.get(metric)
             if r and r["se_aware"] is not None and r["se_unaware"] is not None and r["baseline"]:
                 parts.append(f"{label} {r['se_aware']:.4g} with protection vs {r['se_unaware']:.4g} without "
                              f"(baseline {r['baseline']:.4g})")
-        return (f"Without protection the same recipe {'; '.join(touched)}; " + "; ".join(parts) + ".")
+                a, u = (100 * (r[k] / r["baseline"] - 1) for k in ("se_aware", "se_unaware"))
+                (mattered if abs(a - u) >= MATTERS_PCT else same).append(f"{label} ({a:+.1f}% vs {u:+.1f}%)")
+        verdict = []
+        if mattered:
+            verdict.append("protection mattered for the " + ", ".join(mattered))
+        if same:
+            verdict.append(f"the {' and '.join(same)} differ by less than {MATTERS_PCT:g} point with or without it")
+        return (f"Without protection the same recipe {'; '.join(touched)}; " + "; ".join(parts) + ". " +
+                (_first_upper("; ".join(verdict)) + " (changes vs the baseline, with vs without protection)."
+                 if verdict else ""))
 
     def markdown(self) -> str:
         lines = ["| metric | baseline | SE-aware | SE-unaware | recovery (SE-aware) | recovery (SE-unaware) |",
