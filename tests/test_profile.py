@@ -167,8 +167,11 @@ def test_existing_output_dir_needs_overwrite_and_is_kept(tmp_path, tiny_dir, cap
     r = profile(tiny_dir("qwen3_moe"), config=SMALL, progress=False)
     with pytest.raises(OutputExistsError):
         save_profile(r, out)
-    save_profile(r, out, overwrite=True, plots=False)
+    with pytest.raises(OutputExistsError, match="secompress did not write it"):
+        save_profile(r, out, overwrite=True, plots=False)  # --overwrite replaces only what secompress wrote
+    save_profile(r, out, overwrite="force", plots=False)
     assert (out / "super_experts.json").is_file() and not (out / "keep.txt").exists()
+    save_profile(r, out, overwrite=True, plots=False)  # now it is secompress's own folder
 
 
 def test_streaming_needs_a_path(tokenizer):
