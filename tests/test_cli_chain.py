@@ -46,7 +46,10 @@ def test_prune_then_quantize_then_evaluate_then_push(planted, tmp_path, capsys, 
     rows = json.loads((tmp_path / "ev" / "evaluation.json").read_text())["rows"]
     assert rows["model"]["perplexity"] > 0 and rows["baseline"]["sink/peak_massive_ratio"] > 1
     assert "| perplexity |" in capsys.readouterr().out
-    (q / "README.md").write_text("card")
+    card = (q / "README.md").read_text()  # quantize wrote its model card: push uploads the folder as it is
+    assert card.startswith("---\n") and "## Precision plan" in card and "secompress quantize " in card
+    assert "x the base checkpoint's" in card and "Evidence for the Super-Expert verdict" in card
+    assert "## Pruning" in (pruned / "README.md").read_text()  # and so did prune
     assert main(["push", str(q), "--repo-id", "me/q", "--dry-run"]) == 0
     assert "would upload" in capsys.readouterr().out
     assert main(["push", str(tmp_path / "prof"), "--repo-id", "me/q", "--dry-run"]) == 2

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     for add, _ in COMMANDS.values():
         add(sub)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given (a model card names it)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     # SIGTERM becomes an exception, so every `with` block (temporary folders, hooks) cleans up as for Ctrl-C
     in_main_thread = threading.current_thread() is threading.main_thread()

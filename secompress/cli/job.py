@@ -3,6 +3,8 @@ memory, or with ``--streaming`` over its shards one decoder layer at a time, the
 from __future__ import annotations
 
 import json
+import shlex
+from pathlib import Path
 
 from ..errors import option_style
 
@@ -14,6 +16,8 @@ def compress_command(args, prune_cfg=None, quant_cfg=None) -> int:
     from ..data import CalibrationData, load_calibration
     from ..outputs import check_output_dir, checkpoint_bytes, export_size
     from ..pipeline import Resident, Streamed
+    from ..quant.formats import FORMATS
+    from ..recipe.publish import command_card
     from ..profile import ProfileConfig, profile
     from ..profile_io import PROFILE_DIR, write_profile
     from ..prune.result import REPORT_NAME, remap_profile, summary_table
@@ -59,11 +63,21 @@ def compress_command(args, prune_cfg=None, quant_cfg=None) -> int:
     print(plan.describe(*(eval_ids.shape if eval_ids is not None else (0, 0)), streamed=args.streaming))
 
     def side(res, folder) -> None:
-        """The prune report, and the profile renumbered for the pruned model (``quantize`` finds it there)."""
+        """The prune report, the profile renumbered for the pruned model (``quantize`` finds it there) and
+        the model card (``secompress push`` uploads the folder as it is)."""
         pr = res.prune_result(prof, calib.source, model_name=str(args.model))
         if pr is not None:
             (folder / REPORT_NAME).write_text(json.dumps(pr.to_json(), indent=2) + "\n")
             write_profile(remap_profile(prof, pr), folder / PROFILE_DIR, plots=False)
+        qp = plan.quant_plan
+        info = None if pr is None else {"method": pr.config.method, "num_experts_after": pr.num_experts_after,
+                                        "removed_per_layer": pr.num_experts_before - pr.num_experts_after,
+                                        "kept": pr.kept}
+        command = "secompress " + " ".join(shlex.quote(a) for a in args.argv)
+        card = command_card(str(args.model), Path(args.out).name, command, prof.se_ids(),
+                            qp.table() if qp is not None else None, info, FORMATS[plan.job.format].load_snippet,
+                            export_size(folder, source.nbytes), prof.evidence().why)
+        (folder / "README.md").write_text(card)
 
     src = Streamed(source) if args.streaming else Resident(model)
     with option_style("cli"):

@@ -62,6 +62,26 @@ def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str |
     """A Hub model card: YAML metadata (base_model, license, pipeline_tag, tags, library_name,
     model-index) + sections. ``ses``: (layer, expert) in the base model's numbering;
     ``prune_info['kept']`` (layer -> kept expert ids) gives their numbers in the pruned model."""
+    dtype = recipe.model.dtype
+    evaluated = (f"Evaluated in {dtype} (the recipe's `model.dtype`); " if dtype != "auto" else
+                 "Evaluated in the checkpoint's own dtype (`model.dtype: auto`); ")
+    return _card(recipe.model.id, recipe.name, bool(recipe.stage("prune")), bool(recipe.stage("quantize")),
+                 "`secompress run` with the recipe below", ("## Recipe", _code("yaml", recipe_text)), ses, comparison,
+                 plan_text, prune_info, load_snippet, size, se_effect, evidence, evaluated)
+
+
+def command_card(base: str, name: str, command: str, ses: list, plan_text: str | None, prune_info: dict | None,
+                 load_snippet: str, size: dict | None = None, evidence: str | None = None) -> str:
+    """The model card of an export written by ``secompress prune`` / ``quantize`` (no evaluation table:
+    ``secompress evaluate`` measures it), naming the command that made it."""
+    return _card(base, name, prune_info is not None, plan_text is not None, f"`{command}`",
+                 ("## Command", _code("bash", command)), ses, None, plan_text, prune_info, load_snippet, size, None,
+                 evidence, "")
+
+
+def _card(base: str, name: str, pruned: bool, quantized: bool, how: str, made_by: tuple, ses: list, comparison,
+          plan_text: str | None, prune_info: dict | None, load_snippet: str, size: dict | None, se_effect: str | None,
+          evidence: str | None, evaluated: str) -> str:
     from .. import __version__
 
     results = []
@@ -74,20 +94,19 @@ def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str |
                             "dataset": {"name": task or "held-out text", "type": task or "perplexity"},
                             "metrics": [{"type": name or metric, "value": round(float(row["se_aware"]), 6),
                                          "name": f"{metric} (SE-aware compressed)"}]})
-    base = recipe.model.id
     hub = is_hub_id(base)
     meta = {**({"base_model": base} if hub else {}), **base_card_metadata(base), "library_name": "transformers"}
     meta.setdefault("pipeline_tag", "text-generation")  # a causal LM, whatever the base card says of itself
-    meta["tags"] = ["moe", "secompress", "super-experts", *(["pruned"] if recipe.stage("prune") else []),
-                    *(["quantized"] if recipe.stage("quantize") else [])]
+    meta["tags"] = ["moe", "secompress", "super-experts", *(["pruned"] if pruned else []),
+                    *(["quantized"] if quantized else [])]
     if results:
-        meta["model-index"] = [{"name": recipe.name, "results": results}]
+        meta["model-index"] = [{"name": name, "results": results}]
     origin = (f"[`{base}`](https://huggingface.co/{base})" if hub else
               f"the local checkpoint `{base}` (not a Hub id, so `base_model` is not set)")
     sections = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False).strip() + "\n---",
-        f"# {recipe.name}",
-        f"Compressed from {origin} by secompress {__version__} (`secompress run` with the recipe below), "
+        f"# {name}",
+        f"Compressed from {origin} by secompress {__version__} ({how}), "
         "which keeps the model's Super Experts (Su et al. 2025, arXiv 2507.23279) intact.",
     ]
     if size:
@@ -110,12 +129,11 @@ def model_card(recipe, recipe_text: str, ses: list, comparison, plan_text: str |
     if plan_text:
         sections += ["## Precision plan", _code("", plan_text)]
     if comparison is not None:
-        sections += ["## Evaluation", (f"Evaluated in {recipe.model.dtype} (the recipe's `model.dtype`); " if recipe.model.dtype != "auto" else
-                      "Evaluated in the checkpoint's own dtype (`model.dtype: auto`); ") +
+        sections += ["## Evaluation", evaluated +
                      "SE-unaware is the same recipe with Super-Expert protection off, for comparison.",
                      comparison.markdown()] + ([se_effect] if se_effect else [])
     sections += ["## How to load", _code("python", load_snippet),
-                 "## Recipe", _code("yaml", recipe_text),
+                 *made_by,
                  "## Limitations",
                  "Quality was measured only on the tasks above. Pruned experts are gone: inputs that relied on them "
                  "degrade. Calibration data shapes which experts were judged unimportant."]
