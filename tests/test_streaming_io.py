@@ -316,3 +316,20 @@ def test_all_experts_forward_equals_the_per_expert_loop_bit_for_bit(arch, dtype)
     a, b = ref.experts[0], new.experts[0]
     for field in ("out_max", "out_channel", "out_pos", "in_max", "tokens", "gate_sum", "norm_sum", "gated_norm_sum"):
         assert torch.equal(getattr(a, field), getattr(b, field)), field
+
+
+def test_a_streamed_pass_releases_each_layer_even_when_something_holds_its_modules(tmp_path):
+    """The profile's hooks keep every experts module until the pass ends; the layer's weights must go anyway
+    (the Qwen1.5-MoE shape outgrew 24 GiB when they did not)."""
+    src_dir = save_tiny(make_tiny("qwen3_moe", num_hidden_layers=3), tmp_path / "m")
+    src = Streamed(Source.open(str(src_dir), dtype="float32", device="cpu"))
+    held = []
+
+    class Hold:
+        def on_layer(self, i, layer, inputs):
+            held.append(layer)  # as instrument's `swapped` list holds the experts modules
+
+    run_pass(src, {"c": Stream([torch.randint(0, 200, (2, 8))], before=True)}, [Hold()], progress=False)
+    assert len(held) == 3
+    for layer in held:
+        assert all(t.device.type == "meta" for t in [*layer.parameters(), *layer.buffers()]), "weights kept alive"

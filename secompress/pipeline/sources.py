@@ -179,7 +179,12 @@ class Streamed(LayerSource):
         assign(layer, tensors)
         return layer
 
+    @torch.no_grad()
     def close(self, i: int) -> None:
+        """Release layer ``i``'s weights themselves, not only the list's reference to it: hooks and swapped
+        forwards (e.g. the profile's ``instrument``) keep its modules alive until the pass ends, and with
+        them every layer's tensors (a 24-layer 28.6 GB checkpoint then outgrows 24 GiB)."""
+        self.layers[i].to("meta")
         self.layers[i] = _Done()
 
     def end(self) -> None:
