@@ -181,10 +181,13 @@ class Streamed(LayerSource):
 
     @torch.no_grad()
     def close(self, i: int) -> None:
-        """Release layer ``i``'s weights themselves, not only the list's reference to it: hooks and swapped
-        forwards (e.g. the profile's ``instrument``) keep its modules alive until the pass ends, and with
-        them every layer's tensors (a 24-layer 28.6 GB checkpoint then outgrows 24 GiB)."""
-        self.layers[i].to("meta")
+        """Release layer ``i``'s weights themselves (its modules keep no tensor), not only the list's reference
+        to it: hooks and swapped forwards (e.g. the profile's ``instrument``) keep its modules alive until the
+        pass ends, and with them every layer's tensors (a 24-layer 28.6 GB checkpoint then outgrows 24 GiB)."""
+        for m in self.layers[i].modules():  # (not .to("meta"): bitsandbytes' Params4bit cannot be rebuilt there)
+            for table in (m._parameters, m._buffers):
+                for k in table:
+                    table[k] = None
         self.layers[i] = _Done()
 
     def end(self) -> None:
