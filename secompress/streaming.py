@@ -31,7 +31,7 @@ from .errors import SecompressError
 from . import fp8
 from .ct_read import CTReader, is_ct
 from .fp8 import SCALE_SUFFIX, BlockFP8
-from .integrity import SAFETENSORS_DTYPES as _DTYPES, read_headers, verify
+from .integrity import SAFETENSORS_DTYPES as _DTYPES, verify
 
 log = logging.getLogger(__name__)
 
@@ -173,16 +173,6 @@ class Checkpoint:
             buf = (t.view(-1) if t.dim() else t.view(1)).view(torch.uint8)
             if self._reader.readinto(f, base + start, buf) != end - start:
                 raise SecompressError(f"'{f}' is truncated at tensor '{key}'")
-
-
-def check_safetensors_files(model: str | Path) -> None:
-    """Read every safetensors header of a local checkpoint (no tensor data) and fail with one line
-    naming the file on what would otherwise be a library traceback: a file shorter than its header
-    says, a header that is not JSON, a tensor reaching past the end of the file, a shard named by
-    ``model.safetensors.index.json`` that is missing or is not a ``.safetensors`` file in the folder,
-    or an index that is not JSON (:func:`secompress.integrity.read_headers`)."""
-    if Path(model).is_dir():
-        read_headers(model)
 
 
 @contextmanager
